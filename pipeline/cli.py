@@ -1,0 +1,86 @@
+"""The ``frcnn`` command: one subcommand per pipeline stage.
+
+Every subcommand reads ``params.yaml`` (``--params PATH``, repeatable, later files win) and
+``--set section.key=value`` overrides (repeatable) into one validated :class:`Config` before any
+work starts. Stage code lives in ``pipeline/<stage>.py`` and is imported only when needed, so
+``frcnn --help`` is instant.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+from pathlib import Path
+from typing import Sequence
+
+from pipeline.config import Config, ConfigError, describe, load_config
+
+STAGES = {
+    "prepare": ("pipeline.prepare", "Read a dataset, resize to data.image_size, validate, split, "
+                                    "write data/prepared/*.parquet"),
+    "train": ("pipeline.train", "Train the RPN (--stage rpn) or the full Faster R-CNN "
+                                "(--stage frcnn) with Ray Train"),
+    "evaluate": ("pipeline.evaluate", "Proposal recall (Parquet), detection mAP, plots and pictures"),
+    "sweep": ("pipeline.sweep", "Ray Tune sweep over anchor and sampling hyperparameters"),
+    "predict": ("pipeline.predict", "Run the detector on image files; print JSON or draw boxes"),
+}
+
+
+def _common(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--params", action="append", metavar="PATH", default=None,
+                        help="parameter file (default: params.yaml); repeat to overlay files, "
+                             "later ones win")
+    parser.add_argument("--set", dest="overrides", action="append", default=[],
+                        metavar="SECTION.KEY=VALUE",
+                        help="override one parameter (value parsed as YAML); repeatable")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    epilog = "parameters (section.key = default):\n" + describe()
+    parser = argparse.ArgumentParser(
+        prog="frcnn", description="Faster R-CNN (VGG-16) experiment pipeline.",
+        epilog=epilog, formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    parsers = {}
+    for name, (_, text) in STAGES.items():
+        p = sub.add_parser(name, help=text, description=text, epilog=epilog,
+                           formatter_class=argparse.RawDescriptionHelpFormatter)
+        _common(p)
+        parsers[name] = p
+    parsers["train"].add_argument("--stage", choices=("rpn", "frcnn"), required=True,
+                                  help="rpn: the RPN alone; frcnn: the whole detector, "
+                                       "initialised from train.rpn_model")
+    parsers["sweep"].add_argument("--resume", action="store_true",
+                                  help="continue an interrupted sweep (Tune restore) without "
+                                       "repeating finished trials")
+    parsers["predict"].add_argument("images", nargs="+", metavar="IMAGE", help="image files")
+    parsers["predict"].add_argument("--model", default=None,
+                                    help="model file (default: train.frcnn_model)")
+    parsers["predict"].add_argument("--draw", default=None, metavar="DIR",
+                                    help="write annotated images to DIR instead of printing JSON")
+    return parser
+
+
+def resolve_config(params: Sequence[str] | None, overrides: Sequence[str]) -> Config:
+    """Load the config; with no --params, params.yaml in the working directory (or defaults)."""
+    if params is None:
+        params = ["params.yaml"] if Path("params.yaml").is_file() else []
+        if not params:
+            print("frcnn: no params.yaml here; using built-in defaults", file=sys.stderr)
+    return load_config(params, overrides)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        cfg = resolve_config(args.params, args.overrides)
+    except ConfigError as exc:
+        print(f"frcnn {args.command}: invalid parameters: {exc}", file=sys.stderr)
+        return 2
+    module = importlib.import_module(STAGES[args.command][0])
+    return int(module.run(cfg, args) or 0)
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

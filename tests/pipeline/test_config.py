@@ -1,0 +1,50 @@
+"""Config loading: params.yaml, overlays, --set overrides, validation errors."""
+
+from __future__ import annotations
+
+import pytest
+
+from pipeline.config import Config, ConfigError, load_config, parse_override
+from tests.conftest import ROOT
+
+
+def test_params_yaml_loads_and_matches_spec_defaults():
+    cfg = load_config([ROOT / "params.yaml"])
+    assert cfg.data.image_size == 640
+    assert cfg.anchors.scales == (8.0, 16.0, 32.0) and cfg.anchors.num_anchors == 9
+    assert (cfg.rpn.pos_iou, cfg.rpn.neg_iou, cfg.rpn.num_samples) == (0.7, 0.3, 256)
+    assert (cfg.rpn.pre_nms_top_n_train, cfg.rpn.post_nms_top_n_test) == (12000, 300)
+
+
+def test_overlay_later_file_wins(tmp_path):
+    overlay = tmp_path / "best.yaml"
+    overlay.write_text("rpn:\n  pos_iou: 0.65\n")
+    cfg = load_config([ROOT / "params.yaml", overlay])
+    assert cfg.rpn.pos_iou == 0.65 and cfg.rpn.neg_iou == 0.3
+
+
+@pytest.mark.parametrize("item, fragment", [
+    ("rpn.bogus=1", "unknown key rpn.bogus"),
+    ("nosuch.key=1", "unknown section 'nosuch'"),
+    ("rpn.pos_iou=1.5", "rpn.pos_iou: 1.5 is out of range"),
+    ("rpn.num_samples=many", "rpn.num_samples: expected an integer"),
+    ("data.resize=crop", "allowed: stretch, letterbox"),
+    ("anchors.scales=[]", "anchors.scales: expected a non-empty list"),
+    ("rpn.neg_iou=0.9", "must be <= rpn.pos_iou"),
+    ("data.source=ftp://x", "data.source"),
+])
+def test_bad_override_names_key_and_allowed(item, fragment):
+    with pytest.raises(ConfigError, match=fragment.replace("[", r"\[").replace("(", r"\(")):
+        load_config([ROOT / "params.yaml"], [item])
+
+
+def test_override_types_parsed_as_yaml():
+    assert parse_override("anchors.scales=[4, 8]") == ("anchors.scales", [4, 8])
+    cfg = load_config([ROOT / "params.yaml"], ["anchors.scales=[4, 8]", "train.ray_address=auto"])
+    assert cfg.anchors.scales == (4.0, 8.0) and cfg.train.ray_address == "auto"
+
+
+def test_flat_round_trip():
+    cfg = load_config([ROOT / "params.yaml"])
+    assert cfg.replace(cfg.flat()) == cfg
+    assert cfg.replace(cfg.flat() | {"rpn.pos_iou": 0.6}).rpn.pos_iou == 0.6
