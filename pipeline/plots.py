@@ -1,0 +1,153 @@
+"""Figures of the evaluation: recall curves (matplotlib) and boxes drawn on images (Pillow).
+
+Curves take the frames of :func:`pipeline.recall.recall_vs_iou` (``budget, iou, recall``; the
+anchor baseline has ``budget == -1``) and :func:`pipeline.recall.recall_vs_proposals`
+(``budget, recall@0.5, recall@0.7``). Figures are built on a bare ``matplotlib.figure.Figure``
+(Agg canvas, no pyplot state), so they work headless and in worker processes. Every file is
+written atomically (:mod:`pipeline.io`).
+
+Drawing: ground truth green, proposals thin blue (top ones only), detections red with
+``class score`` labels. Boxes are ``(N, 4)`` x1y1x2y2 in the image's pixels.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+import pandas as pd
+from matplotlib.figure import Figure
+from PIL import Image, ImageDraw, ImageFont
+
+from pipeline import io
+from pipeline.recall import ANCHOR_BUDGET
+
+GT_COLOUR = (0, 200, 0)
+PROPOSAL_COLOUR = (40, 120, 255)
+DETECTION_COLOUR = (230, 30, 30)
+
+
+def _save(fig: Figure, path: str | Path) -> Path:
+    path = Path(path)
+    with io.atomic_path(path) as tmp:
+        fig.savefig(tmp, format="png", dpi=100, bbox_inches="tight")
+    return path
+
+
+def _budget_label(budget: int) -> str:
+    return "all anchors" if budget == ANCHOR_BUDGET else f"top {budget}"
+
+
+def plot_recall_vs_iou(curve: pd.DataFrame, path: str | Path, *, title: str = "") -> Path:
+    """Recall against the IoU threshold, one line per budget (anchors dashed).
+
+    Args:
+        curve: columns ``budget, iou, recall``.
+        path: the PNG to write.
+    """
+    fig = Figure(figsize=(6, 4.5))
+    ax = fig.add_subplot()
+    for budget, group in curve.sort_values(["budget", "iou"]).groupby("budget", sort=True):
+        anchors = int(budget) == ANCHOR_BUDGET
+        ax.plot(group["iou"], group["recall"], marker="." if not anchors else None,
+                linestyle="--" if anchors else "-", color="grey" if anchors else None,
+                label=_budget_label(int(budget)))
+    ax.set(xlabel="IoU threshold", ylabel="recall", ylim=(0, 1.02), title=title or "Recall vs IoU")
+    ax.grid(alpha=0.3)
+    if len(curve):
+        ax.legend(title="proposals")
+    return _save(fig, path)
+
+
+def plot_recall_vs_proposals(curve: pd.DataFrame, path: str | Path, *,
+                             anchors: dict[str, float] | None = None, title: str = "") -> Path:
+    """Recall against the number of proposals (log scale), one line per ``recall@t`` column.
+
+    Args:
+        curve: columns ``budget`` and ``recall@<t>`` (e.g. ``recall@0.5``, ``recall@0.7``).
+        anchors: optional ``{column: recall of all anchors}``, drawn as horizontal dashed lines.
+    """
+    fig = Figure(figsize=(6, 4.5))
+    ax = fig.add_subplot()
+    columns = [c for c in curve.columns if c.startswith("recall@")]
+    for column in columns:
+        line, = ax.plot(curve["budget"], curve[column], marker="o", label=f"IoU {column[7:]}")
+        if anchors and column in anchors:
+            ax.axhline(anchors[column], linestyle="--", color=line.get_color(), alpha=0.6,
+                       label=f"all anchors, IoU {column[7:]}")
+    if len(curve) and (curve["budget"] > 0).all():
+        ax.set_xscale("log")
+    ax.set(xlabel="number of proposals", ylabel="recall", ylim=(0, 1.02),
+           title=title or "Recall vs number of proposals")
+    ax.grid(alpha=0.3, which="both")
+    if columns:
+        ax.legend()
+    return _save(fig, path)
+
+
+def _font(size: int) -> ImageFont.ImageFont:
+    try:
+        return ImageFont.load_default(size=size)
+    except TypeError:  # Pillow < 10.1: no size argument
+        return ImageFont.load_default()
+
+
+def draw_boxes(image: Image.Image | np.ndarray, *, gt_boxes: np.ndarray | None = None,
+               gt_labels: Sequence[int] | None = None, proposals: np.ndarray | None = None,
+               det_boxes: np.ndarray | None = None, det_scores: Sequence[float] | None = None,
+               det_labels: Sequence[int] | None = None,
+               class_names: Sequence[str] = ()) -> Image.Image:
+    """A copy of ``image`` with ground truth, proposals and detections drawn on it.
+
+    Args:
+        image: RGB ``PIL.Image`` or ``(H, W, 3)`` uint8 array.
+        gt_boxes: ``(G, 4)``; gt_labels: G class ids (1..K, named by ``class_names[id - 1]``).
+        proposals: ``(P, 4)``, drawn as given (pass the top few).
+        det_boxes: ``(D, 4)``; det_scores, det_labels: D values each.
+        class_names: names of ids 1..K.
+
+    Returns:
+        A new RGB image of the same size.
+    """
+    base = Image.fromarray(np.asarray(image, dtype=np.uint8)) if isinstance(image, np.ndarray) \
+        else image
+    out = base.convert("RGB").copy()
+    draw = ImageDraw.Draw(out)
+    width = max(1, round(max(out.size) / 320))
+    font = _font(max(10, round(max(out.size) / 50)))
+
+    def name(label: int) -> str:
+        return class_names[label - 1] if 1 <= label <= len(class_names) else str(label)
+
+    def boxes_of(b) -> np.ndarray:
+        return np.zeros((0, 4)) if b is None else np.asarray(b, dtype=np.float64).reshape(-1, 4)
+
+    for box in boxes_of(proposals):
+        draw.rectangle(box.tolist(), outline=PROPOSAL_COLOUR, width=1)
+    gts = boxes_of(gt_boxes)
+    for i, box in enumerate(gts):
+        draw.rectangle(box.tolist(), outline=GT_COLOUR, width=width + 1)
+        if gt_labels is not None:
+            draw.text((box[0] + 2, box[3] - 2), name(int(gt_labels[i])), fill=GT_COLOUR,
+                      font=font, anchor="ld")
+    dets = boxes_of(det_boxes)
+    for i, box in enumerate(dets):
+        draw.rectangle(box.tolist(), outline=DETECTION_COLOUR, width=width)
+        text = name(int(det_labels[i])) if det_labels is not None else ""
+        if det_scores is not None:
+            text = f"{text} {float(det_scores[i]):.2f}".strip()
+        if text:
+            left, top, right, bottom = draw.textbbox((box[0], box[1]), text, font=font, anchor="lb")
+            draw.rectangle((left, top, right, bottom), fill=DETECTION_COLOUR)
+            draw.text((box[0], box[1]), text, fill=(255, 255, 255), font=font, anchor="lb")
+    return out
+
+
+def save_image(image: Image.Image, path: str | Path) -> Path:
+    """Write ``image`` as PNG (or JPEG for a ``.jpg``/``.jpeg`` path), atomically."""
+    path = Path(path)
+    fmt = "JPEG" if path.suffix.lower() in (".jpg", ".jpeg") else "PNG"
+    with io.atomic_path(path) as tmp:
+        image.save(tmp, format=fmt)
+    return path
