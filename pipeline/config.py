@@ -150,6 +150,7 @@ class TrainConfig:
     seed: int = _p(0, ge=0)
     rpn_model: str = _p("models/rpn.pt")
     frcnn_model: str = _p("models/frcnn.pt")
+    metrics_dir: str = _p("metrics", doc="train_<stage>.json and train_<stage>_epochs.csv")
 
 
 @dataclass(frozen=True)
