@@ -44,6 +44,8 @@ class DataConfig:
     on_invalid: Literal["error", "skip"] = _p("error")
     val_fraction: float = _p(0.15, ge=0.0, lt=1.0)
     test_fraction: float = _p(0.15, ge=0.0, lt=1.0)
+    split: Literal["random", "imagesets"] = _p(
+        "random", doc="random: seeded permutation by the fractions | imagesets: VOC ImageSets/Main")
     seed: int = _p(0, ge=0)
     synthetic_images: int = _p(40, ge=1)
     synthetic_classes: int = _p(4, ge=1, le=12)
@@ -60,6 +62,16 @@ class DataConfig:
         if kind not in ("synthetic", "voc", "coco") or (kind != "synthetic" and ":" not in self.source):
             raise ConfigError(
                 f"data.source: {self.source!r} is not one of synthetic | voc:PATH | coco:PATH_TO_JSON")
+        if self.split == "imagesets" and kind != "voc":
+            raise ConfigError(f"data.split: imagesets needs data.source=voc:PATH, got {self.source!r}")
+        if self.image_root is not None and kind != "coco":
+            raise ConfigError(f"data.image_root: only used with data.source=coco:PATH_TO_JSON, "
+                              f"got {self.source!r}")
+        if self.classes is not None and kind == "synthetic":
+            raise ConfigError("data.classes: not used with data.source=synthetic "
+                              "(its classes are set by data.synthetic_classes)")
+        if self.classes is not None and len(set(self.classes)) != len(self.classes):
+            raise ConfigError(f"data.classes: names must be distinct, got {list(self.classes)}")
 
 
 @dataclass(frozen=True)
