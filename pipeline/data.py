@@ -1,0 +1,222 @@
+"""Prepared Parquet tables -> batches for the detector.
+
+Input: ``data/prepared/<split>.parquet``, one row per image (written by ``frcnn prepare``):
+``image_id`` (str), ``image`` (PNG/JPEG bytes of the resized S x S RGB image), ``boxes`` (list of
+``[x1, y1, x2, y2]`` floats in the resized frame), ``labels`` (list of class ids ``1..K``),
+``difficult`` (list of bool); other columns are ignored.
+
+Output of :func:`collate` (B images per batch, G boxes per image):
+
+- ``images``: float32 ``(B, 3, S, S)``, RGB scaled to [0, 1] then normalised with the ImageNet
+  mean / std (:data:`MEAN`, :data:`STD`), the statistics torchvision's VGG-16 weights expect.
+  :func:`denormalize` undoes it (for drawing).
+- ``targets``: list of B dicts, ``boxes`` float32 ``(G, 4)`` x1y1x2y2 pixels, ``labels`` int64
+  ``(G,)`` in ``1..K``.
+- ``image_ids``: list of B strings.
+
+Augmentation (training only) is the one Faster R-CNN uses: a horizontal flip with probability
+``hflip``. Whether image ``i`` is flipped in epoch ``e`` is a pure function of ``(seed, e, i)``,
+so a run resumed mid-epoch sees exactly the images a run without interruption would have seen.
+
+Sharding: :class:`ShardSampler` is a ``DistributedSampler`` that can also start part-way through
+an epoch (resume). Images are decoded in ``DataLoader`` worker processes.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import math
+from pathlib import Path
+from typing import Any, Iterator, Sequence
+
+import numpy as np
+import pyarrow.parquet as pq
+import torch
+from PIL import Image
+from torch.utils.data import DataLoader, Dataset, Sampler
+
+MEAN = (0.485, 0.456, 0.406)
+STD = (0.229, 0.224, 0.225)
+
+COLUMNS = ("image_id", "image", "boxes", "labels", "difficult")
+
+
+def read_classes(prepared_dir: str | Path) -> dict[str, Any]:
+    """``classes.json`` of a prepared set: ``{"classes": [names, id 1 first], "image_size": S, ...}``.
+
+    Raises:
+        FileNotFoundError: no ``classes.json`` (run ``frcnn prepare`` first).
+        ValueError: the file has no non-empty ``classes`` list or no ``image_size``.
+    """
+    path = Path(prepared_dir) / "classes.json"
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: not found; run `frcnn prepare` first")
+    info = json.loads(path.read_text(encoding="utf-8"))
+    if not isinstance(info.get("classes"), list) or not info["classes"]:
+        raise ValueError(f"{path}: expected a non-empty 'classes' list, got {info.get('classes')!r}")
+    if not isinstance(info.get("image_size"), int):
+        raise ValueError(f"{path}: expected an integer 'image_size', got {info.get('image_size')!r}")
+    return info
+
+
+def normalize(image: torch.Tensor) -> torch.Tensor:
+    """``(3, H, W)`` RGB in [0, 1] -> ImageNet-normalised ``(3, H, W)``."""
+    mean = torch.tensor(MEAN, dtype=image.dtype).view(3, 1, 1)
+    std = torch.tensor(STD, dtype=image.dtype).view(3, 1, 1)
+    return (image - mean) / std
+
+
+def denormalize(images: torch.Tensor) -> torch.Tensor:
+    """Inverse of :func:`normalize` for ``(..., 3, H, W)``; result clamped to [0, 1]."""
+    mean = torch.tensor(MEAN, dtype=images.dtype, device=images.device).view(3, 1, 1)
+    std = torch.tensor(STD, dtype=images.dtype, device=images.device).view(3, 1, 1)
+    return (images * std + mean).clamp(0.0, 1.0)
+
+
+def decode_image(data: bytes) -> torch.Tensor:
+    """PNG / JPEG bytes -> float32 ``(3, H, W)`` RGB in [0, 1]."""
+    with Image.open(io.BytesIO(data)) as img:
+        array = np.asarray(img.convert("RGB"), dtype=np.uint8)
+    # (H, W, 3) uint8 -> (3, H, W) float32
+    return torch.from_numpy(array.copy()).permute(2, 0, 1).float().div_(255.0)
+
+
+def hflip(image: torch.Tensor, boxes: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Mirror ``(3, H, W)`` left-right and its ``(G, 4)`` x1y1x2y2 boxes: ``x -> W - x``."""
+    width = image.shape[-1]
+    flipped = boxes.clone()
+    flipped[:, 0] = width - boxes[:, 2]
+    flipped[:, 2] = width - boxes[:, 0]
+    return image.flip(-1), flipped
+
+
+def flip_decision(seed: int, epoch: int, index: int, probability: float) -> bool:
+    """Whether image ``index`` is flipped in ``epoch``: deterministic in ``(seed, epoch, index)``."""
+    if probability <= 0.0:
+        return False
+    return bool(np.random.default_rng([seed, epoch, index]).random() < probability)
+
+
+class DetectionDataset(Dataset):
+    """One prepared split. ``dataset[i]`` -> ``(image (3,S,S), target dict, image_id)``.
+
+    Args:
+        path: a prepared Parquet table.
+        hflip: probability of a horizontal flip (0 for evaluation).
+        seed: seed of the flip decisions.
+        use_difficult: keep boxes marked ``difficult`` (PASCAL VOC); Faster R-CNN drops them
+            for training.
+    """
+
+    def __init__(self, path: str | Path, *, hflip: float = 0.0, seed: int = 0,
+                 use_difficult: bool = False) -> None:
+        self.path = Path(path)
+        if not self.path.is_file():
+            raise FileNotFoundError(f"{self.path}: prepared table not found; run `frcnn prepare`")
+        schema = pq.read_schema(self.path)
+        missing = [c for c in COLUMNS if c not in schema.names]
+        if missing:
+            raise ValueError(f"{self.path}: missing column(s) {', '.join(missing)}; "
+                             f"expected {', '.join(COLUMNS)}")
+        # Memory-mapped Arrow table: loader worker processes share its pages after fork.
+        self._table = pq.read_table(self.path, columns=list(COLUMNS), memory_map=True)
+        self.hflip = hflip
+        self.seed = seed
+        self.use_difficult = use_difficult
+        self.epoch = 0
+
+    def __len__(self) -> int:
+        return self._table.num_rows
+
+    def set_epoch(self, epoch: int) -> None:
+        """Select the epoch's flip decisions; call before creating the loader's iterator."""
+        self.epoch = epoch
+
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, dict[str, torch.Tensor], str]:
+        row = self._table.slice(index, 1).to_pylist()[0]
+        image = decode_image(row["image"])
+        boxes = torch.tensor(row["boxes"], dtype=torch.float32).reshape(-1, 4)
+        labels = torch.tensor(row["labels"], dtype=torch.int64).reshape(-1)
+        if boxes.shape[0] != labels.shape[0]:
+            raise ValueError(f"{self.path}: image {row['image_id']!r} has {boxes.shape[0]} boxes "
+                             f"but {labels.shape[0]} labels")
+        if not self.use_difficult and row["difficult"]:
+            keep = ~torch.tensor(row["difficult"], dtype=torch.bool)
+            boxes, labels = boxes[keep], labels[keep]
+        if flip_decision(self.seed, self.epoch, index, self.hflip):
+            image, boxes = hflip(image, boxes)
+        return normalize(image), {"boxes": boxes, "labels": labels}, row["image_id"]
+
+
+def collate(batch: Sequence[tuple[torch.Tensor, dict[str, torch.Tensor], str]]) -> dict[str, Any]:
+    """List of dataset items -> ``{"images": (B,3,S,S), "targets": [...], "image_ids": [...]}``."""
+    images, targets, ids = zip(*batch)
+    return {"images": torch.stack(images), "targets": list(targets), "image_ids": list(ids)}
+
+
+class ShardSampler(Sampler[int]):
+    """Indices of one rank's shard of an epoch, like ``DistributedSampler``.
+
+    The epoch's permutation (seeded by ``seed + epoch``) is padded by wrapping around to a
+    multiple of ``world_size`` so that every rank gets the same number of indices (DDP needs
+    equal step counts), then rank ``r`` takes positions ``r, r + world_size, ...``.
+    ``start`` skips the first indices of the shard: a run resumed mid-epoch continues where it
+    stopped instead of decoding images it will not use.
+    """
+
+    def __init__(self, num_items: int, *, rank: int = 0, world_size: int = 1,
+                 shuffle: bool = True, seed: int = 0) -> None:
+        if num_items < 1:
+            raise ValueError(f"ShardSampler: no items to sample (num_items={num_items})")
+        if not 0 <= rank < world_size:
+            raise ValueError(f"ShardSampler: rank {rank} not in [0, {world_size})")
+        self.num_items = num_items
+        self.rank = rank
+        self.world_size = world_size
+        self.shuffle = shuffle
+        self.seed = seed
+        self.epoch = 0
+        self.start = 0
+
+    @property
+    def shard_size(self) -> int:
+        """Indices per rank per epoch (padded)."""
+        return math.ceil(self.num_items / self.world_size)
+
+    def set_epoch(self, epoch: int, start: int = 0) -> None:
+        self.epoch = epoch
+        self.start = start
+
+    def shard(self) -> list[int]:
+        """This rank's full index list for the current epoch (before ``start``)."""
+        if self.shuffle:
+            gen = torch.Generator().manual_seed(self.seed + self.epoch)
+            order = torch.randperm(self.num_items, generator=gen).tolist()
+        else:
+            order = list(range(self.num_items))
+        total = self.shard_size * self.world_size
+        order = (order * math.ceil(total / self.num_items))[:total]
+        return order[self.rank:total:self.world_size]
+
+    def __iter__(self) -> Iterator[int]:
+        return iter(self.shard()[self.start:])
+
+    def __len__(self) -> int:
+        return max(0, self.shard_size - self.start)
+
+
+def _worker_init(_: int) -> None:
+    torch.set_num_threads(1)  # decoding is single-threaded; leave the cores to the model
+
+
+def make_loader(dataset: DetectionDataset, sampler: ShardSampler, *, batch_size: int,
+                num_workers: int) -> DataLoader:
+    """A ``DataLoader`` over ``sampler``'s shard that decodes in ``num_workers`` processes.
+
+    Workers are not persistent, so :meth:`DetectionDataset.set_epoch` called before each
+    epoch's ``iter(loader)`` reaches them.
+    """
+    return DataLoader(dataset, batch_size=batch_size, sampler=sampler, num_workers=num_workers,
+                      collate_fn=collate, worker_init_fn=_worker_init if num_workers else None,
+                      persistent_workers=False, drop_last=False)

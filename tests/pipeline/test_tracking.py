@@ -1,0 +1,109 @@
+"""pipeline.tracking against a throw-away SQLite store."""
+
+from __future__ import annotations
+
+import socket
+from pathlib import Path
+
+import pytest
+from mlflow.tracking import MlflowClient
+
+from pipeline import tracking
+from pipeline.config import Config
+
+
+@pytest.fixture(scope="module")
+def store(tmp_path_factory) -> Path:
+    """One SQLite store for the module (creating one costs seconds); an experiment per test."""
+    return tmp_path_factory.mktemp("mlflow") / "store" / "mlflow.db"
+
+
+@pytest.fixture()
+def cfg(store, request, monkeypatch) -> Config:
+    monkeypatch.delenv(tracking.ENV_URI, raising=False)
+    monkeypatch.delenv("DVC_STAGE", raising=False)
+    return Config().replace({"tracking.uri": f"sqlite:///{store}",
+                             "tracking.experiment": request.node.name})
+
+
+def _run(cfg: Config, run_id: str):
+    return MlflowClient(tracking.resolve_uri(cfg.tracking.uri)).get_run(run_id)
+
+
+def test_resolve_uri_makes_sqlite_absolute_and_env_wins(tmp_path, monkeypatch):
+    monkeypatch.delenv(tracking.ENV_URI, raising=False)
+    monkeypatch.chdir(tmp_path)
+    assert tracking.resolve_uri("sqlite:///m.db") == f"sqlite:///{tmp_path}/m.db"
+    assert tracking.resolve_uri("sqlite:///m.db", base=tmp_path) == f"sqlite:///{tmp_path}/m.db"
+    assert tracking.resolve_uri("sqlite:////abs/m.db") == "sqlite:////abs/m.db"
+    monkeypatch.setenv(tracking.ENV_URI, "http://127.0.0.1:5999")
+    assert tracking.resolve_uri("sqlite:///m.db") == "http://127.0.0.1:5999"
+
+
+def test_unreachable_server_fails_fast_naming_the_uri():
+    with socket.socket() as s:  # a port nobody listens on
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    uri = f"http://127.0.0.1:{port}"
+    with pytest.raises(tracking.TrackingError, match=uri):
+        tracking.check_reachable(uri, timeout=2)
+
+
+def test_stage_run_logs_params_tags_config_and_finishes(cfg, store):
+    with tracking.stage_run(cfg, "prepare", tags={"extra": 1}) as run:
+        run.log_metrics({"loss": 1.5}, step=1)
+        run.log_metrics({"loss": 1.0}, step=2)
+    got = _run(cfg, run.run_id)
+    assert got.info.status == "FINISHED" and got.info.run_name == "prepare"
+    assert got.data.params["rpn.pos_iou"] == "0.7"
+    assert set(cfg.flat()) <= set(got.data.params)
+    tags = got.data.tags
+    assert tags["dvc_stage"] == "prepare" and tags["extra"] == "1" and tags["git_commit"]
+    client = MlflowClient(run.tracking_uri)
+    assert [m.value for m in client.get_metric_history(run.run_id, "loss")] == [1.5, 1.0]
+    assert "config/params.yaml" in [a.path for a in client.list_artifacts(run.run_id, "config")]
+    # artifacts beside the database
+    assert (store.parent / tracking.ARTIFACTS_DIR).is_dir()
+
+
+def test_failed_stage_ends_failed_with_the_error(cfg, monkeypatch):
+    monkeypatch.setenv("DVC_STAGE", "dvc.yaml:prepare")
+    with pytest.raises(RuntimeError, match="boom"):
+        with tracking.stage_run(cfg, "prepare") as run:
+            raise RuntimeError("boom")
+    got = _run(cfg, run.run_id)
+    assert got.info.status == "FAILED"
+    assert got.data.tags["error"] == "RuntimeError: boom"
+    assert got.data.tags["dvc_stage"] == "dvc.yaml:prepare"
+
+
+def test_interrupted_stage_ends_killed(cfg):
+    with pytest.raises(KeyboardInterrupt):
+        with tracking.stage_run(cfg, "train_rpn") as run:
+            raise KeyboardInterrupt
+    assert _run(cfg, run.run_id).info.status == "KILLED"
+
+
+def test_reopened_run_keeps_its_params_and_metrics(cfg):
+    with pytest.raises(KeyboardInterrupt):
+        with tracking.stage_run(cfg, "train_rpn") as first:
+            tracking.MetricLogger(first.tracking_uri, first.run_id).log({"loss": 2.0}, step=1)
+            raise KeyboardInterrupt
+    changed = cfg.replace({"eval.batch_size": 7})  # a parameter the run key ignores
+    with tracking.stage_run(changed, "train_rpn", run_id=first.run_id) as second:
+        tracking.MetricLogger(second.tracking_uri, second.run_id).log({"loss": 1.0}, step=2)
+    assert second.run_id == first.run_id
+    got = _run(cfg, first.run_id)
+    assert got.info.status == "FINISHED" and got.data.params["eval.batch_size"] == "2"
+    history = MlflowClient(second.tracking_uri).get_metric_history(first.run_id, "loss")
+    assert [(m.step, m.value) for m in history] == [(1, 2.0), (2, 1.0)]
+
+
+def test_unknown_run_id_starts_a_new_run(cfg):
+    with tracking.stage_run(cfg, "train_rpn", run_id="0" * 32) as run:
+        pass
+    assert run.run_id != "0" * 32 and _run(cfg, run.run_id).info.status == "FINISHED"
+
+
+def test_git_commit_outside_a_repository(tmp_path: Path):
+    assert tracking.git_commit(tmp_path) == "unknown"
