@@ -7,9 +7,10 @@ Input: ``data/prepared/<split>.parquet``, one row per image (written by ``frcnn 
 
 Output of :func:`collate` (B images per batch, G boxes per image):
 
-- ``images``: float32 ``(B, 3, S, S)``, RGB scaled to [0, 1] then normalised with the ImageNet
-  mean / std (:data:`MEAN`, :data:`STD`), the statistics torchvision's VGG-16 weights expect.
-  :func:`denormalize` undoes it (for drawing).
+- ``images``: float32 ``(B, 3, S, S)``, RGB scaled to [0, 1]. Not normalised here:
+  ``detector.FasterRCNN`` subtracts the ImageNet mean and divides by its standard deviation
+  itself (the statistics torchvision's VGG-16 weights expect), so every caller (training,
+  evaluation, prediction) feeds it the same plain 0-1 images.
 - ``targets``: list of B dicts, ``boxes`` float32 ``(G, 4)`` x1y1x2y2 pixels, ``labels`` int64
   ``(G,)`` in ``1..K``.
 - ``image_ids``: list of B strings.
@@ -36,9 +37,6 @@ import torch
 from PIL import Image
 from torch.utils.data import DataLoader, Dataset, Sampler
 
-MEAN = (0.485, 0.456, 0.406)
-STD = (0.229, 0.224, 0.225)
-
 COLUMNS = ("image_id", "image", "boxes", "labels", "difficult")
 
 
@@ -58,20 +56,6 @@ def read_classes(prepared_dir: str | Path) -> dict[str, Any]:
     if not isinstance(info.get("image_size"), int):
         raise ValueError(f"{path}: expected an integer 'image_size', got {info.get('image_size')!r}")
     return info
-
-
-def normalize(image: torch.Tensor) -> torch.Tensor:
-    """``(3, H, W)`` RGB in [0, 1] -> ImageNet-normalised ``(3, H, W)``."""
-    mean = torch.tensor(MEAN, dtype=image.dtype).view(3, 1, 1)
-    std = torch.tensor(STD, dtype=image.dtype).view(3, 1, 1)
-    return (image - mean) / std
-
-
-def denormalize(images: torch.Tensor) -> torch.Tensor:
-    """Inverse of :func:`normalize` for ``(..., 3, H, W)``; result clamped to [0, 1]."""
-    mean = torch.tensor(MEAN, dtype=images.dtype, device=images.device).view(3, 1, 1)
-    std = torch.tensor(STD, dtype=images.dtype, device=images.device).view(3, 1, 1)
-    return (images * std + mean).clamp(0.0, 1.0)
 
 
 def decode_image(data: bytes) -> torch.Tensor:
@@ -99,7 +83,7 @@ def flip_decision(seed: int, epoch: int, index: int, probability: float) -> bool
 
 
 class DetectionDataset(Dataset):
-    """One prepared split. ``dataset[i]`` -> ``(image (3,S,S), target dict, image_id)``.
+    """One prepared split. ``dataset[i]`` -> ``(image (3,S,S) in [0, 1], target dict, image_id)``.
 
     Args:
         path: a prepared Parquet table.
@@ -146,7 +130,7 @@ class DetectionDataset(Dataset):
             boxes, labels = boxes[keep], labels[keep]
         if flip_decision(self.seed, self.epoch, index, self.hflip):
             image, boxes = hflip(image, boxes)
-        return normalize(image), {"boxes": boxes, "labels": labels}, row["image_id"]
+        return image, {"boxes": boxes, "labels": labels}, row["image_id"]
 
 
 def collate(batch: Sequence[tuple[torch.Tensor, dict[str, torch.Tensor], str]]) -> dict[str, Any]:
@@ -215,8 +199,11 @@ def make_loader(dataset: DetectionDataset, sampler: ShardSampler, *, batch_size:
     """A ``DataLoader`` over ``sampler``'s shard that decodes in ``num_workers`` processes.
 
     Workers are not persistent, so :meth:`DetectionDataset.set_epoch` called before each
-    epoch's ``iter(loader)`` reaches them.
+    epoch's ``iter(loader)`` reaches them. The loader seeds its workers from its own generator,
+    not the global torch RNG, which stays the model's alone: a resumed run that restores the
+    RNG state then samples the same anchors and RoIs as an uninterrupted one.
     """
     return DataLoader(dataset, batch_size=batch_size, sampler=sampler, num_workers=num_workers,
                       collate_fn=collate, worker_init_fn=_worker_init if num_workers else None,
-                      persistent_workers=False, drop_last=False)
+                      persistent_workers=False, drop_last=False,
+                      generator=torch.Generator().manual_seed(sampler.seed))
