@@ -45,7 +45,7 @@ class DataConfig:
     val_fraction: float = _p(0.15, ge=0.0, lt=1.0)
     test_fraction: float = _p(0.15, ge=0.0, lt=1.0)
     split: Literal["random", "imagesets"] = _p(
-        "random", doc="random: seeded permutation by the fractions | imagesets: VOC ImageSets/Main")
+        "random", doc="random: seeded, by the fractions; imagesets: VOC ImageSets/Main/*.txt")
     seed: int = _p(0, ge=0)
     synthetic_images: int = _p(40, ge=1)
     synthetic_classes: int = _p(4, ge=1, le=12)

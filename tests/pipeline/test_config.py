@@ -48,3 +48,21 @@ def test_flat_round_trip():
     cfg = load_config([ROOT / "params.yaml"])
     assert cfg.replace(cfg.flat()) == cfg
     assert cfg.replace(cfg.flat() | {"rpn.pos_iou": 0.6}).rpn.pos_iou == 0.6
+
+
+@pytest.mark.parametrize("overrides, fragment", [
+    (["data.split=imagesets"], "data.split: imagesets needs data.source=voc:PATH"),
+    (["data.source=voc:x", "data.image_root=images"], "data.image_root: only used with"),
+    (["data.classes=[a, b]"], "data.classes: not used with data.source=synthetic"),
+    (["data.source=voc:x", "data.classes=[a, a]"], "data.classes: names must be distinct"),
+])
+def test_data_source_combinations_are_checked(overrides, fragment):
+    with pytest.raises(ConfigError, match=fragment.replace("[", r"\[")):
+        load_config([ROOT / "params.yaml"], overrides)
+
+
+def test_data_split_and_classes_accepted_where_they_apply():
+    cfg = load_config([ROOT / "params.yaml"],
+                      ["data.source=voc:x", "data.split=imagesets", "data.classes=[RBC, WBC]"])
+    assert cfg.data.split == "imagesets" and cfg.data.classes == ("RBC", "WBC")
+    assert load_config([ROOT / "params.yaml"]).data.split == "random"
