@@ -14,9 +14,10 @@ Outputs (``R = eval.reports_dir``, all written atomically):
 - ``R/recall_summary.parquet``: :data:`pipeline.recall.SUMMARY_COLUMNS`: recall at IoU
   0.50:0.05:0.95 and AR per (split, budget, size bucket); ``num_proposals`` is the mean number of
   proposals the RPN actually returned at that budget (the anchor count for ``budget = -1``).
-- ``R/plots/recall_vs_iou.csv`` (``budget, iou, recall``), ``R/plots/recall_vs_proposals.csv``
-  (``budget, recall@0.5, recall@0.7``), with PNGs of the same names: the first split of
-  ``eval.splits`` (the headline split, ``test`` by default).
+- ``R/plots/recall_vs_iou.csv`` (``iou, top<N>...`` one column per budget, ``anchors``: one
+  line each in DVC's line template), ``R/plots/recall_vs_proposals.csv`` (``budget, recall@0.5,
+  recall@0.7``), with PNGs of the same names: the first split of ``eval.splits`` (the headline
+  split, ``test`` by default).
 - ``R/pictures/<split>_<image_id>.png``: ``eval.num_pictures`` images of the headline split
   with ground truth (green), the top :data:`PICTURE_PROPOSALS` proposals (blue) and the top
   :data:`PICTURE_DETECTIONS` detections (red).
@@ -375,7 +376,8 @@ def write_outputs(results: EvalResults, values: Mapping[str, Any], paths: Output
     anchors = {f"recall@{t:g}": R.lookup(results.summary, split=headline_split,
                                          budget=R.ANCHOR_BUDGET, metric="recall", iou_threshold=t)
                for t in CURVE_THRESHOLDS}
-    for name, frame in (("recall_vs_iou", iou_curve), ("recall_vs_proposals", prop_curve)):
+    for name, frame in (("recall_vs_iou", R.iou_curve_columns(iou_curve)),
+                        ("recall_vs_proposals", prop_curve)):
         io.write_text(paths.plots / f"{name}.csv", frame.to_csv(index=False, float_format="%.6g"))
         written.append(paths.plots / f"{name}.csv")
     title = f"{headline_split} split"

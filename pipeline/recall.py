@@ -298,6 +298,20 @@ def recall_vs_iou(summary: pd.DataFrame, split: str) -> pd.DataFrame:
     return out.sort_values(["budget", "iou"]).reset_index(drop=True)
 
 
+def iou_curve_columns(curve: pd.DataFrame) -> pd.DataFrame:
+    """:func:`recall_vs_iou` rows -> one column per budget: ``iou, top<N>..., anchors``.
+
+    The shape DVC's line template wants (one ``y`` column per line); ``anchors`` is the
+    ``budget == -1`` baseline.
+    """
+    wide = curve.pivot(index="iou", columns="budget", values="recall").sort_index()
+    order = sorted(b for b in wide.columns if b != ANCHOR_BUDGET)
+    order += [ANCHOR_BUDGET] if ANCHOR_BUDGET in wide.columns else []
+    wide = wide[order].rename(columns=lambda b: "anchors" if b == ANCHOR_BUDGET else f"top{b}")
+    wide.columns.name = None
+    return wide.reset_index()
+
+
 def recall_vs_proposals(summary: pd.DataFrame, split: str,
                         thresholds: Sequence[float] = (0.5, 0.7)) -> pd.DataFrame:
     """``budget, recall@0.5, recall@0.7`` rows of one split, RPN budgets only, all boxes."""

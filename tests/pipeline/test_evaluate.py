@@ -159,8 +159,8 @@ def test_metrics_and_outputs_for_a_perfect_model(prepared, tmp_path):
     assert tuple(summary.columns) == R.SUMMARY_COLUMNS
     assert set(summary["size"]) <= set(R.SIZES) and set(summary["metric"]) == {"recall", "AR"}
     iou_csv = pd.read_csv(paths.plots / "recall_vs_iou.csv")
-    assert list(iou_csv.columns) == ["budget", "iou", "recall"]
-    assert sorted(iou_csv["budget"].unique()) == [-1, *budgets]
+    assert list(iou_csv.columns) == ["iou", *(f"top{b}" for b in budgets), "anchors"]
+    assert len(iou_csv) == 10 and (iou_csv["top300"] == 1.0).all()
     prop_csv = pd.read_csv(paths.plots / "recall_vs_proposals.csv")
     assert list(prop_csv.columns) == ["budget", "recall@0.5", "recall@0.7"]
     assert prop_csv["budget"].tolist() == list(budgets)

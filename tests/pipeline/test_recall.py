@@ -197,6 +197,11 @@ def test_plot_frames():
     iou = R.recall_vs_iou(summary, "test")
     assert list(iou.columns) == ["budget", "iou", "recall"]
     assert sorted(iou["budget"].unique()) == [-1, 50, 300] and len(iou) == 30
+    wide = R.iou_curve_columns(iou)
+    assert list(wide.columns) == ["iou", "top50", "top300", "anchors"] and len(wide) == 10
+    assert wide["iou"].tolist() == list(R.IOU_THRESHOLDS)
+    assert wide["top300"].tolist() == [1.0] * 2 + [0.5] * 8        # best IoUs 0.55 and 0.96
+    assert wide["anchors"].tolist() == [0.5] * 6 + [0.0] * 4        # 0.1 and 0.75
     props = R.recall_vs_proposals(summary, "test")
     assert list(props.columns) == ["budget", "recall@0.5", "recall@0.7"]
     assert props["budget"].tolist() == [50, 300]
