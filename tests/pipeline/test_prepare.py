@@ -49,6 +49,9 @@ def test_synthetic_tables_schema_and_contents(tmp_path):
     result = prepare_dataset(make_cfg(out, synthetic_images=12, seed=3), progress=False)
     assert sorted(p.name for p in out.iterdir()) == ["classes.json", "test.parquet",
                                                      "train.parquet", "val.parquet"]
+    sibling = tmp_path / "sibling"
+    sibling.mkdir()
+    assert out.stat().st_mode == sibling.stat().st_mode   # not the 0700 of a temporary folder
     assert result.images == {"train": 8, "val": 2, "test": 2}
     info = json.loads((out / "classes.json").read_text())
     assert info["classes"] == ["rectangle", "ellipse", "triangle", "diamond"]

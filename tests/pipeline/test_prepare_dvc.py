@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import shutil
 import subprocess
@@ -12,6 +13,7 @@ from pathlib import Path
 import pytest
 import yaml
 
+from pipeline.config import DataConfig
 from tests.conftest import ROOT
 
 BIN = Path(sys.executable).parent
@@ -61,3 +63,12 @@ def test_dvc_repro_prepare_then_up_to_date(tmp_path):
     (repo / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
     status = _sh([str(BIN / "dvc"), "status", "prepare"], repo, env)
     assert "prepare:" in status.stdout and "data.seed" in status.stdout
+
+
+def test_prepare_stage_declares_every_module_and_data_parameter():
+    stage = yaml.safe_load((ROOT / "dvc.yaml").read_text())["stages"]["prepare"]
+    modules = {f"pipeline/datasets/{p.name}" for p in (ROOT / "pipeline" / "datasets").glob("*.py")}
+    assert modules | {"pipeline/prepare.py"} <= set(stage["deps"])
+    declared = {f.name for f in dataclasses.fields(DataConfig)} - {"num_workers"}  # no effect on output
+    assert set(stage["params"]) == {f"data.{name}" for name in declared}
+    assert stage["outs"] == ["data/prepared"] and stage["cmd"] == "frcnn prepare"
