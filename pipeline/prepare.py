@@ -131,10 +131,11 @@ def prepare_dataset(cfg: Config, *, progress: bool = True) -> PrepareResult:
     with atomic_dir(out_dir) as tmp:
         _default_permissions(tmp)
         writers = {split: SplitWriter(tmp / f"{split}.parquet") for split in SPLITS}
+        results = process_items(reading.items, image_size=data.image_size, resize=data.resize,
+                                image_format=data.image_format, num_workers=data.num_workers,
+                                progress=progress)
         try:
-            for result in process_items(reading.items, image_size=data.image_size,
-                                        resize=data.resize, image_format=data.image_format,
-                                        num_workers=data.num_workers, progress=progress):
+            for result in results:
                 if result.problems:
                     if data.on_invalid == "error":
                         raise _refusal(list(result.problems))
@@ -145,6 +146,7 @@ def prepare_dataset(cfg: Config, *, progress: bool = True) -> PrepareResult:
                 writers[split].add(result.row)
                 boxes[split] += len(result.row["labels"])
         finally:
+            results.close()  # on an error: stop the workers now, not when garbage-collected
             for writer in writers.values():
                 writer.close()
         images = {split: writers[split].rows for split in SPLITS}
