@@ -14,10 +14,10 @@ from PIL import Image
 
 from pipeline.config import Config, from_dict
 from pipeline.datasets.records import DataError
-from pipeline.datasets.resize import PAD_COLOUR
+from pipeline.datasets.resize import PAD_COLOUR, unscale_boxes
 from pipeline.datasets.splits import assign_splits
 from pipeline.datasets.synthetic import boxes_and_labels, layout
-from pipeline.datasets.table import SCHEMA, load_split
+from pipeline.datasets.table import SCHEMA, load_split, row_resize_info
 from pipeline.prepare import prepare_dataset, run
 from tests.pipeline.test_datasets_coco import write_coco
 from tests.pipeline.test_datasets_voc import voc_xml, write_voc
@@ -104,6 +104,8 @@ def test_jpeg_format_and_letterbox(tmp_path):
     # 64x48 -> 32x24 pasted at y = 4: x' = x / 2, y' = y / 2 + 4.
     assert (row.scale_x, row.scale_y, row.pad_x, row.pad_y) == (0.5, 0.5, 0.0, 4.0)
     np.testing.assert_allclose(np.stack(row.boxes), [[2, 7, 20, 19]])
+    back = unscale_boxes(np.stack(row.boxes), row_resize_info(row, 32))
+    np.testing.assert_allclose(back, [[4, 6, 40, 30]])                  # the XML box again
     assert list(row.difficult) == [True]
     assert np.abs(np.subtract(image.convert("RGB").getpixel((16, 0)), PAD_COLOUR)).max() <= 3
 
