@@ -157,6 +157,7 @@ class TrainConfig:
     checkpoint_every: int = _p(0, ge=0)
     log_every: int = _p(1, ge=1, doc="log step metrics every N optimiser steps")
     max_failures: int = _p(2, ge=0)
+    keep_checkpoints: bool = _p(False, doc="keep a finished run's checkpoints (a rerun then reuses it)")
     storage_path: str = _p("checkpoints")
     ray_address: str | None = _p(None)
     seed: int = _p(0, ge=0)
