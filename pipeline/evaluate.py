@@ -37,6 +37,7 @@ adds loading, writing and MLflow logging (the ``evaluate`` run, metrics under ML
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import math
 import re
@@ -98,12 +99,15 @@ class SplitData:
             yield idx, batch["images"]
             start = idx.stop
 
-    def picture(self, i: int) -> Image.Image:
-        """Image ``i`` as stored (RGB, S x S), for drawing."""
-        row = pq.read_table(self.path, columns=["image"]).slice(i, 1).to_pylist()[0]
-        # (3, S, S) float in [0, 1] -> (S, S, 3) uint8
-        rgb = decode_image(row["image"]).mul(255).round().byte().permute(1, 2, 0).numpy()
-        return Image.fromarray(rgb)
+    def read_images(self, indices: Sequence[int]) -> list[Image.Image]:
+        """Images ``indices`` as stored (RGB, S x S), for drawing."""
+        column = pq.read_table(self.path, columns=["image"]).column("image")
+        out = []
+        for i in indices:
+            # (3, S, S) float in [0, 1] -> (S, S, 3) uint8
+            rgb = decode_image(column[i].as_py()).mul(255).round().byte().permute(1, 2, 0)
+            out.append(Image.fromarray(rgb.numpy()))
+        return out
 
 
 def read_split(path: str | Path, name: str) -> SplitData:
@@ -138,13 +142,20 @@ def read_split(path: str | Path, name: str) -> SplitData:
 # Model access (the few places that know the detector's interface)
 
 
-def set_proposal_top_n(model: nn.Module, top_n: int) -> None:
-    """Make the model's eval-mode proposal layer keep ``top_n`` proposals after NMS (and at least
-    as many before it), so budgets up to ``top_n`` can be scored."""
+@contextlib.contextmanager
+def proposal_top_n(model: nn.Module, top_n: int) -> Iterator[None]:
+    """Inside the block, the model's eval-mode proposal layer keeps ``top_n`` proposals after
+    NMS (and at least as many before it), so budgets up to ``top_n`` can be scored; the saved
+    settings come back afterwards (the same model may also serve detection)."""
     rpn = model.rpn
-    s = rpn.proposal_settings
+    saved = rpn.proposal_settings
     rpn.proposal_settings = dataclasses.replace(
-        s, post_nms_top_n_test=int(top_n), pre_nms_top_n_test=max(s.pre_nms_top_n_test, int(top_n)))
+        saved, post_nms_top_n_test=int(top_n),
+        pre_nms_top_n_test=max(saved.pre_nms_top_n_test, int(top_n)))
+    try:
+        yield
+    finally:
+        rpn.proposal_settings = saved
 
 
 def model_anchors(model: nn.Module, image_size: int, device: torch.device) -> Tensor:
@@ -164,8 +175,9 @@ class Picture:
     """One image to draw: resized-frame boxes."""
 
     split: str
+    index: int                         # row in the split's table
     image_id: str
-    image: Image.Image
+    image: Image.Image | None          # read after the split's loop, all at once
     gt_boxes: np.ndarray
     gt_labels: np.ndarray
     proposals: np.ndarray
@@ -193,8 +205,8 @@ def evaluate_model(*, rpn_model: nn.Module, detector: nn.Module | None,
     """Score proposals (and detections) of every split.
 
     Args:
-        rpn_model: gives proposals (``propose``) and anchors; put in eval mode here, its
-            proposal top-N raised to ``max(budgets)``.
+        rpn_model: gives proposals (``propose``, its top-N raised to ``max(budgets)``) and
+            anchors; put in eval mode here.
         detector: the full model for mAP (eval mode), or None to skip detection.
         splits: the prepared splits; the first is the headline split (pictures).
         budgets: proposal budgets N.
@@ -211,7 +223,6 @@ def evaluate_model(*, rpn_model: nn.Module, detector: nn.Module | None,
     budgets = R.check_budgets(budgets)
     device = torch.device(device)
     rpn_model.eval().to(device)
-    set_proposal_top_n(rpn_model, max(budgets))
     if detector is not None:
         detector.eval().to(device)
     anchors = model_anchors(rpn_model, image_size, device)
@@ -220,29 +231,35 @@ def evaluate_model(*, rpn_model: nn.Module, detector: nn.Module | None,
     for split_index, split in enumerate(splits):
         kept = np.zeros(len(budgets))                # proposals available at each budget, summed
         detections, truths = [], []
-        bar = tqdm(split.batches(batch_size, num_workers), total=math.ceil(len(split) / batch_size),
-                   desc=f"evaluate {split.name}", unit="batch", disable=not progress)
+        bar = tqdm(split.batches(batch_size, num_workers), desc=f"evaluate {split.name}",
+                   total=math.ceil(len(split) / batch_size), unit="batch", disable=not progress)
         for idx, images in bar:
             images = images.to(device, non_blocking=True)
-            with torch.inference_mode():
+            with torch.inference_mode(), proposal_top_n(rpn_model, max(budgets)):
                 props = rpn_model.propose(images)          # per image (boxes, scores), best first
+            with torch.inference_mode():
                 dets = detector(images) if detector is not None else [None] * len(idx)
             for i, (boxes, _), det in zip(idx, props, dets):
                 gt = split.boxes[i].to(device)
                 kept += np.minimum(np.asarray(budgets), boxes.shape[0])
-                common = dict(image_id=split.image_ids[i], split=split.name, gt_boxes=split.boxes[i],
-                              labels=split.labels[i], difficult=split.difficult[i])
+                common = dict(image_id=split.image_ids[i], split=split.name,
+                              gt_boxes=split.boxes[i], labels=split.labels[i],
+                              difficult=split.difficult[i])
                 rows.append(R.image_recall_rows(
                     **common, budgets=budgets, best_iou=R.best_iou_at_budgets(gt, boxes, budgets)))
                 rows.append(R.image_recall_rows(
                     **common, budgets=[R.ANCHOR_BUDGET],
                     best_iou=R.best_iou_all(gt, anchors)[:, None]))
                 if det is not None:
-                    detections.append({k: det[k].detach().cpu() for k in ("boxes", "scores", "labels")})
+                    detections.append({k: det[k].detach().cpu()
+                                       for k in ("boxes", "scores", "labels")})
                     truths.append({"boxes": split.boxes[i], "labels": split.labels[i],
                                    "difficult": split.difficult[i]})
                 if split_index == 0 and len(pictures) < num_pictures:
                     pictures.append(_picture(split, i, boxes, det))
+        if split_index == 0:
+            for pic, image in zip(pictures, split.read_images([p.index for p in pictures])):
+                pic.image = image
         n = max(len(split), 1)
         counts |= {(split.name, b): kept[j] / n for j, b in enumerate(budgets)}
         counts[(split.name, R.ANCHOR_BUDGET)] = anchors.shape[0]
@@ -263,7 +280,7 @@ def _picture(split: SplitData, i: int, proposals: Tensor,
                                              for k in ("boxes", "scores", "labels"))
     else:
         det_boxes, det_scores, det_labels = np.zeros((0, 4)), np.zeros(0), np.zeros(0, dtype=int)
-    return Picture(split=split.name, image_id=split.image_ids[i], image=split.picture(i),
+    return Picture(split=split.name, index=i, image_id=split.image_ids[i], image=None,
                    gt_boxes=split.boxes[i].numpy(), gt_labels=split.labels[i].numpy(),
                    proposals=proposals[:PICTURE_PROPOSALS].detach().cpu().numpy(),
                    det_boxes=det_boxes, det_scores=det_scores, det_labels=det_labels)
@@ -415,7 +432,8 @@ def load_models(cfg: Config, device: torch.device) -> tuple[nn.Module, nn.Module
 
     Raises:
         FileNotFoundError: naming the missing model file and the stage that writes it.
-        ValueError: a file is not a readable checkpoint (from :func:`detector.checkpoint.load_model`).
+        ValueError: a file is not a readable checkpoint (see
+            :func:`detector.checkpoint.load_model`).
     """
     from detector.checkpoint import load_model
 

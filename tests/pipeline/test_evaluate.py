@@ -63,9 +63,11 @@ class FakeModel(nn.Module):
             proposal_settings=ProposalSettings(post_nms_top_n_test=300),
             anchor_generator=AnchorGenerator(stride=16, scales=(1.0, 2.0), ratios=(0.5, 1.0)))
         self.proposals, self.detections, self.seen = proposals, detections, 0
+        self.top_n_seen = set()
 
     def propose(self, images):
         n = self.rpn.proposal_settings.post_nms_top_n_test
+        self.top_n_seen.add(n)
         out = [(p[:n], torch.linspace(1, 0, p[:n].shape[0]))
                for p in self.proposals[self.seen:self.seen + images.shape[0]]]
         self.seen += images.shape[0]
@@ -94,7 +96,8 @@ def test_recall_table_through_the_core_matches_loop_reference(prepared):
     budgets = (1, 5, 30, 1000, 2000)
     res = E.evaluate_model(rpn_model=model, detector=None, splits=splits, budgets=budgets,
                            num_classes=2, image_size=SIZE, batch_size=3, progress=False)
-    assert model.rpn.proposal_settings.post_nms_top_n_test == 2000      # raised to max budget
+    assert model.top_n_seen == {2000}                                   # raised to max budget
+    assert model.rpn.proposal_settings.post_nms_top_n_test == 300       # and restored
     table = res.table
     assert tuple(table.columns) == R.TABLE_COLUMNS
     anchors = generate_anchors((SIZE // 16, SIZE // 16), 16, (1.0, 2.0), (0.5, 1.0))
