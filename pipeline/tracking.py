@@ -19,6 +19,7 @@ Only parameters from the config are logged, never the environment.
 from __future__ import annotations
 
 import contextlib
+import logging
 import os
 import subprocess
 import time
@@ -101,6 +102,12 @@ def _artifact_location(uri: str) -> str | None:
     return None
 
 
+def _quiet_store_setup() -> None:
+    """Keep "Creating initial MLflow database tables..." (INFO, on stderr) off the console."""
+    for name in ("mlflow.store.db.utils", "alembic"):
+        logging.getLogger(name).setLevel(logging.WARNING)
+
+
 def _param_value(value: Any) -> str:
     return str(value)[:6000]  # MLflow's limit on a parameter value
 
@@ -166,6 +173,7 @@ def stage_run(cfg: Config, stage: str, *, run_id: str | None = None,
 
     uri = resolve_uri(cfg.tracking.uri)
     check_reachable(uri)
+    _quiet_store_setup()
     client = MlflowClient(uri)
     experiment_id = _experiment_id(client, cfg.tracking.experiment, uri)
 
@@ -216,6 +224,7 @@ class MetricLogger:
 
     def __init__(self, tracking_uri: str, run_id: str) -> None:
         from mlflow.tracking import MlflowClient
+        _quiet_store_setup()
         self.run_id = run_id
         self._client = MlflowClient(tracking_uri)
 
