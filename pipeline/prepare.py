@@ -30,6 +30,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from pipeline import tracking
 from pipeline.config import Config, DataConfig
 from pipeline.datasets.coco import read_coco
 from pipeline.datasets.process import process_items
@@ -163,7 +164,8 @@ def prepare_dataset(cfg: Config, *, progress: bool = True) -> PrepareResult:
 def run(cfg: Config, args: argparse.Namespace | None = None) -> int:
     """``frcnn prepare``: 0 on success; 1 (with ``frcnn prepare: <file>: <problem>``) on bad data."""
     try:
-        result = prepare_dataset(cfg)
+        with tracking.stage_run(cfg, "prepare"):  # one MLflow run; FAILED on an error
+            result = prepare_dataset(cfg)
     except DataError as exc:
         print(f"frcnn prepare: {exc}", file=sys.stderr)
         return 1
