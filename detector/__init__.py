@@ -13,3 +13,25 @@ Conventions, stated once for the whole package:
 
 No Ray, MLflow or DVC here: :mod:`pipeline` owns orchestration.
 """
+
+from detector import anchors, backbone, boxes, matcher, roi_heads, rpn, sampler
+from detector.anchors import generate_anchors
+from detector.checkpoint import load_model, save_model
+from detector.model import FasterRCNN, NonFiniteLossError
+from detector.rpn import assign_targets
+
+__all__ = [
+    "FasterRCNN",
+    "NonFiniteLossError",
+    "anchors",
+    "assign_targets",
+    "backbone",
+    "boxes",
+    "generate_anchors",
+    "load_model",
+    "matcher",
+    "roi_heads",
+    "rpn",
+    "sampler",
+    "save_model",
+]

@@ -1,0 +1,240 @@
+"""The Faster R-CNN model: VGG-16 backbone, RPN and Fast R-CNN head, built from plain keywords.
+
+Shapes: ``B`` images of ``3 x S x S`` (``S = image_size``), ``G_i`` ground-truth boxes in image
+``i``, ``K = num_classes`` classes without background.
+
+Images are float RGB in ``[0, 1]``; the model normalises them with the ImageNet mean and standard
+deviation itself (the statistics that torchvision's VGG-16 weights expect).
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any, Sequence
+
+import torch
+from torch import Tensor, nn
+
+from detector.anchors import AnchorGenerator
+from detector.backbone import (IMAGENET_MEAN, IMAGENET_STD, VGG16Backbone, apply_vgg16_weights,
+                               load_vgg16_state_dict)
+from detector.boxes import pad_boxes
+from detector.roi_heads import DetectionSettings, RoIHeads, RoISampling
+from detector.rpn import AnchorMatching, ProposalSettings, RegionProposalNetwork
+
+__all__ = ["FasterRCNN", "NonFiniteLossError"]
+
+Target = dict[str, Tensor]
+
+
+class NonFiniteLossError(FloatingPointError):
+    """A training loss is NaN or infinite (its name and value are in the message)."""
+
+
+class FasterRCNN(nn.Module):
+    """Faster R-CNN with a VGG-16 backbone (SPEC.md, "The detector").
+
+    Args:
+        num_classes: ``K`` dataset classes, without background; target labels are ``1..K``.
+        image_size: side ``S`` of the square input images the model is built for; inputs of
+            another size are refused.
+        backbone_weights: ``"none"``, ``"imagenet"`` or a path (:mod:`detector.backbone`).
+        rpn_only: training returns only the RPN losses and skips the proposal layer and the RoI
+            head (the RPN stage); nothing is frozen, and eval / :meth:`propose` still run
+            everything.
+        anchor_*: :class:`detector.anchors.AnchorGenerator` (the stride must be the
+            backbone's, 16).
+        rpn_pos_iou .. rpn_allow_border: :class:`detector.rpn.AnchorMatching`.
+        rpn_reg_weight: lambda of the RPN regression loss.
+        rpn_min_size .. rpn_post_nms_top_n_test: :class:`detector.rpn.ProposalSettings`.
+        roi_num_samples .. roi_bg_iou_high: :class:`detector.roi_heads.RoISampling`.
+        roi_pool, roi_pool_size, roi_hidden_dim, roi_reg_weight: the head
+            (:class:`detector.roi_heads.RoIHeads`).
+        roi_score_thresh, roi_nms_iou, roi_detections_per_image:
+            :class:`detector.roi_heads.DetectionSettings`.
+
+    ``model.config`` keeps ``num_classes`` and every keyword, so
+    ``FasterRCNN(**model.config)`` rebuilds the same architecture (see
+    :mod:`detector.checkpoint`).
+
+    Calling it:
+
+    - training mode, ``model(images, targets)`` -> ``{"rpn_cls", "rpn_reg", "roi_cls",
+      "roi_reg"}`` float32 scalar losses (only the RPN's with ``rpn_only``);
+    - eval mode, ``model(images)`` -> per image ``{"boxes" (n, 4), "scores" (n,), "labels" (n,)}``;
+    - :meth:`propose` -> per image the RPN proposals ``(boxes (N, 4), scores (N,))``.
+
+    ``images``: ``(B, 3, S, S)`` float in ``[0, 1]``; ``targets``: ``B`` dicts with ``boxes``
+    ``(G_i, 4)`` x1y1x2y2 pixels and ``labels`` ``(G_i,)`` int64 in ``1..K`` (``G_i`` may be 0).
+    """
+
+    def __init__(
+        self,
+        num_classes: int,
+        *,
+        image_size: int = 640,
+        backbone_weights: str = "none",
+        rpn_only: bool = False,
+        anchor_stride: int = 16,
+        anchor_scales: Sequence[float] = (8.0, 16.0, 32.0),
+        anchor_ratios: Sequence[float] = (0.5, 1.0, 2.0),
+        rpn_pos_iou: float = 0.7,
+        rpn_neg_iou: float = 0.3,
+        rpn_num_samples: int = 256,
+        rpn_pos_fraction: float = 0.5,
+        rpn_allow_border: float = 0.0,
+        rpn_reg_weight: float = 1.0,
+        rpn_min_size: float = 16.0,
+        rpn_nms_iou: float = 0.7,
+        rpn_pre_nms_top_n_train: int = 12000,
+        rpn_post_nms_top_n_train: int = 2000,
+        rpn_pre_nms_top_n_test: int = 6000,
+        rpn_post_nms_top_n_test: int = 300,
+        roi_num_samples: int = 128,
+        roi_fg_fraction: float = 0.25,
+        roi_fg_iou: float = 0.5,
+        roi_bg_iou_low: float = 0.0,
+        roi_bg_iou_high: float = 0.5,
+        roi_pool: str = "align",
+        roi_pool_size: int = 7,
+        roi_hidden_dim: int = 4096,
+        roi_reg_weight: float = 1.0,
+        roi_score_thresh: float = 0.05,
+        roi_nms_iou: float = 0.3,
+        roi_detections_per_image: int = 100,
+    ) -> None:
+        super().__init__()
+        config = dict(locals())
+        for name in ("self", "__class__"):
+            config.pop(name, None)
+        self.config: dict[str, Any] = {k: tuple(v) if isinstance(v, list) else v
+                                       for k, v in config.items()}
+        if num_classes < 1:
+            raise ValueError(f"num_classes must be >= 1 (dataset classes without background), "
+                             f"got {num_classes}")
+        if image_size < VGG16Backbone.stride:
+            raise ValueError(f"image_size must be >= {VGG16Backbone.stride}, got {image_size}")
+        if anchor_stride != VGG16Backbone.stride:
+            raise ValueError(
+                f"anchor_stride={anchor_stride}: anchors are centred on the cells of the VGG-16 "
+                f"feature map, whose stride is {VGG16Backbone.stride}; change anchor_scales to "
+                f"change the anchor sizes")
+        self.num_classes = int(num_classes)
+        self.image_size = int(image_size)
+        self.rpn_only = bool(rpn_only)
+
+        self.register_buffer("pixel_mean", torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1),
+                             persistent=False)
+        self.register_buffer("pixel_std", torch.tensor(IMAGENET_STD).view(1, 3, 1, 1),
+                             persistent=False)
+        self.backbone = VGG16Backbone()
+        channels = VGG16Backbone.out_channels
+        self.rpn = RegionProposalNetwork(
+            anchor_generator=AnchorGenerator(stride=anchor_stride, scales=anchor_scales,
+                                             ratios=anchor_ratios),
+            in_channels=channels,
+            matching=AnchorMatching(pos_iou=rpn_pos_iou, neg_iou=rpn_neg_iou,
+                                    num_samples=rpn_num_samples, pos_fraction=rpn_pos_fraction,
+                                    allow_border=rpn_allow_border),
+            proposals=ProposalSettings(
+                min_size=rpn_min_size, nms_iou=rpn_nms_iou,
+                pre_nms_top_n_train=rpn_pre_nms_top_n_train,
+                post_nms_top_n_train=rpn_post_nms_top_n_train,
+                pre_nms_top_n_test=rpn_pre_nms_top_n_test,
+                post_nms_top_n_test=rpn_post_nms_top_n_test),
+            reg_weight=rpn_reg_weight,
+        )
+        self.roi_heads = RoIHeads(
+            in_channels=channels, num_classes=num_classes, pool=roi_pool,
+            pool_size=roi_pool_size, hidden_dim=roi_hidden_dim,
+            spatial_scale=1.0 / VGG16Backbone.stride, reg_weight=roi_reg_weight,
+            sampling=RoISampling(num_samples=roi_num_samples, fg_fraction=roi_fg_fraction,
+                                 fg_iou=roi_fg_iou, bg_iou_low=roi_bg_iou_low,
+                                 bg_iou_high=roi_bg_iou_high),
+            detection=DetectionSettings(score_thresh=roi_score_thresh, nms_iou=roi_nms_iou,
+                                        detections_per_image=roi_detections_per_image),
+        )
+        state = load_vgg16_state_dict(backbone_weights)
+        if state is not None:
+            apply_vgg16_weights(state, backbone_weights, self.backbone.features,
+                                self.roi_heads.fc6, self.roi_heads.fc7)
+
+    # -- inputs ------------------------------------------------------------------------------
+
+    def _features(self, images: Tensor) -> Tensor:
+        """Check ``(B, 3, S, S)`` images, normalise them, run the backbone -> ``(B, 512, h, w)``."""
+        if not isinstance(images, Tensor) or images.dim() != 4 or images.shape[1] != 3:
+            shape = tuple(images.shape) if isinstance(images, Tensor) else type(images).__name__
+            raise ValueError(f"images must be a (B, 3, H, W) float tensor, got {shape}")
+        if not images.is_floating_point():
+            raise ValueError(f"images must be float in [0, 1], got dtype {images.dtype}")
+        if tuple(images.shape[-2:]) != (self.image_size, self.image_size):
+            raise ValueError(f"images are {tuple(images.shape[-2:])} but the model was built for "
+                             f"image_size={self.image_size}")
+        x = (images - self.pixel_mean) / self.pixel_std
+        return self.backbone(x)
+
+    def _pad_targets(self, targets: Sequence[Target], batch: int,
+                     device: torch.device) -> tuple[Tensor, Tensor, Tensor]:
+        """``B`` target dicts -> ``(boxes (B, G, 4) float32, valid (B, G), labels (B, G) int64)``.
+
+        Raises ValueError for a wrong count, shape, or label / box value (one host sync).
+        """
+        if targets is None or len(targets) != batch:
+            got = None if targets is None else len(targets)
+            raise ValueError(f"training needs one target dict per image: {batch} images, "
+                             f"got {got} targets")
+        boxes, labels = [], []
+        for i, t in enumerate(targets):
+            b, lab = t["boxes"], t["labels"]
+            if b.dim() != 2 or b.shape[-1] != 4 or lab.shape != b.shape[:1]:
+                raise ValueError(f"target {i}: boxes must be (G, 4) and labels (G,), got "
+                                 f"{tuple(b.shape)} and {tuple(lab.shape)}")
+            boxes.append(b.to(device))
+            labels.append(lab.to(device=device, dtype=torch.int64))
+        gt_boxes, gt_valid, (gt_labels,) = pad_boxes(boxes, labels)
+        bad_label = gt_valid & ((gt_labels < 1) | (gt_labels > self.num_classes))
+        bad_box = gt_valid & ((gt_boxes[..., 2] <= gt_boxes[..., 0])
+                              | (gt_boxes[..., 3] <= gt_boxes[..., 1])
+                              | ~torch.isfinite(gt_boxes).all(dim=-1))
+        if bool((bad_label | bad_box).any()):
+            img, box = torch.nonzero(bad_label | bad_box)[0].tolist()
+            raise ValueError(
+                f"target {img}, box {box}: label {int(gt_labels[img, box])} (allowed 1.."
+                f"{self.num_classes}) / box {gt_boxes[img, box].tolist()} (needs x2 > x1, y2 > y1)")
+        return gt_boxes, gt_valid, gt_labels
+
+    # -- entry points ------------------------------------------------------------------------
+
+    def forward(self, images: Tensor,
+                targets: Sequence[Target] | None = None) -> dict[str, Tensor] | list[Target]:
+        """Losses in training mode, detections in eval mode (see the class docstring)."""
+        features = self._features(images)
+        image_size = (self.image_size, self.image_size)
+        if not self.training:
+            proposals, _ = self.rpn(features, image_size)
+            return self.roi_heads(features, proposals.boxes, proposals.valid, image_size)
+        gt_boxes, gt_valid, gt_labels = self._pad_targets(targets, images.shape[0], images.device)
+        proposals, losses = self.rpn(features, image_size, gt_boxes, gt_valid,
+                                     need_proposals=not self.rpn_only)
+        if not self.rpn_only:
+            losses.update(self.roi_heads(features, proposals.boxes, proposals.valid, image_size,
+                                         gt_boxes, gt_valid, gt_labels))
+        _check_finite(losses)
+        return losses
+
+    @torch.no_grad()
+    def propose(self, images: Tensor) -> list[tuple[Tensor, Tensor]]:
+        """RPN proposals per image after the proposal layer, ``(boxes (N, 4), scores (N,))``,
+        best first; top-N of the current mode (train / eval). Runs without gradients."""
+        features = self._features(images)
+        proposals, _ = self.rpn(features, (self.image_size, self.image_size))
+        return proposals.unpad()
+
+
+def _check_finite(losses: dict[str, Tensor]) -> None:
+    """Raise :class:`NonFiniteLossError` naming each NaN / inf loss (one host sync)."""
+    values = torch.stack([v.detach().float() for v in losses.values()])
+    if not bool(torch.isfinite(values).all()):
+        bad = {k: float(v) for k, v in zip(losses, values.tolist()) if not math.isfinite(v)}
+        raise NonFiniteLossError(f"non-finite training loss: {bad}")
