@@ -31,8 +31,14 @@ run: $(STAMP)
 test: $(STAMP)
 	$(BIN)/python -m pytest -q
 
+# The store the stages log to: tracking.uri from params.yaml, or $MLFLOW_TRACKING_URI.
 ui: $(STAMP)
-	$(BIN)/mlflow ui --backend-store-uri "$${MLFLOW_TRACKING_URI:-sqlite:///mlflow.db}" --host 127.0.0.1 --port $(UI_PORT)
+	@uri="$$($(BIN)/python -m pipeline.tracking uri)" || exit 1; \
+	case "$$uri" in \
+	  http://*|https://*) echo "tracking.uri is a tracking server: open $$uri";; \
+	  *) echo "MLflow UI on http://127.0.0.1:$(UI_PORT) for $$uri"; \
+	     exec $(BIN)/mlflow ui --backend-store-uri "$$uri" --host 127.0.0.1 --port $(UI_PORT);; \
+	esac
 
 clean:
 	rm -rf data/prepared models metrics reports sweeps checkpoints ray_results

@@ -234,3 +234,21 @@ class MetricLogger:
         batch = [Metric(key, float(value), now, int(step)) for key, value in metrics.items()]
         if batch:
             self._client.log_batch(self.run_id, metrics=batch)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``python -m pipeline.tracking uri [--params FILE ...]``: the store ``make ui`` serves."""
+    import argparse
+
+    from pipeline.config import load_config
+    parser = argparse.ArgumentParser(prog="python -m pipeline.tracking")
+    parser.add_argument("what", choices=["uri"])
+    parser.add_argument("--params", action="append", default=None)
+    args = parser.parse_args(argv)
+    params = args.params or (["params.yaml"] if Path("params.yaml").is_file() else [])
+    print(resolve_uri(load_config(params).tracking.uri))
+    return 0
+
+
+if __name__ == "__main__":  # pragma: no cover
+    raise SystemExit(main())
