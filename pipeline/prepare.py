@@ -164,9 +164,14 @@ def prepare_dataset(cfg: Config, *, progress: bool = True) -> PrepareResult:
 def run(cfg: Config, args: argparse.Namespace | None = None) -> int:
     """``frcnn prepare``: 0 on success; 1 (with ``frcnn prepare: <file>: <problem>``) on bad data."""
     try:
-        with tracking.stage_run(cfg, "prepare"):  # one MLflow run; FAILED on an error
+        with tracking.stage_run(cfg, "prepare") as stage:  # one MLflow run; FAILED on an error
             result = prepare_dataset(cfg)
-    except DataError as exc:
+            stage.log_metrics(result.metrics())
+            stage.set_tags({"classes": ",".join(result.classes)})
+            for name in (CLASSES_FILE, REJECTED_FILE):
+                if (result.out_dir / name).is_file():
+                    stage.log_artifact(result.out_dir / name, "prepared")
+    except (DataError, tracking.TrackingError) as exc:
         print(f"frcnn prepare: {exc}", file=sys.stderr)
         return 1
     print(result.summary())

@@ -279,10 +279,17 @@ def test_failed_run_keeps_the_previous_output(tmp_path):
         assert leftovers(tmp_path) == []
 
 
-def test_run_reports_to_the_console(tmp_path, capsys):
+def test_run_reports_to_the_console_and_mlflow(tmp_path, capsys, monkeypatch):
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")
     assert run(make_cfg(tmp_path / "ok", synthetic_images=3, val_fraction=0.0, test_fraction=0.0)) == 0
     captured = capsys.readouterr()
     assert "prepared 3 images (train 3, val 0, test 0)" in captured.out and "images/s" in captured.out
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    (logged,) = client.search_runs([client.get_experiment_by_name("frcnn").experiment_id])
+    assert logged.info.run_name == "prepare" and logged.info.status == "FINISHED"
+    assert logged.data.metrics["images_train"] == 3.0 and logged.data.metrics["images_per_second"] > 0
     root = write_voc(tmp_path / "voc", {"a": [("cat", (5, 5, 5, 9), False)]})
     assert run(make_cfg(tmp_path / "bad", source=f"voc:{root}")) == 1
     err = capsys.readouterr().err

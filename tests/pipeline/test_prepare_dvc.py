@@ -38,6 +38,7 @@ def test_dvc_repro_prepare_then_up_to_date(tmp_path):
     (repo / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
     (repo / ".gitignore").write_text("__pycache__/\n")
     env = dict(os.environ, DVC_NO_ANALYTICS="1", PYTHONPATH=str(repo),
+               MLFLOW_TRACKING_URI=f"sqlite:///{tmp_path / 'mlflow.db'}",
                PATH=f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}",
                GIT_AUTHOR_NAME="test", GIT_AUTHOR_EMAIL="test@example.com",
                GIT_COMMITTER_NAME="test", GIT_COMMITTER_EMAIL="test@example.com")

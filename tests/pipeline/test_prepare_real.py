@@ -43,14 +43,17 @@ def xml_objects(bccd: Path) -> dict[str, list[tuple[str, list[float]]]]:
 def prepared(bccd_dir, tmp_path_factory) -> Path:
     """BCCD prepared at 640x640 (stretch) with on_invalid=skip, on both cores."""
     out = tmp_path_factory.mktemp("bccd") / "prepared"
-    code = main(["prepare", "--params", PARAMS, "--set", f"data.source=voc:{bccd_dir}",
-                 "--set", "data.on_invalid=skip", "--set", f"data.out_dir={out}",
-                 "--set", "data.num_workers=2"])
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{out.parent / 'mlflow.db'}")
+        code = main(["prepare", "--params", PARAMS, "--set", f"data.source=voc:{bccd_dir}",
+                     "--set", "data.on_invalid=skip", "--set", f"data.out_dir={out}",
+                     "--set", "data.num_workers=2"])
     assert code == 0
     return out
 
 
-def test_default_refuses_the_two_zero_area_boxes_by_name(bccd_dir, tmp_path, capsys):
+def test_default_refuses_the_two_zero_area_boxes_by_name(bccd_dir, tmp_path, capsys, monkeypatch):
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")
     out = tmp_path / "prepared"
     code = main(["prepare", "--params", PARAMS, "--set", f"data.source=voc:{bccd_dir}",
                  "--set", f"data.out_dir={out}"])
@@ -106,7 +109,8 @@ def test_boxes_are_the_xml_boxes_stretched_to_640(prepared, bccd_dir):
     assert image.size == (640, 640) and image.format == "PNG"
 
 
-def test_imagesets_split_follows_the_dataset(bccd_dir, tmp_path, capsys):
+def test_imagesets_split_follows_the_dataset(bccd_dir, tmp_path, capsys, monkeypatch):
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")
     out = tmp_path / "prepared"
     code = main(["prepare", "--params", PARAMS, "--set", f"data.source=voc:{bccd_dir}",
                  "--set", "data.on_invalid=skip", "--set", "data.split=imagesets",
