@@ -12,6 +12,7 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
+import yaml
 from PIL import Image
 from torch import nn
 
@@ -256,3 +257,106 @@ def test_run_writes_everything_and_logs_to_mlflow(tmp_path, monkeypatch, capsys)
     assert {"reports/proposal_recall.parquet", "reports/recall_summary.parquet",
             "reports/plots", "reports/pictures"} <= artifacts
     assert not math.isnan(values["AR@300"])
+
+
+# --------------------------------------------------------------------------------------------
+# The DVC stage
+
+
+def test_dvc_stage_declares_inputs_parameters_and_outputs():
+    from tests.conftest import ROOT
+
+    spec = yaml.safe_load((ROOT / "dvc.yaml").read_text())
+    stage = spec["stages"]["evaluate"]
+    cfg = Config()
+    paths = E.OutputPaths.from_config(cfg)
+    modules = {f"pipeline/{m}.py" for m in ("evaluate", "recall", "voc_ap", "plots", "data",
+                                            "tracking", "config", "io")}
+    detector = {f"detector/{p.name}" for p in (ROOT / "detector").glob("*.py")}
+    assert modules | detector | {cfg.data.out_dir, cfg.train.rpn_model, cfg.train.frcnn_model} \
+        <= set(stage["deps"])
+    assert set(stage["params"]) == {"data.out_dir", "train.rpn_model", "train.frcnn_model",
+                                    "eval.splits", "eval.proposal_budgets", "eval.num_pictures",
+                                    "eval.reports_dir", "eval.metrics_path"}
+    outs = {next(iter(o)) if isinstance(o, dict) else o for o in stage["outs"]}
+    assert outs == {str(p) for p in (paths.recall_table, paths.recall_summary, paths.pictures,
+                                     paths.plots / "recall_vs_iou.csv",
+                                     paths.plots / "recall_vs_proposals.csv")}
+    assert [next(iter(m)) for m in stage["metrics"]] == [str(paths.metrics)]
+    assert {next(iter(p)) for p in stage["plots"]} == {
+        str(paths.plots / "recall_vs_iou.png"), str(paths.plots / "recall_vs_proposals.png")}
+    plots = {next(iter(p)): next(iter(p.values())) for p in spec["plots"]}
+    iou_columns = [f"top{b}" for b in cfg.eval.proposal_budgets] + ["anchors"]
+    assert plots["recall_vs_iou"]["y"] == {str(paths.plots / "recall_vs_iou.csv"): iou_columns}
+    assert plots["recall_vs_proposals"]["y"] == {
+        str(paths.plots / "recall_vs_proposals.csv"): ["recall@0.5", "recall@0.7"]}
+
+
+@pytest.mark.slow
+def test_dvc_repro_end_to_end_at_a_small_size(tmp_path):
+    """prepare -> train_rpn -> train_frcnn -> evaluate for real (Ray, MLflow, DVC) at 128 x 128,
+    then every evaluate output, `dvc metrics show` and `dvc plots show`."""
+    import os
+    import shutil
+    import subprocess
+    import sys
+
+    from tests.conftest import ROOT
+
+    bin_dir = Path(sys.executable).parent
+    if not (bin_dir / "dvc").is_file() or shutil.which("git") is None:
+        pytest.skip("needs git and dvc (in the virtual environment)")
+    repo = tmp_path / "repo"
+    ignore = shutil.ignore_patterns("__pycache__", "*.pyc")
+    for folder in ("pipeline", "detector", ".dvc"):
+        shutil.copytree(ROOT / folder, repo / folder, ignore=ignore)
+    for name in ("dvc.yaml", ".gitignore"):
+        shutil.copy(ROOT / name, repo / name)
+    params = yaml.safe_load((ROOT / "params.yaml").read_text())
+    params["data"].update(synthetic_images=10, image_size=128, num_workers=1)
+    params["train"].update(max_steps=2, num_workers=1)
+    params["roi"].update(hidden_dim=64)
+    params["eval"].update(num_pictures=2)
+    (repo / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    env = dict(os.environ, DVC_NO_ANALYTICS="1", RAY_AUTH_MODE="disabled",
+               RAY_USAGE_STATS_ENABLED="0", PYTHONPATH=str(repo),
+               PATH=f"{bin_dir}{os.pathsep}{os.environ.get('PATH', '')}",
+               GIT_AUTHOR_NAME="test", GIT_AUTHOR_EMAIL="test@example.com",
+               GIT_COMMITTER_NAME="test", GIT_COMMITTER_EMAIL="test@example.com")
+    env.pop("MLFLOW_TRACKING_URI", None)
+
+    def sh(*args: str) -> str:
+        done = subprocess.run(args, cwd=repo, env=env, capture_output=True, text=True,
+                              timeout=900)
+        assert done.returncode == 0, f"{' '.join(args)} failed:\n{done.stdout}\n{done.stderr}"
+        return done.stdout
+
+    sh("git", "init", "-q")
+    sh("git", "add", "-A")
+    sh("git", "commit", "-q", "-m", "fresh clone")
+    out = sh(str(bin_dir / "dvc"), "repro", "evaluate")
+    assert "Running stage 'evaluate'" in out and "AR@300" in out
+
+    paths = E.OutputPaths(repo / "reports", repo / "metrics" / "evaluate.json")
+    table = pd.read_parquet(paths.recall_table)
+    assert tuple(table.columns) == R.TABLE_COLUMNS and len(table) > 0
+    assert set(table["split"]) == {"test", "val"} and -1 in set(table["budget"])
+    summary = pd.read_parquet(paths.recall_summary)
+    assert tuple(summary.columns) == R.SUMMARY_COLUMNS
+    assert list(pd.read_csv(paths.plots / "recall_vs_iou.csv").columns) == \
+        ["iou", "top50", "top100", "top300", "top1000", "top2000", "anchors"]
+    assert list(pd.read_csv(paths.plots / "recall_vs_proposals.csv").columns) == \
+        ["budget", "recall@0.5", "recall@0.7"]
+    for png in ("recall_vs_iou.png", "recall_vs_proposals.png"):
+        assert (paths.plots / png).stat().st_size > 1000
+    assert len(list(paths.pictures.glob("*.png"))) == 2
+    values = json.loads(paths.metrics.read_text())
+    assert {"recall@0.5/300", "recall@0.7/300", "AR@100", "AR@300", "AR@1000", "mAP@0.5",
+            "val"} <= set(values)
+
+    shown = sh(str(bin_dir / "dvc"), "metrics", "show", "--json")
+    assert "recall@0.5/300" in shown and "mAP@0.5" in shown
+    plots = json.loads(sh(str(bin_dir / "dvc"), "plots", "show", "--json"))["data"]
+    assert {"recall_vs_iou", "recall_vs_proposals"} <= set(plots)
+    assert plots["recall_vs_iou"][0]["type"] == "vega"
+    assert plots[str(Path("reports/plots/recall_vs_iou.png"))][0]["type"] == "image"
