@@ -65,6 +65,8 @@ def run(cfg: Config, args: argparse.Namespace) -> int:
     except (FileNotFoundError, ValueError, tracking.TrackingError, TrainingFailedError) as exc:
         print(f"frcnn train --stage {args.stage}: error: {exc}", file=sys.stderr)
         return 1
+    except KeyboardInterrupt:
+        return 130
     return 0
 
 
@@ -261,7 +263,13 @@ def train_stage(cfg: Config, stage: str) -> dict[str, Any]:
             mlrun.set_tags({"resumed_from": path})
         else:
             print(f"{name}: starting {run_name} (checkpoints in {storage}/{run_name})", flush=True)
-        result = _fit(cfg, stage, name, run_name, storage, mlrun, train_path, init_model, info)
+        try:
+            result = _fit(cfg, stage, name, run_name, storage, mlrun, train_path, init_model, info)
+        except (KeyboardInterrupt, SystemExit) as exc:
+            # Ctrl-C: Ray Train's own SIGINT handler aborts the run, then exits the process.
+            print(f"{name}: interrupted; its checkpoints stay in {storage}/{run_name}: run the "
+                  f"same command again to resume", file=sys.stderr, flush=True)
+            raise KeyboardInterrupt from exc
 
         with result.checkpoint.as_directory() as folder:
             progress = checkpoints.read_progress(folder)
