@@ -195,7 +195,7 @@ def _worker_init(_: int) -> None:
 
 
 def make_loader(dataset: DetectionDataset, sampler: ShardSampler, *, batch_size: int,
-                num_workers: int) -> DataLoader:
+                num_workers: int, pin_memory: bool = False) -> DataLoader:
     """A ``DataLoader`` over ``sampler``'s shard that decodes in ``num_workers`` processes.
 
     Workers are not persistent, so :meth:`DetectionDataset.set_epoch` called before each
@@ -205,5 +205,5 @@ def make_loader(dataset: DetectionDataset, sampler: ShardSampler, *, batch_size:
     """
     return DataLoader(dataset, batch_size=batch_size, sampler=sampler, num_workers=num_workers,
                       collate_fn=collate, worker_init_fn=_worker_init if num_workers else None,
-                      persistent_workers=False, drop_last=False,
+                      persistent_workers=False, drop_last=False, pin_memory=pin_memory,
                       generator=torch.Generator().manual_seed(sampler.seed))

@@ -206,7 +206,8 @@ def train(cfg: Config, *, stage: str, train_path: str | Path, num_classes: int,
     sampler = data.ShardSampler(len(dataset), rank=rank, world_size=world_size, shuffle=True,
                                 seed=tcfg.seed)
     loader = data.make_loader(dataset, sampler, batch_size=tcfg.batch_size,
-                              num_workers=tcfg.loader_workers)
+                              num_workers=tcfg.loader_workers,
+                              pin_memory=device.type == "cuda")
     steps_per_epoch = math.ceil(sampler.shard_size / tcfg.batch_size)
     epochs = _epochs(cfg, stage)
     total_steps = epochs * steps_per_epoch
