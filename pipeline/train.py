@@ -34,6 +34,7 @@ metrics into it; the driver adds the model, metrics JSON and epoch CSV as artifa
 from __future__ import annotations
 
 import argparse
+import contextlib
 import csv
 import hashlib
 import io as _io
@@ -202,7 +203,7 @@ def _worker(config: dict[str, Any]) -> None:
         return ray.train.torch.prepare_model(model, move_to_device=device)
 
     resume = ray.train.get_checkpoint()
-    with (resume.as_directory() if resume is not None else _nothing()) as folder:
+    with (resume.as_directory() if resume is not None else contextlib.nullcontext()) as folder:
         train_loop.train(
             cfg, stage=config["stage"], train_path=config["train_path"],
             num_classes=config["num_classes"], init_model=config["init_model"],
@@ -216,14 +217,6 @@ def _say(message: str) -> None:
     # driver; the worker's stdout itself is forwarded once.
     sys.stdout.write(message + "\n")
     sys.stdout.flush()
-
-
-class _nothing:
-    def __enter__(self) -> None:
-        return None
-
-    def __exit__(self, *exc: Any) -> None:
-        return None
 
 
 # --------------------------------------------------------------------------------------------
