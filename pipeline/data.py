@@ -41,7 +41,7 @@ COLUMNS = ("image_id", "image", "boxes", "labels", "difficult")
 
 
 def read_classes(prepared_dir: str | Path) -> dict[str, Any]:
-    """``classes.json`` of a prepared set: ``{"classes": [names, id 1 first], "image_size": S, ...}``.
+    """``classes.json`` of a prepared set: ``{"classes": [names, id 1 first], "image_size": S}``.
 
     Raises:
         FileNotFoundError: no ``classes.json`` (run ``frcnn prepare`` first).
@@ -52,9 +52,11 @@ def read_classes(prepared_dir: str | Path) -> dict[str, Any]:
         raise FileNotFoundError(f"{path}: not found; run `frcnn prepare` first")
     info = json.loads(path.read_text(encoding="utf-8"))
     if not isinstance(info.get("classes"), list) or not info["classes"]:
-        raise ValueError(f"{path}: expected a non-empty 'classes' list, got {info.get('classes')!r}")
+        raise ValueError(f"{path}: expected a non-empty 'classes' list, "
+                         f"got {info.get('classes')!r}")
     if not isinstance(info.get("image_size"), int):
-        raise ValueError(f"{path}: expected an integer 'image_size', got {info.get('image_size')!r}")
+        raise ValueError(f"{path}: expected an integer 'image_size', "
+                         f"got {info.get('image_size')!r}")
     return info
 
 
@@ -76,7 +78,7 @@ def hflip(image: torch.Tensor, boxes: torch.Tensor) -> tuple[torch.Tensor, torch
 
 
 def flip_decision(seed: int, epoch: int, index: int, probability: float) -> bool:
-    """Whether image ``index`` is flipped in ``epoch``: deterministic in ``(seed, epoch, index)``."""
+    """Whether image ``index`` is flipped in ``epoch``; a function of ``(seed, epoch, index)``."""
     if probability <= 0.0:
         return False
     return bool(np.random.default_rng([seed, epoch, index]).random() < probability)

@@ -82,7 +82,8 @@ def check_reachable(uri: str, *, timeout: float = 5.0) -> None:
         try:
             folder.mkdir(parents=True, exist_ok=True)
         except OSError as exc:
-            raise TrackingError(f"MLflow tracking store {uri}: cannot create {folder}: {exc}") from None
+            raise TrackingError(
+                f"MLflow tracking store {uri}: cannot create {folder}: {exc}") from None
 
 
 def git_commit(cwd: str | Path | None = None) -> str:

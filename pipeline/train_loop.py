@@ -312,7 +312,8 @@ def train(cfg: Config, *, stage: str, train_path: str | Path, num_classes: int,
         t_prev = time.perf_counter()
         for batch in loader:
             images, targets = _to_device(batch, device)
-            with torch.autocast(device.type, dtype=dtype or torch.float32, enabled=dtype is not None):
+            with torch.autocast(device.type, dtype=dtype or torch.float32,
+                                enabled=dtype is not None):
                 losses = net(images, targets)
             loss = sum(losses[t] for t in terms)
             if not torch.isfinite(loss):

@@ -150,7 +150,8 @@ def test_train_rpn_on_two_ray_workers(tmp_path):
     client, runs = _mlflow_runs(project, "train_rpn")
     (run,) = runs
     assert run.info.status == "FINISHED"
-    assert run.data.params["train.num_workers"] == "2" and run.data.params["data.image_size"] == "64"
+    assert run.data.params["train.num_workers"] == "2"
+    assert run.data.params["data.image_size"] == "64"
     assert {"git_commit", "dvc_stage", "ray_job_id"} <= set(run.data.tags)
     history = client.get_metric_history(run.info.run_id, "loss")
     assert [m.step for m in history] == [1, 2, 3, 4, 5, 6]
