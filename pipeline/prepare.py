@@ -24,7 +24,6 @@ from __future__ import annotations
 import argparse
 import csv
 import json
-import os
 import sys
 import time
 from dataclasses import dataclass
@@ -130,7 +129,6 @@ def prepare_dataset(cfg: Config, *, progress: bool = True) -> PrepareResult:
     out_dir = Path(data.out_dir)
     boxes = dict.fromkeys(SPLITS, 0)
     with atomic_dir(out_dir) as tmp:
-        _default_permissions(tmp)
         writers = {split: SplitWriter(tmp / f"{split}.parquet") for split in SPLITS}
         results = process_items(reading.items, image_size=data.image_size, resize=data.resize,
                                 image_format=data.image_format, num_workers=data.num_workers,
@@ -179,13 +177,6 @@ def run(cfg: Config, args: argparse.Namespace | None = None) -> int:
 
 
 # --------------------------------------------------------------------------------------------
-
-
-def _default_permissions(folder: Path) -> None:
-    """The mode a plain ``mkdir`` would give (the temporary folder starts as 0700)."""
-    umask = os.umask(0)
-    os.umask(umask)
-    folder.chmod(0o777 & ~umask)
 
 
 def _refusal(problems: list[Problem]) -> DataError:
