@@ -10,6 +10,7 @@ deviation itself (the statistics that torchvision's VGG-16 weights expect).
 from __future__ import annotations
 
 import math
+import warnings
 from typing import Any, Sequence
 
 import torch
@@ -20,7 +21,7 @@ from detector.backbone import (IMAGENET_MEAN, IMAGENET_STD, VGG16Backbone, apply
                                load_vgg16_state_dict)
 from detector.boxes import pad_boxes
 from detector.roi_heads import DetectionSettings, RoIHeads, RoISampling
-from detector.rpn import AnchorMatching, ProposalSettings, RegionProposalNetwork
+from detector.rpn import AnchorMatching, ProposalSettings, RegionProposalNetwork, inside_image
 
 __all__ = ["FasterRCNN", "NonFiniteLossError"]
 
@@ -144,6 +145,7 @@ class FasterRCNN(nn.Module):
                 post_nms_top_n_test=rpn_post_nms_top_n_test),
             reg_weight=rpn_reg_weight,
         )
+        _warn_if_no_trainable_anchors(self.rpn.anchor_generator, image_size, rpn_allow_border)
         self.roi_heads = RoIHeads(
             in_channels=channels, num_classes=num_classes, pool=roi_pool,
             pool_size=roi_pool_size, hidden_dim=roi_hidden_dim,
@@ -238,3 +240,18 @@ def _check_finite(losses: dict[str, Tensor]) -> None:
     if not bool(torch.isfinite(values).all()):
         bad = {k: float(v) for k, v in zip(losses, values.tolist()) if not math.isfinite(v)}
         raise NonFiniteLossError(f"non-finite training loss: {bad}")
+
+
+def _warn_if_no_trainable_anchors(generator: AnchorGenerator, image_size: int,
+                                  allow_border: float) -> None:
+    """Warn when every anchor crosses the image border: the RPN would then sample nothing and
+    its loss would be exactly zero (e.g. 128 x 128 images with the 128-512 pixel anchors)."""
+    cells = image_size // VGG16Backbone.stride
+    anchors = generator((cells, cells), device=torch.device("cpu"))
+    if allow_border >= 0 and not inside_image(anchors, (image_size, image_size),
+                                              allow_border).any():
+        warnings.warn(
+            f"no anchor lies inside a {image_size}x{image_size} image (largest side "
+            f"{float((anchors[:, 2] - anchors[:, 0]).max()):.0f} px, rpn_allow_border="
+            f"{allow_border}): the RPN has nothing to train on. Use smaller anchor_scales or "
+            f"rpn_allow_border=-1 (keep border-crossing anchors)", stacklevel=3)
