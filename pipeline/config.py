@@ -160,7 +160,7 @@ class TrainConfig:
     keep_checkpoints: bool = _p(False, doc="keep a finished run's checkpoints (a rerun then reuses it)")
     storage_path: str = _p("checkpoints")
     ray_address: str | None = _p(None)
-    seed: int = _p(0, ge=0)
+    seed: int = _p(0, ge=0, le=2**32 - 1, doc="torch generators take at most 64 bits")
     rpn_model: str = _p("models/rpn.pt")
     frcnn_model: str = _p("models/frcnn.pt")
     metrics_dir: str = _p("metrics", doc="train_<stage>.json and train_<stage>_epochs.csv")
@@ -257,8 +257,10 @@ def load_config(params: Sequence[str | Path] = ("params.yaml",),
             raise ConfigError(f"{path}: parameter file not found")
         try:
             loaded = yaml.safe_load(path.read_text(encoding="utf-8"))
-        except (yaml.YAMLError, UnicodeDecodeError) as exc:
-            raise ConfigError(f"{path}: not valid YAML: {exc}") from None
+        except (yaml.YAMLError, ValueError, RecursionError) as exc:
+            # ValueError: not UTF-8, or an integer beyond Python's 4300-digit limit;
+            # RecursionError: nesting too deep
+            raise ConfigError(f"{path}: not valid YAML: {str(exc)[:300]}") from None
         if loaded is None:
             continue
         if not isinstance(loaded, dict):
@@ -280,7 +282,7 @@ def parse_override(item: str) -> tuple[str, Any]:
         raise ConfigError(f"--set {item!r}: expected section.key=value, got key {key!r}")
     try:
         value = yaml.safe_load(raw) if raw.strip() else ""
-    except yaml.YAMLError:
+    except (yaml.YAMLError, ValueError, RecursionError):
         value = raw  # not YAML: keep the literal string, validation decides
     return key, value
 
@@ -361,8 +363,8 @@ def _coerce(value: Any, tp: Any, name: str) -> Any:
     if tp is float:
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise ConfigError(f"{name}: expected a number, got {value!r}")
-        if not math.isfinite(value):
-            raise ConfigError(f"{name}: expected a finite number, got {value!r}")
+        if abs(value) > 1e300 or not math.isfinite(value):  # abs() first: isfinite(10**400) raises
+            raise ConfigError(f"{name}: expected a finite number, got {str(value)[:40]}")
         return float(value)
     if tp is str:
         if isinstance(value, bool) or value is None or isinstance(value, (list, dict)):

@@ -18,7 +18,8 @@ from collections import defaultdict
 from pathlib import Path
 from typing import Any, Sequence
 
-from pipeline.datasets.records import DataError, ImageItem, Problem, Reading, box_problem
+from pipeline.datasets.records import (DataError, ImageItem, Problem, Reading, box_problem,
+                                       unusable_path)
 
 
 def read_coco(json_path: str | Path, *, image_root: str | Path | None = None,
@@ -41,8 +42,8 @@ def read_coco(json_path: str | Path, *, image_root: str | Path | None = None,
         raise DataError(f"{src}: file not found")
     try:
         doc = json.loads(json_path.read_bytes())
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise DataError(f"{src}: malformed JSON: {exc}") from None
+    except (ValueError, RecursionError) as exc:  # ValueError: JSONDecodeError, UTF-8, digits
+        raise DataError(f"{src}: malformed JSON: {str(exc)[:300]}") from None
     if not isinstance(doc, dict):
         raise DataError(f"{src}: malformed COCO file: expected an object at the top level")
     for key in ("images", "annotations", "categories"):
@@ -131,10 +132,14 @@ def _image_entry(entry: Any, i: int, root: Path, src: str) -> tuple[str | None, 
     for key in ("width", "height"):
         value = entry.get(key)
         if isinstance(value, bool) or not isinstance(value, (int, float)) or value < 1 \
-                or not float(value).is_integer():
+                or (isinstance(value, float) and not value.is_integer()):
             return image_id, Problem(src, f"images[{i}]: {key} {value!r} is not a positive integer",
                                      image_id)
     path = root / file_name
+    unusable = unusable_path(path)
+    if unusable:
+        return image_id, Problem(src, f"images[{i}]: file_name {file_name[:100]!r}: {unusable}",
+                                 image_id)
     if not path.resolve().is_relative_to(root.resolve()):
         return image_id, Problem(src, f"images[{i}]: file_name {file_name!r} leads outside the "
                                       f"image folder {root}", image_id)
@@ -148,7 +153,8 @@ def _annotation(ann: dict[str, Any], category_names: dict[int, str], label_of: d
     """``(reason, None)`` or ``(None, (box x1y1x2y2, label, crowd))`` for one annotation."""
     bbox = ann.get("bbox")
     if not isinstance(bbox, list) or len(bbox) != 4 or not all(
-            isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) for v in bbox):
+            isinstance(v, (int, float)) and not isinstance(v, bool) and abs(v) <= 1e300
+            and math.isfinite(v) for v in bbox):  # abs() first: math.isfinite(10**400) raises
         return f"malformed bbox {bbox!r} (expected [x, y, w, h])", None
     x, y, w, h = (float(v) for v in bbox)
     box = [x, y, x + w, y + h]

@@ -104,6 +104,22 @@ class Reading:
     listed_ids: list[str] = field(default_factory=list)
 
 
+def unusable_path(path: Path) -> str | None:
+    """Why the system cannot look ``path`` up at all, or None (a missing file is not a reason:
+    the caller says "not found").
+
+    An annotation can name anything: a NUL byte, a 5000-character name, a symlink loop, a
+    folder without permission. Readers refuse those as problems instead of crashing on them.
+    """
+    try:
+        path.resolve().stat()
+    except (FileNotFoundError, NotADirectoryError):
+        return None
+    except (OSError, ValueError, RuntimeError) as exc:  # RuntimeError: pathlib's symlink loop
+        return f"unusable path ({type(exc).__name__}: {exc})"[:300]
+    return None
+
+
 def box_problem(box: Sequence[float]) -> str | None:
     """Why a box ``[x1, y1, x2, y2]`` can never be valid, or None.
 

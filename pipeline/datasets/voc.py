@@ -21,7 +21,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
 
-from pipeline.datasets.records import DataError, ImageItem, Problem, Reading, box_problem
+from pipeline.datasets.records import (DataError, ImageItem, Problem, Reading, box_problem,
+                                       unusable_path)
 
 MAX_XML_BYTES = 8 * 1024 * 1024
 SPLIT_FILES = ("train", "val", "test")
@@ -111,7 +112,11 @@ def read_imagesets(root: Path) -> dict[str, str]:
         path = main / f"{split}.txt"
         if not path.is_file():
             continue
-        for line_no, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+        try:
+            text = path.read_text(encoding="utf-8")
+        except UnicodeDecodeError as exc:
+            raise DataError(f"{path}: not UTF-8 text ({exc})") from None
+        for line_no, line in enumerate(text.splitlines(), 1):
             fields = line.split()
             if not fields:
                 continue
@@ -131,6 +136,9 @@ def parse_annotation(root: Path, image_id: str) -> tuple[VOCAnnotation | None, l
     def fail(reason: str, box_index: int | None = None) -> tuple[None, list[Problem]]:
         return None, [Problem(src, reason, image_id, box_index)]
 
+    unusable = unusable_path(xml_path)
+    if unusable:
+        return fail(f"image id {image_id[:100]!r}: {unusable}")
     if not _inside(xml_path, root / "Annotations"):
         return fail("image id leads outside the Annotations folder")
     if not xml_path.is_file():
@@ -143,13 +151,16 @@ def parse_annotation(root: Path, image_id: str) -> tuple[VOCAnnotation | None, l
         return fail("malformed XML: DTD or entity declarations are not allowed")
     try:
         tree = ET.fromstring(data)
-    except ET.ParseError as exc:
+    except (ET.ParseError, LookupError, ValueError) as exc:  # LookupError, ValueError: encoding
         return fail(f"malformed XML: {exc}")
     if tree.tag != "annotation":
         return fail(f"malformed XML: root element is <{tree.tag}>, expected <annotation>")
 
     filename = (tree.findtext("filename") or "").strip() or f"{image_id}.jpg"
     image_path = root / "JPEGImages" / filename
+    unusable = unusable_path(image_path)
+    if unusable:
+        return fail(f"<filename> {filename[:100]!r}: {unusable}")
     if not _inside(image_path, root):
         return fail(f"<filename> {filename!r} leads outside the dataset folder")
     if not image_path.is_file():
