@@ -64,8 +64,20 @@ def write(folder: str | Path, state: dict[str, Any], progress: dict[str, Any]) -
 
 
 def read_progress(folder: str | Path) -> dict[str, Any]:
-    """``progress.json`` of a checkpoint folder."""
-    return json.loads((Path(folder) / PROGRESS).read_text(encoding="utf-8"))
+    """``progress.json`` of a checkpoint folder.
+
+    Raises:
+        FileNotFoundError: no ``progress.json``.
+        ValueError: it is truncated or corrupt (the message names the file).
+    """
+    path = Path(folder) / PROGRESS
+    try:
+        progress = json.loads(path.read_text(encoding="utf-8"))
+    except ValueError as exc:  # JSONDecodeError, UnicodeDecodeError
+        raise ValueError(f"{path}: truncated or corrupt checkpoint progress ({exc})") from None
+    if not isinstance(progress, dict):
+        raise ValueError(f"{path}: not checkpoint progress (expected an object)")
+    return progress
 
 
 def read_state(folder: str | Path, map_location: str | torch.device = "cpu") -> dict[str, Any]:
@@ -73,11 +85,20 @@ def read_state(folder: str | Path, map_location: str | torch.device = "cpu") -> 
 
     Raises:
         FileNotFoundError: the folder is not a training checkpoint.
+        ValueError: the file is truncated, corrupt or not a training state (the message names
+            the file); nothing of it is used.
     """
     path = Path(folder) / TRAIN_STATE
     if not path.is_file():
         raise FileNotFoundError(f"{path}: not a training checkpoint (no {TRAIN_STATE})")
-    return torch.load(path, map_location=map_location, weights_only=True)
+    try:
+        state = torch.load(path, map_location=map_location, weights_only=True)
+    except Exception as exc:  # unpickling / zip errors of every kind: the file is unusable
+        raise ValueError(f"{path}: not a readable training checkpoint, truncated or corrupt "
+                         f"({type(exc).__name__}: {str(exc)[:300]})") from exc
+    if not isinstance(state, dict):
+        raise ValueError(f"{path}: not a training checkpoint (a {type(state).__name__})")
+    return state
 
 
 class LocalCheckpoints:

@@ -13,7 +13,8 @@
 - :class:`MetricLogger` logs step metrics into an existing run from another process (rank 0 of
   a Ray Train worker group).
 
-Only parameters from the config are logged, never the environment.
+Only parameters from the config are logged, never the environment; everything logged goes
+through :func:`redact` (URI credentials, values of secret-looking environment variables).
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import re
 import subprocess
 import time
 import traceback
@@ -40,6 +42,27 @@ ARTIFACTS_DIR = "mlartifacts"
 
 class TrackingError(RuntimeError):
     """The tracking store cannot be used (unreachable server, bad URI)."""
+
+
+# scheme://user:password@host or scheme://token@host: everything between :// and @
+_USERINFO = re.compile(r"(?i)\b([a-z][a-z0-9+.\-]*://)[^/@\s]+@")
+_SECRET_NAMES = re.compile(r"(?i)(secret|password|passwd|token|credential|api_?key|access_?key"
+                           r"|private_?key)")
+
+
+def redact(text: str) -> str:
+    """``text`` with credentials masked: the user-info of URIs (``http://user:pass@host`` ->
+    ``http://***@host``) and the value of every environment variable whose name looks secret
+    (``*SECRET*``, ``*PASSWORD*``, ``*TOKEN*``, ``*API_KEY*``...; values of 8+ characters).
+
+    Applied to everything this module logs (parameters, tags, the config artifact, errors) and
+    to the URIs in its messages.
+    """
+    text = _USERINFO.sub(r"\1***@", text)
+    for name, value in os.environ.items():
+        if len(value) >= 8 and _SECRET_NAMES.search(name) and value in text:
+            text = text.replace(value, f"***{name}***")
+    return text
 
 
 def resolve_uri(uri: str, *, base: str | Path | None = None) -> str:
@@ -72,11 +95,12 @@ def check_reachable(uri: str, *, timeout: float = 5.0) -> None:
         try:
             with urllib.request.urlopen(url, timeout=timeout) as response:  # noqa: S310
                 if response.status != 200:
-                    raise TrackingError(f"MLflow tracking server {uri} answered {response.status} "
-                                        f"at {url}")
+                    raise TrackingError(f"MLflow tracking server {redact(uri)} answered "
+                                        f"{response.status} at {redact(url)}")
         except (urllib.error.URLError, OSError, ValueError) as exc:
-            raise TrackingError(f"MLflow tracking server {uri} is unreachable ({exc}); start it "
-                                f"or set tracking.uri / {ENV_URI}") from None
+            raise TrackingError(f"MLflow tracking server {redact(uri)} is unreachable "
+                                f"({redact(str(exc))}); start it or set tracking.uri / {ENV_URI}"
+                                ) from None
     elif uri.startswith("sqlite:///"):
         folder = Path(uri[len("sqlite:///"):]).parent
         try:
@@ -110,7 +134,7 @@ def _quiet_store_setup() -> None:
 
 
 def _param_value(value: Any) -> str:
-    return str(value)[:6000]  # MLflow's limit on a parameter value
+    return redact(str(value))[:6000]  # MLflow's limit on a parameter value
 
 
 @dataclass(frozen=True)
@@ -128,7 +152,7 @@ class StageRun:
     def set_tags(self, tags: Mapping[str, Any]) -> None:
         client = self._client()
         for key, value in tags.items():
-            client.set_tag(self.run_id, key, str(value))
+            client.set_tag(self.run_id, key, redact(str(value)))
 
     def log_metrics(self, metrics: Mapping[str, float], step: int | None = None) -> None:
         MetricLogger(self.tracking_uri, self.run_id).log(metrics, step=step or 0)
@@ -197,8 +221,9 @@ def stage_run(cfg: Config, stage: str, *, run_id: str | None = None,
     params = [Param(k, _param_value(v)) for k, v in cfg.flat().items() if k not in logged]
     for start in range(0, len(params), 100):  # MLflow takes at most 100 params per batch
         client.log_batch(run_id, params=params[start:start + 100])
-    client.log_batch(run_id, tags=[RunTag(k, str(v)) for k, v in all_tags.items()])
-    client.log_text(run_id, yaml.safe_dump(cfg.to_dict(), sort_keys=False), "config/params.yaml")
+    client.log_batch(run_id, tags=[RunTag(k, redact(str(v))) for k, v in all_tags.items()])
+    client.log_text(run_id, redact(yaml.safe_dump(cfg.to_dict(), sort_keys=False)),
+                    "config/params.yaml")
 
     handle = StageRun(run_id=run_id, experiment_id=experiment_id, tracking_uri=uri)
     try:
@@ -208,9 +233,9 @@ def stage_run(cfg: Config, stage: str, *, run_id: str | None = None,
         client.set_terminated(run_id, status=RunStatus.to_string(RunStatus.KILLED))
         raise
     except BaseException as exc:
-        client.set_tag(run_id, "error", f"{type(exc).__name__}: {exc}"[:5000])
+        client.set_tag(run_id, "error", redact(f"{type(exc).__name__}: {exc}")[:5000])
         with contextlib.suppress(Exception):
-            client.log_text(run_id, traceback.format_exc(), "error.txt")
+            client.log_text(run_id, redact(traceback.format_exc()), "error.txt")
         client.set_terminated(run_id, status=RunStatus.to_string(RunStatus.FAILED))
         raise
     client.set_terminated(run_id, status=RunStatus.to_string(RunStatus.FINISHED))

@@ -63,7 +63,8 @@ def run(cfg: Config, args: argparse.Namespace) -> int:
     from ray.train import TrainingFailedError
     try:
         train_stage(cfg, args.stage)
-    except (FileNotFoundError, ValueError, tracking.TrackingError, TrainingFailedError) as exc:
+    except (FileNotFoundError, ValueError, MemoryError, tracking.TrackingError,
+            TrainingFailedError) as exc:
         print(f"frcnn train --stage {args.stage}: error: {exc}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
@@ -123,23 +124,40 @@ def latest_checkpoint(storage: str, run_name: str) -> tuple[str, dict[str, Any]]
     is built from); None when the run has no checkpoint yet.
     """
     fs, root = _fs(storage)
-    snapshot = _read_text(fs, f"{root}/{run_name}/checkpoint_manager_snapshot.json")
+    snapshot_path = f"{root}/{run_name}/checkpoint_manager_snapshot.json"
+    snapshot = _read_text(fs, snapshot_path)
     if snapshot is None:
         return None
-    latest = json.loads(snapshot).get("latest_checkpoint_result")
+    latest = _json(snapshot, snapshot_path, f"{root}/{run_name}").get("latest_checkpoint_result")
     if not latest:
         return None
     folder = f"{root}/{run_name}/{latest['checkpoint_dir_name']}"
     progress = _read_text(fs, f"{folder}/{checkpoints.PROGRESS}")
     if progress is None:
         return None
-    return folder, json.loads(progress)
+    return folder, _json(progress, f"{folder}/{checkpoints.PROGRESS}", f"{root}/{run_name}")
+
+
+def _json(text: str, path: str, run_folder: str) -> dict[str, Any]:
+    """Parse a run folder's JSON file; a truncated or corrupt one is a clear error."""
+    try:
+        value = json.loads(text)
+    except ValueError as exc:
+        raise ValueError(f"{path}: truncated or corrupt ({exc}); delete {run_folder} to start "
+                         f"this stage afresh") from None
+    if not isinstance(value, dict):
+        raise ValueError(f"{path}: expected a JSON object, got {type(value).__name__}")
+    return value
 
 
 def _read_run_state(storage: str, run_name: str) -> dict[str, Any]:
     fs, root = _fs(storage)
     text = _read_text(fs, f"{root}/{run_name}/{RUN_STATE}")
-    return json.loads(text) if text else {}
+    try:
+        state = json.loads(text) if text else {}
+    except ValueError:  # cut short by a kill while written: only the MLflow run id is lost
+        return {}
+    return state if isinstance(state, dict) else {}
 
 
 def _write_run_state(storage: str, run_name: str, state: dict[str, Any]) -> None:
@@ -256,6 +274,7 @@ def train_stage(cfg: Config, stage: str) -> dict[str, Any]:
             mlrun.set_tags({"resumed_from": path})
         else:
             print(f"{name}: starting {run_name} (checkpoints in {storage}/{run_name})", flush=True)
+        _check_local_memory(cfg, train_path)
         try:
             result = _fit(cfg, stage, name, run_name, storage, mlrun, train_path, init_model, info)
         except (KeyboardInterrupt, SystemExit) as exc:
@@ -297,6 +316,65 @@ def train_stage(cfg: Config, stage: str) -> dict[str, Any]:
               f"({metrics['images_per_s']:.2f} images/s, {metrics['wall_seconds']:.0f} s)",
               flush=True)
         return metrics
+
+
+def restart_recorder(stage_name: str, tracking_uri: str, run_id: str, max_failures: int) -> Any:
+    """A Ray Train callback that records each worker-group restart in the stage's MLflow run.
+
+    Ray Train (``FailureConfig(max_failures)``) restarts a failed worker group from the last
+    checkpoint on its own; the callback runs on Ray's controller when a failure is seen and, for
+    the failures Ray will retry, sets the run's tag ``restarts`` (running total, across resumed
+    drivers too), logs the metric ``restarts`` and tags ``last_restart`` with the ranks and
+    error. The class is built here, not at import, so the controller unpickles it without
+    importing this module (and torch).
+    """
+    from ray.train import UserCallback
+
+    class _RestartRecorder(UserCallback):
+        def __init__(self) -> None:
+            self.failures = 0
+
+        def after_exception(self, run_context: Any, worker_exceptions: dict[int, Exception]
+                            ) -> None:
+            self.failures += 1
+            if self.failures > max_failures:
+                return  # Ray gives up: the stage fails, its run says why
+            ranks = sorted(worker_exceptions)
+            first = worker_exceptions[ranks[0]] if ranks else None
+            reason = (f"worker rank(s) {ranks} failed ({type(first).__name__}: "
+                      f"{str(first).splitlines()[0] if str(first) else ''})")[:500]
+            print(f"{stage_name}: {reason}; Ray Train restarts the worker group from the last "
+                  f"checkpoint (failure {self.failures} of at most {max_failures})", flush=True)
+            try:
+                from mlflow.tracking import MlflowClient
+                client = MlflowClient(tracking_uri)
+                total = int(client.get_run(run_id).data.tags.get("restarts", "0")) + 1
+                client.set_tag(run_id, "restarts", str(total))
+                client.set_tag(run_id, "last_restart", reason)
+                client.log_metric(run_id, "restarts", total, step=total)
+            except Exception as exc:  # recording must never stop the recovery itself
+                print(f"{stage_name}: could not record the restart in MLflow: {exc}", flush=True)
+
+    return _RestartRecorder()
+
+
+def _check_local_memory(cfg: Config, train_path: Path) -> None:
+    """An absurd ``train.batch_size`` fails here, before Ray starts, with a clear message.
+
+    Only for a local Ray on CPU, where every worker shares this machine's RAM; GPU workers and
+    cluster nodes check their own memory in :func:`pipeline.train_loop.train`.
+    """
+    import pyarrow.parquet as pq
+    import torch
+
+    from pipeline.train_loop import check_memory
+    if cfg.train.ray_address is not None or cfg.train.use_gpu == "true" \
+            or (cfg.train.use_gpu == "auto" and torch.cuda.is_available()):
+        return
+    shard = -(-pq.ParquetFile(train_path).metadata.num_rows // cfg.train.num_workers)
+    check_memory(batch_size=cfg.train.batch_size, images_per_step=min(cfg.train.batch_size, shard),
+                 image_size=cfg.data.image_size, device=torch.device("cpu"),
+                 workers=cfg.train.num_workers)
 
 
 def _csv(rows: list[dict[str, Any]], columns: list[str]) -> str:
@@ -341,6 +419,8 @@ def _fit(cfg: Config, stage: str, name: str, run_name: str, storage: str,
             run_config=RunConfig(
                 name=run_name, storage_path=storage,
                 failure_config=FailureConfig(max_failures=cfg.train.max_failures),
+                callbacks=[restart_recorder(name, mlrun.tracking_uri, mlrun.run_id,
+                                            cfg.train.max_failures)],
                 checkpoint_config=CheckpointConfig(num_to_keep=2)),
         )
         print(f"{name}: {cfg.train.num_workers} worker(s), "
