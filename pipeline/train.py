@@ -257,12 +257,18 @@ def train_stage(cfg: Config, stage: str) -> dict[str, Any]:
     if init_model is not None and not init_model.is_file():
         raise FileNotFoundError(f"{init_model}: RPN model not found; run "
                                 f"`frcnn train --stage rpn` first")
+    if init_model is not None:
+        _check_torch_file(init_model, "the RPN model (train.rpn_model)")
     model_path = Path(cfg.train.rpn_model if stage == "rpn" else cfg.train.frcnn_model)
     metrics_dir = Path(cfg.train.metrics_dir)
 
     storage = _storage_root(cfg)
     run_name = f"{name}-{run_key(cfg, stage, train_path, init_model)}"
     previous = latest_checkpoint(storage, run_name)
+    if previous is not None and "://" not in storage:
+        _check_torch_file(Path(previous[0]) / checkpoints.TRAIN_STATE,
+                          f"the checkpoint to resume from (delete {storage}/{run_name} to start "
+                          f"afresh)")
     old_mlflow_run = _read_run_state(storage, run_name).get("mlflow_run_id") if previous else None
 
     with tracking.stage_run(cfg, name, run_id=old_mlflow_run) as mlrun:
@@ -356,6 +362,17 @@ def restart_recorder(stage_name: str, tracking_uri: str, run_id: str, max_failur
                 print(f"{stage_name}: could not record the restart in MLflow: {exc}", flush=True)
 
     return _RestartRecorder()
+
+
+def _check_torch_file(path: Path, what: str) -> None:
+    """Name a truncated or corrupt torch file here, before Ray starts, rather than in every
+    worker of every restart. ``mmap``: the tensors are mapped, not read."""
+    import torch
+    try:
+        torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    except Exception as exc:  # zip / unpickling errors of every kind
+        raise ValueError(f"{path}: {what} is not readable, truncated or corrupt "
+                         f"({type(exc).__name__}: {str(exc)[:300]})") from None
 
 
 def _check_local_memory(cfg: Config, train_path: Path) -> None:
