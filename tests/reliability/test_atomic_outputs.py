@@ -66,7 +66,7 @@ def test_prepare_killed_mid_write_leaves_the_previous_output(tmp_path):
     assert {"train.parquet", "val.parquet", "test.parquet", "classes.json"} <= set(before)
 
     bigger = cfg.replace({"data.synthetic_images": 2000, "data.image_size": 256,
-                          "data.num_workers": 2, "data.out_dir": "data/prepared"})
+                          "data.num_workers": 1, "data.out_dir": "data/prepared"})
     (tmp_path / "params.yaml").write_text(yaml.safe_dump(bigger.to_dict()))
     env = dict(os.environ, MLFLOW_TRACKING_URI=f"sqlite:///{tmp_path / 'mlflow.db'}",
                PYTHONUNBUFFERED="1")
