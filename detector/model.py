@@ -174,6 +174,10 @@ class FasterRCNN(nn.Module):
             raise ValueError(f"images are {tuple(images.shape[-2:])} but the model was built for "
                              f"image_size={self.image_size}")
         x = (images - self.pixel_mean) / self.pixel_std
+        if x.is_cuda:
+            # NHWC lets cuDNN use its fastest (tensor-core) convolutions, bf16 / fp16 above all;
+            # every conv of the backbone and RPN head follows the input's layout.
+            x = x.contiguous(memory_format=torch.channels_last)
         return self.backbone(x)
 
     def _pad_targets(self, targets: Sequence[Target], batch: int,

@@ -1,0 +1,92 @@
+"""Checkpoints: round trip, atomic writes, and clear errors for files that are not checkpoints."""
+
+from __future__ import annotations
+
+import urllib.error
+from pathlib import Path
+
+import pytest
+import torch
+
+from detector import FasterRCNN, load_model, save_model
+
+SMALL = dict(image_size=64, anchor_scales=(1.0, 2.0, 4.0), roi_hidden_dim=16, rpn_min_size=4.0)
+
+
+@pytest.fixture(scope="module")
+def model() -> FasterRCNN:
+    torch.manual_seed(0)
+    return FasterRCNN(2, rpn_only=True, roi_pool="pool", **SMALL)
+
+
+def test_round_trip(model: FasterRCNN, tmp_path: Path) -> None:
+    path = save_model(tmp_path / "sub" / "rpn.pt", model, step=12, metrics={"AR@300": 0.5}, stage="rpn")
+    assert path == tmp_path / "sub" / "rpn.pt"
+    assert [p.name for p in path.parent.iterdir()] == ["rpn.pt"]  # no temp file left behind
+    loaded, meta = load_model(path)
+    assert meta == {"step": 12, "metrics": {"AR@300": 0.5}, "stage": "rpn"}
+    assert loaded.config == model.config and loaded.rpn_only and loaded.roi_heads.pool == "pool"
+    for (k, v), (k2, v2) in zip(model.state_dict().items(), loaded.state_dict().items()):
+        assert k == k2 and torch.equal(v, v2)
+    images = torch.rand(1, 3, 64, 64)
+    model.eval(), loaded.eval()
+    with torch.no_grad():
+        torch.testing.assert_close(model.propose(images)[0][0], loaded.propose(images)[0][0])
+
+
+def test_overwrites_and_unwraps(model: FasterRCNN, tmp_path: Path) -> None:
+    class Wrapper(torch.nn.Module):  # like DistributedDataParallel: the model under .module
+        def __init__(self, inner: torch.nn.Module) -> None:
+            super().__init__()
+            self.module = inner
+
+    path = tmp_path / "m.pt"
+    path.write_bytes(b"old")
+    save_model(path, Wrapper(model))
+    assert load_model(path)[0].config == model.config
+    with pytest.raises(TypeError, match="FasterRCNN"):
+        save_model(tmp_path / "x.pt", torch.nn.Linear(2, 2))
+
+
+def test_metadata_must_be_plain(model: FasterRCNN, tmp_path: Path) -> None:
+    with pytest.raises(TypeError, match=r"meta\['when'\]"):
+        save_model(tmp_path / "m.pt", model, when=object())
+    assert not any(tmp_path.iterdir())
+
+
+def test_imagenet_config_loads_without_download(model: FasterRCNN, tmp_path: Path,
+                                               monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "hub"))
+    monkeypatch.setattr(torch.hub, "download_url_to_file",
+                        lambda *a, **k: (_ for _ in ()).throw(urllib.error.URLError("no network")))
+    path = tmp_path / "m.pt"
+    torch.save({"state_dict": model.state_dict(), "config": model.config | {"backbone_weights": "imagenet"},
+                "meta": {}}, path)
+    loaded, _ = load_model(path)
+    assert loaded.config["backbone_weights"] == "imagenet"
+    assert torch.equal(loaded.backbone.features[0].weight, model.backbone.features[0].weight)
+
+
+def test_bad_files_raise_value_errors_naming_path_and_problem(model: FasterRCNN, tmp_path: Path) -> None:
+    good = save_model(tmp_path / "good.pt", model)
+    truncated = tmp_path / "truncated.pt"
+    truncated.write_bytes(good.read_bytes()[: good.stat().st_size // 2])
+    garbage = tmp_path / "garbage.pt"
+    garbage.write_bytes(b"\x00\x01 definitely not a checkpoint")
+    not_ours = tmp_path / "not_ours.pt"
+    torch.save({"weights": torch.zeros(2)}, not_ours)
+    a_list = tmp_path / "a_list.pt"
+    torch.save([1, 2, 3], a_list)
+    mismatch = tmp_path / "mismatch.pt"
+    torch.save({"state_dict": model.state_dict(), "config": model.config | {"roi_hidden_dim": 8}, "meta": {}},
+               mismatch)
+    unknown = tmp_path / "unknown.pt"
+    torch.save({"state_dict": {}, "config": model.config | {"colour": "blue"}, "meta": {}}, unknown)
+    for path, problem in [(truncated, "truncated or corrupt"), (garbage, "truncated or corrupt"),
+                          (not_ours, "not a detector checkpoint"), (a_list, "not a detector checkpoint"),
+                          (mismatch, "do not fit"), (unknown, "cannot rebuild")]:
+        with pytest.raises(ValueError, match=problem) as info:
+            load_model(path)
+        assert str(path) in str(info.value)
+    with pytest.raises(FileNotFoundError):
+        load_model(tmp_path / "missing.pt")

@@ -1,0 +1,190 @@
+"""FasterRCNN: shapes at 640, training / eval / propose contracts, rpn_only, autocast, errors."""
+
+from __future__ import annotations
+
+import inspect
+from typing import Iterator
+
+import pytest
+import torch
+
+from detector import FasterRCNN, NonFiniteLossError
+
+SMALL = dict(image_size=64, anchor_scales=(1.0, 2.0, 4.0), roi_hidden_dim=32, rpn_min_size=4.0,
+             rpn_allow_border=-1.0)
+DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+
+
+def targets(device: str = "cpu") -> list[dict[str, torch.Tensor]]:
+    return [
+        {"boxes": torch.tensor([[4.0, 6.0, 30.0, 40.0], [30.0, 30.0, 60.0, 50.0]], device=device),
+         "labels": torch.tensor([1, 3], device=device)},
+        {"boxes": torch.zeros(0, 4, device=device), "labels": torch.zeros(0, dtype=torch.int64, device=device)},
+    ]
+
+
+@pytest.fixture(autouse=True)
+def one_thread() -> Iterator[None]:
+    """One thread: on a shared 2-core machine two threads cost far more CPU for the same work."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def small_model() -> FasterRCNN:
+    torch.manual_seed(0)
+    return FasterRCNN(3, **SMALL)
+
+
+def test_full_size_shapes_at_640() -> None:
+    torch.manual_seed(0)
+    model = FasterRCNN(20).eval()  # the default configuration, 640 x 640
+    images = torch.rand(1, 3, 640, 640)
+    with torch.no_grad():
+        features = model._features(images)
+        assert features.shape == (1, 512, 40, 40)
+        scores, offsets = model.rpn.head(features)
+        assert scores.shape == (1, 18, 40, 40) and offsets.shape == (1, 36, 40, 40)
+        assert model.rpn.anchor_generator(features.shape[-2:], features.device).shape == (14_400, 4)
+        proposals, _ = model.rpn(features, (640, 640))
+        assert proposals.boxes.shape == (1, 300, 4)
+        dets = model.roi_heads(features, proposals.boxes, proposals.valid, (640, 640))
+    assert len(dets) == 1 and dets[0]["boxes"].shape[0] <= 100
+    assert model.roi_heads.fc6.in_features == 512 * 7 * 7 and model.roi_heads.fc6.out_features == 4096
+    assert model.roi_heads.cls_score.out_features == 21 and model.roi_heads.bbox_pred.out_features == 84
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_training_returns_the_four_losses_and_trains_everything(device: str) -> None:
+    torch.manual_seed(0)
+    model = FasterRCNN(3, **SMALL).to(device).train()
+    losses = model(torch.rand(2, 3, 64, 64, device=device), targets(device))
+    assert set(losses) == {"rpn_cls", "rpn_reg", "roi_cls", "roi_reg"}
+    assert all(v.dim() == 0 and v.dtype == torch.float32 and torch.isfinite(v) for v in losses.values())
+    sum(losses.values()).backward()
+    assert all(p.grad is not None for p in model.parameters())
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_eval_returns_detections_and_propose_returns_proposals(device: str, small_model: FasterRCNN) -> None:
+    model = small_model.to(device).eval()
+    images = torch.rand(2, 3, 64, 64, device=device)
+    with torch.no_grad():
+        dets = model(images)
+    assert len(dets) == 2
+    for d in dets:
+        n = d["boxes"].shape[0]
+        assert d["boxes"].shape == (n, 4) and d["scores"].shape == (n,) and d["labels"].shape == (n,)
+        assert d["labels"].dtype == torch.int64 and ((d["labels"] >= 1) & (d["labels"] <= 3)).all()
+        assert n <= 100 and (d["scores"] > 0.05).all()
+    props = model.propose(images)
+    assert len(props) == 2
+    for boxes, scores in props:
+        assert boxes.shape == (scores.shape[0], 4) and 0 < scores.shape[0] <= 300
+        assert (scores[:-1] >= scores[1:]).all() and not scores.requires_grad
+    small_model.cpu()
+
+
+def test_batch_gives_each_image_its_own_results(small_model: FasterRCNN) -> None:
+    model = small_model.eval()
+    images = torch.rand(3, 3, 64, 64)
+    with torch.no_grad():
+        together = model(images)
+        alone = [model(images[i : i + 1])[0] for i in range(3)]
+    for a, b in zip(together, alone):
+        torch.testing.assert_close(a["boxes"], b["boxes"], atol=1e-3, rtol=1e-4)
+        assert torch.equal(a["labels"], b["labels"])
+    for (a, _), (b, _) in zip(model.propose(images), [model.propose(images[i : i + 1])[0] for i in range(3)]):
+        torch.testing.assert_close(a, b, atol=1e-3, rtol=1e-4)
+
+
+def test_rpn_only_trains_the_rpn_alone_and_freezes_nothing() -> None:
+    torch.manual_seed(0)
+    model = FasterRCNN(3, rpn_only=True, **SMALL).train()
+    losses = model(torch.rand(2, 3, 64, 64), targets())
+    assert set(losses) == {"rpn_cls", "rpn_reg"}
+    sum(losses.values()).backward()
+    assert all(p.requires_grad for p in model.parameters())
+    assert all(p.grad is None for p in model.roi_heads.parameters())  # head not run
+    assert all(p.grad is not None for n, p in model.named_parameters() if not n.startswith("roi_heads"))
+    assert any(k.startswith("roi_heads.fc6") for k in model.state_dict())  # whole model saved
+    full = FasterRCNN(3, **SMALL)
+    full.load_state_dict(model.state_dict())  # the frcnn stage starts from it
+    model.eval()
+    with torch.no_grad():
+        assert len(model(torch.rand(1, 3, 64, 64))) == 1
+    assert len(model.propose(torch.rand(1, 3, 64, 64))) == 1
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_runs_under_autocast(device: str, dtype: torch.dtype) -> None:
+    torch.manual_seed(0)
+    model = FasterRCNN(3, **SMALL).to(device)
+    images = torch.rand(2, 3, 64, 64, device=device)
+    with torch.autocast(device, dtype=dtype):
+        losses = model(images, targets(device))
+    assert all(v.dtype == torch.float32 and torch.isfinite(v) for v in losses.values())
+    if device != "cpu" or dtype != torch.float16:  # CPU fp16 convolution backward: minutes
+        sum(losses.values()).backward()
+    model.eval()
+    with torch.autocast(device, dtype=dtype), torch.no_grad():
+        dets = model(images)
+        props = model.propose(images)
+    assert dets[0]["boxes"].dtype == torch.float32 and props[0][0].dtype == torch.float32
+
+
+def test_non_finite_loss_raises(small_model: FasterRCNN) -> None:
+    model = FasterRCNN(3, **SMALL).train()
+    with torch.no_grad():
+        model.rpn.head.cls.bias.fill_(float("nan"))
+    with pytest.raises(NonFiniteLossError, match="rpn_cls"):
+        model(torch.rand(1, 3, 64, 64), targets()[:1])
+
+
+def test_bad_inputs_are_refused(small_model: FasterRCNN) -> None:
+    model = small_model.train()
+    with pytest.raises(ValueError, match="image_size=64"):
+        model(torch.rand(1, 3, 96, 96), targets()[:1])
+    with pytest.raises(ValueError, match=r"\(B, 3, H, W\)"):
+        model(torch.rand(3, 64, 64), targets()[:1])
+    with pytest.raises(ValueError, match="one target dict per image"):
+        model(torch.rand(2, 3, 64, 64))
+    bad = [{"boxes": torch.tensor([[0.0, 0.0, 10.0, 10.0]]), "labels": torch.tensor([4])}]
+    with pytest.raises(ValueError, match="label 4"):
+        model(torch.rand(1, 3, 64, 64), bad)
+    bad = [{"boxes": torch.tensor([[5.0, 0.0, 5.0, 10.0]]), "labels": torch.tensor([1])}]
+    with pytest.raises(ValueError, match="x2 > x1"):
+        model(torch.rand(1, 3, 64, 64), bad)
+
+
+@pytest.mark.parametrize("kwargs,match", [
+    (dict(num_classes=0), "num_classes"), (dict(anchor_stride=8), "anchor_stride"),
+    (dict(roi_pool="max"), "roi_pool"), (dict(anchor_ratios=()), "ratio")])
+def test_bad_configuration_is_refused(kwargs: dict, match: str) -> None:
+    kwargs = {"num_classes": 2, **SMALL, **kwargs}
+    with pytest.raises(ValueError, match=match):
+        FasterRCNN(**kwargs)
+
+
+def test_config_rebuilds_the_model(small_model: FasterRCNN) -> None:
+    cfg = small_model.config
+    assert cfg["num_classes"] == 3 and cfg["image_size"] == 64 and cfg["roi_nms_iou"] == 0.3
+    assert len(cfg) == 31  # num_classes + the 30 keywords of the constructor contract
+    rebuilt = FasterRCNN(**cfg)
+    assert rebuilt.config == cfg
+    assert {k: v.shape for k, v in rebuilt.state_dict().items()} == {
+        k: v.shape for k, v in small_model.state_dict().items()}
+
+
+def test_pipeline_keywords_build_the_model() -> None:
+    """The pipeline's config -> keywords bridge fits the constructor contract."""
+    config = pytest.importorskip("pipeline.config")
+    modeling = pytest.importorskip("pipeline.modeling")
+    kwargs = modeling.model_kwargs(config.Config())
+    inspect.signature(FasterRCNN).bind(4, **kwargs)  # every name known, keyword-only
+    kwargs["roi_hidden_dim"] = 16  # same architecture otherwise, cheap to build
+    model = FasterRCNN(4, **kwargs)
+    assert model.config == {"num_classes": 4, "rpn_only": False, **kwargs}

@@ -1,0 +1,124 @@
+"""Fast R-CNN head: RoI sampling properties, pooling shapes, losses and inference post-processing."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from torchvision.ops import box_iou
+
+from detector.boxes import pad_boxes
+from detector.roi_heads import DetectionSettings, RoIHeads, RoISampling, sample_rois
+
+SAMPLING = dict(num_samples=32, fg_fraction=0.25, fg_iou=0.5, bg_iou_low=0.0, bg_iou_high=0.5)
+
+
+def random_boxes(g: torch.Generator, n: int, size: float = 200.0) -> torch.Tensor:
+    xy = torch.rand(n, 2, generator=g) * size * 0.7
+    wh = 4 + torch.rand(n, 2, generator=g) * size * 0.3
+    return torch.cat((xy, xy + wh), dim=1)
+
+
+def make_head(num_classes: int = 3, **detection) -> RoIHeads:
+    return RoIHeads(in_channels=8, num_classes=num_classes, pool="align", pool_size=7,
+                    hidden_dim=16, spatial_scale=1 / 16, reg_weight=1.0,
+                    sampling=RoISampling(**SAMPLING), detection=DetectionSettings(**detection))
+
+
+@settings(max_examples=30, deadline=None)
+@given(seed=st.integers(0, 10_000), n_gt=st.lists(st.integers(0, 5), min_size=1, max_size=3),
+       n_prop=st.integers(0, 60))
+def test_sample_rois_properties(seed: int, n_gt: list[int], n_prop: int) -> None:
+    g = torch.Generator().manual_seed(seed)
+    b = len(n_gt)
+    gts = [random_boxes(g, n) for n in n_gt]
+    gt_boxes, gt_valid, (gt_labels,) = pad_boxes(gts, [torch.randint(1, 4, (n,), generator=g) for n in n_gt])
+    proposals = torch.stack([random_boxes(g, max(n_prop, 1)) for _ in range(b)])
+    valid = torch.rand(b, proposals.shape[1], generator=g) < 0.8
+    valid &= n_prop > 0
+    rois = sample_rois(proposals, valid, gt_boxes, gt_valid, gt_labels, generator=g, **SAMPLING)
+    s = min(32, proposals.shape[1] + gt_boxes.shape[1])
+    assert rois.boxes.shape == (b, s, 4) and rois.labels.shape == (b, s)
+    for i in range(b):
+        lab = rois.labels[i]
+        fg, bg = lab > 0, lab == 0
+        assert fg.sum() <= int(32 * 0.25)
+        if n_gt[i]:
+            iou = box_iou(rois.boxes[i], gts[i]).max(dim=1).values
+            assert (iou[fg] >= 0.5).all() and (iou[bg] < 0.5).all()
+            # foreground: the matched box is its best box and gives the class
+            m_iou = box_iou(rois.boxes[i][fg], rois.matched[i][fg]).diagonal()
+            torch.testing.assert_close(m_iou, iou[fg])
+            assert fg.sum() >= min(n_gt[i], 8)  # the ground-truth boxes themselves are candidates
+        else:
+            assert fg.sum() == 0
+        n_cand = int(valid[i].sum()) + n_gt[i]
+        assert (lab >= 0).sum() == min(32, n_cand)  # enough background here to fill up
+
+
+def test_sample_rois_labels_are_classes() -> None:
+    gt = torch.tensor([[[10.0, 10.0, 60.0, 60.0], [100.0, 100.0, 150.0, 170.0]]])
+    labels = torch.tensor([[3, 2]])
+    proposals = torch.tensor([[[12.0, 11.0, 60.0, 62.0], [100.0, 100.0, 150.0, 160.0], [0, 0, 5.0, 5.0]]])
+    rois = sample_rois(proposals, torch.ones(1, 3, dtype=torch.bool), gt, torch.ones(1, 2, dtype=torch.bool),
+                       labels, **SAMPLING)
+    got = {tuple(b.tolist()): int(l) for b, l in zip(rois.boxes[0], rois.labels[0]) if l >= 0}
+    assert got == {(12.0, 11.0, 60.0, 62.0): 3, (100.0, 100.0, 150.0, 160.0): 2, (0.0, 0.0, 5.0, 5.0): 0,
+                   (10.0, 10.0, 60.0, 60.0): 3, (100.0, 100.0, 150.0, 170.0): 2}
+
+
+@pytest.mark.parametrize("pool", ["align", "pool"])
+def test_pooling_and_prediction_shapes(pool: str) -> None:
+    head = RoIHeads(in_channels=8, num_classes=4, pool=pool, pool_size=7, hidden_dim=16,
+                    spatial_scale=1 / 16, reg_weight=1.0, sampling=RoISampling(),
+                    detection=DetectionSettings())
+    feats = torch.randn(2, 8, 10, 10)
+    boxes = torch.tensor([[[0.0, 0.0, 50.0, 50.0]] * 3, [[10.0, 20.0, 150.0, 90.0]] * 3])
+    pooled = head.pool_features(feats, boxes)
+    assert pooled.shape == (6, 8, 7, 7)
+    # rows of image 1 pool image 1's features
+    assert torch.equal(pooled[3:], head.pool_features(feats[1:], boxes[1:]))
+    logits, deltas = head.predict(pooled)
+    assert logits.shape == (6, 5) and deltas.shape == (6, 5, 4)
+
+
+def test_head_loss_uses_foreground_true_class_only() -> None:
+    head = make_head()
+    logits = torch.randn(4, 4)
+    deltas = torch.randn(4, 4, 4)
+    labels = torch.tensor([2, 0, -1, 1])
+    targets = torch.randn(4, 4)
+    out = head.loss(logits, deltas, labels, targets)
+    ce = torch.nn.functional.cross_entropy(logits[[0, 1, 3]], labels[[0, 1, 3]], reduction="sum") / 3
+    reg = (torch.nn.functional.smooth_l1_loss(deltas[0, 2], targets[0], reduction="sum")
+           + torch.nn.functional.smooth_l1_loss(deltas[3, 1], targets[3], reduction="sum")) / 3
+    torch.testing.assert_close(out["roi_cls"], ce)
+    torch.testing.assert_close(out["roi_reg"], reg)
+
+
+def test_postprocess_threshold_nms_top_k_and_images() -> None:
+    head = make_head(num_classes=2, score_thresh=0.3, nms_iou=0.3, detections_per_image=2)
+    # image 0: three proposals, the first two overlapping heavily; image 1: one proposal + padding.
+    proposals = torch.tensor([[[10.0, 10.0, 50.0, 50.0], [12.0, 10.0, 52.0, 50.0], [100.0, 100.0, 190.0, 220.0]],
+                              [[0.0, 0.0, 40.0, 40.0], [0.0, 0.0, 0.0, 0.0], [0.0, 0.0, 0.0, 0.0]]])
+    valid = torch.tensor([[True, True, True], [True, False, False]])
+    big = 10.0
+    logits = torch.tensor([[0.0, big, 0.0],      # class 1, sure
+                           [0.0, big - 1, 0.0],  # class 1, same place: suppressed by NMS
+                           [0.0, 0.0, big],      # class 2, box beyond the image: clipped
+                           [big, 0.0, 0.0],      # image 1, background: below threshold
+                           [0.0, big, 0.0],      # padding: ignored
+                           [0.0, big, 0.0]])
+    deltas = torch.zeros(6, 3, 4)
+    dets = head.postprocess(logits, deltas, proposals, valid, (200, 200))
+    assert len(dets) == 2
+    assert dets[0]["labels"].tolist() == [1, 2]
+    torch.testing.assert_close(dets[0]["boxes"], torch.tensor([[10.0, 10.0, 50.0, 50.0], [100.0, 100.0, 190.0, 200.0]]))
+    assert (dets[0]["scores"][:-1] >= dets[0]["scores"][1:]).all()
+    assert dets[1]["boxes"].shape == (0, 4) and dets[1]["labels"].dtype == torch.int64
+    # the same box under two classes is kept for each class (per-class NMS)
+    head = make_head(num_classes=2, score_thresh=0.1, nms_iou=0.3, detections_per_image=10)
+    two = torch.tensor([[0.0, 5.0, 5.0]])
+    dets = head.postprocess(two, torch.zeros(1, 3, 4), proposals[:1, :1], valid[:1, :1], (200, 200))
+    assert sorted(dets[0]["labels"].tolist()) == [1, 2]
