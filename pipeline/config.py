@@ -181,22 +181,38 @@ SWEEP_DISTRIBUTIONS = ("choice", "uniform", "loguniform", "randint")
 
 @dataclass(frozen=True)
 class SweepConfig:
-    num_samples: int = _p(2, ge=1)
+    num_samples: int = _p(2, ge=1, doc="trials")
     max_concurrent_trials: int = _p(1, ge=1)
-    epochs: int = _p(1, ge=1)
-    image_size: int = _p(320, ge=0)
-    max_train_images: int = _p(8, ge=0)
-    metric: str = _p("AR@300")
+    epochs: int = _p(1, ge=1, doc="RPN epochs per trial")
+    image_size: int = _p(320, ge=0, doc="trials train at this size (0: data.image_size)")
+    max_train_images: int = _p(8, ge=0, doc="first N training images per trial (0: all)")
+    metric: str = _p("AR@300", doc="AR@<N> (N in eval.proposal_budgets) | recall@0.5/300 | "
+                                   "recall@0.7/300")
     mode: Literal["max", "min"] = _p("max")
-    split: Literal["train", "val", "test"] = _p("val")
-    search: Literal["random", "optuna"] = _p("random")
-    grace_period: int = _p(1, ge=1)
-    reduction_factor: int = _p(2, ge=2)
-    cpus_per_trial: float = _p(1.0, ge=0.0)
-    gpus_per_trial: float = _p(0.0, ge=0.0)
-    storage_path: str = _p("ray_results")
-    name: str = _p("anchor_sweep")
+    split: Literal["train", "val", "test"] = _p("val", doc="split the metric is measured on")
+    search: Literal["random", "optuna"] = _p("random", doc="optuna: pip install 'frcnn[optuna]'")
+    seed: int = _p(0, ge=0, le=2**32 - 1, doc="seed of the search algorithm")
+    grace_period: int = _p(1, ge=1, doc="ASHA: epochs before a trial may be stopped")
+    reduction_factor: int = _p(2, ge=2, doc="ASHA: keep the best 1/reduction_factor per rung")
+    workers_per_trial: int = _p(1, ge=1, doc="Ray Train workers (DDP) of each trial")
+    cpus_per_trial: float = _p(1.0, ge=0.0, doc="split over the trial's workers")
+    gpus_per_trial: float = _p(0.0, ge=0.0, doc="split over the trial's workers; fractions allowed")
+    storage_path: str = _p("ray_results", doc="folder or bucket URI (s3://, gs://) of the sweep")
+    name: str = _p("anchor_sweep", doc="the sweep's folder under storage_path")
+    table_path: str = _p("reports/sweep.parquet", doc="one row per trial")
+    best_params_path: str = _p("sweeps/best_params.yaml", doc="the best trial as a params overlay")
+    plot_path: str = _p("reports/sweep.png", doc="the metric per trial over epochs")
     space: Mapping[str, Mapping[str, Any]] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if 0 < self.image_size < 32:
+            raise ConfigError(f"sweep.image_size: {self.image_size} is out of range; allowed: 0 "
+                              f"(data.image_size) or >= 32")
+        if self.cpus_per_trial == 0 and self.gpus_per_trial == 0:
+            raise ConfigError("sweep.cpus_per_trial and sweep.gpus_per_trial are both 0: a trial "
+                              "needs some CPU or GPU")
+        if not self.name or self.name.strip(".") == "" or "/" in self.name or "\\" in self.name:
+            raise ConfigError(f"sweep.name: {self.name!r} must be a plain folder name")
 
 
 @dataclass(frozen=True)

@@ -270,7 +270,9 @@ def train(cfg: Config, *, stage: str, train_path: str | Path, num_classes: int,
           log: LogFn | None = None,
           model_meta: Mapping[str, Any] | None = None,
           model_fn: Callable[[], nn.Module] | None = None,
-          say: Callable[[str], None] = _print) -> TrainResult:
+          say: Callable[[str], None] = _print,
+          on_epoch_end: Callable[[nn.Module, int], dict[str, float]] | None = None
+          ) -> TrainResult:
     """Train one stage on this rank's shard; see the module docstring.
 
     Args:
@@ -291,6 +293,10 @@ def train(cfg: Config, *, stage: str, train_path: str | Path, num_classes: int,
         model_meta: stored with the final model (e.g. the class names).
         model_fn: builds the model instead of :func:`build_model` (tests, benchmarks).
         say: progress lines (rank 0 only).
+        on_epoch_end: ``on_epoch_end(model, epochs_done)`` on rank 0 after each epoch (e.g.
+            validation recall of a sweep trial); it gets the unwrapped model and may switch it
+            to eval mode (training mode is restored after it). The metrics it returns are
+            added to that epoch's ``log`` (as ``epoch/<name>``) and to its checkpoint report.
 
     Raises:
         FloatingPointError: a loss is NaN or infinite (names the step and the loss terms).
@@ -471,13 +477,17 @@ def train(cfg: Config, *, stage: str, train_path: str | Path, num_classes: int,
         if epoch_step >= steps_per_epoch or step >= total_steps:
             entry = epoch_entry(epoch_step)
             history.append(entry)
+            extra: dict[str, float] = {}
+            if lead and on_epoch_end is not None:
+                extra = dict(on_epoch_end(model, epoch + 1))
+                net.train()
             if lead and log is not None:
-                log({f"epoch/{k}": v for k, v in entry.items() if k not in ("epoch", "steps")},
-                    epoch + 1)
+                log({f"epoch/{k}": v for k, v in (entry | extra).items()
+                     if k not in ("epoch", "steps")}, epoch + 1)
             epoch += 1
             epoch_step = 0
             epoch_sums.zero_()
-            checkpoint(dict(last, step=step, epoch=epoch),
+            checkpoint(dict(last, **extra, step=step, epoch=epoch),
                        final=step >= total_steps or epoch >= epochs)
     if step == start_step and report is not None:
         # resumed from a finished run's last checkpoint: report it again so the caller gets

@@ -1,0 +1,311 @@
+"""``frcnn sweep`` for real: Ray Tune trials that each fit a Ray Train worker group, on the CPU.
+
+- :func:`test_tiny_sweep_on_a_local_ray`: 4 trials at 64 x 64, 2 at a time, 2 epochs, ASHA on;
+  the outputs and the MLflow parent / child runs (about 100 s on 2 cores).
+- :func:`test_sweep_job_on_a_local_cluster_is_stopped_and_resumed`: ``ray start --head`` on
+  127.0.0.1 (free ports, its own temp folder, so no other Ray on the machine is touched or
+  found), ``ray job submit`` of a 2-trial sweep, ``ray job stop`` once the first trial has
+  finished, ``ray job submit ... frcnn sweep --resume``; the finished trial is not trained
+  again, no child run is duplicated (about 100 s).
+
+Each trial's Ray Train worker group costs about 20-25 s of start-up here; the training itself is
+a few seconds.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.request
+from pathlib import Path
+
+import pandas as pd
+import pytest
+import yaml
+from mlflow.tracking import MlflowClient
+
+from pipeline.config import load_config
+from tests.conftest import ROOT
+from tests.pipeline.test_data import write_prepared
+
+BIN = Path(sys.executable).parent
+
+#: Data prepared at 128 x 128, trials at 64 x 64 (anchor scales halve with the size: the
+#: space's [2, 4] means 32 and 64 pixel anchors at 128, 16 and 32 at 64).
+TINY_SWEEP = {
+    "data.image_size": 128, "rpn.min_size": 4.0, "roi.hidden_dim": 32, "roi.pool_size": 2,
+    "train.batch_size": 2, "train.loader_workers": 0, "train.warmup_steps": 1,
+    "eval.batch_size": 2,
+    "sweep.image_size": 64, "sweep.max_train_images": 4, "sweep.cpus_per_trial": 1.0,
+    "sweep.space": {
+        "anchors.scales": {"choice": [[2, 4], [1, 2, 4]]},
+        "anchors.ratios": {"choice": [[0.5, 1.0, 2.0], [1.0]]},
+        "rpn.pos_iou": {"uniform": [0.6, 0.8]},
+        "rpn.neg_iou": {"uniform": [0.2, 0.4]},
+        "rpn.num_samples": {"choice": [32, 64]},
+        "rpn.pos_fraction": {"uniform": [0.25, 0.75]},
+        "rpn.pre_nms_top_n_train": {"choice": [100, 200]},
+        "rpn.post_nms_top_n_train": {"choice": [50, 100]},
+        "train.lr": {"loguniform": [0.001, 0.02]},
+    },
+}
+SPACE_KEYS = list(TINY_SWEEP["sweep.space"])
+
+
+def _write_params(path: Path, overrides: dict) -> Path:
+    tree = load_config([ROOT / "params.yaml"]).to_dict()
+    for key, value in overrides.items():
+        section, leaf = key.split(".", 1)
+        tree[section][leaf] = value
+    path.write_text(yaml.safe_dump(tree, sort_keys=False))
+    return path
+
+
+def _env() -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items()
+           if k not in ("MLFLOW_TRACKING_URI", "DVC_STAGE", "RAY_ADDRESS")}
+    env.update(RAY_AUTH_MODE="disabled", RAY_USAGE_STATS_ENABLED="0", PYTHONUNBUFFERED="1",
+               PATH=f"{BIN}{os.pathsep}{env.get('PATH', '')}")
+    return env
+
+
+def _mlflow(db: Path) -> tuple[MlflowClient, list, list]:
+    """``(client, [parent sweep runs], [child runs])`` of the store."""
+    client = MlflowClient(f"sqlite:///{db}")
+    experiment = client.get_experiment_by_name("frcnn")
+    runs = client.search_runs([experiment.experiment_id])
+    parents = [r for r in runs if r.info.run_name == "sweep"]
+    children = [r for r in runs if "mlflow.parentRunId" in r.data.tags]
+    return client, parents, children
+
+
+def _check_outputs(out: Path, *, trials: int, epochs: int) -> pd.DataFrame:
+    table = pd.read_parquet(out / "reports" / "sweep.parquet")
+    assert len(table) == trials and table["trial_id"].is_unique
+    assert set(SPACE_KEYS) <= set(table.columns)
+    assert {"final_AR@300", "best_AR@300", "best_epoch", "epochs", "status",
+            "wall_seconds"} <= set(table.columns)
+    assert set(table["status"]) <= {"finished", "stopped early"}, table["error"].tolist()
+    assert (table["epochs"] >= 1).all() and (table["epochs"] <= epochs).all()
+    assert ((table["status"] == "finished") == (table["epochs"] == epochs)).all()
+    assert table["final_AR@300"].between(0, 1).all() and (table["wall_seconds"] > 0).all()
+    # the overlay: the best trial's values, and it applies over params.yaml
+    best = table.loc[table["final_AR@300"].idxmax()]
+    overlay = out / "sweeps" / "best_params.yaml"
+    cfg = load_config([ROOT / "params.yaml", overlay])
+    assert list(cfg.anchors.scales) == list(best["anchors.scales"])
+    assert cfg.train.lr == pytest.approx(best["train.lr"])
+    assert (out / "reports" / "sweep.png").stat().st_size > 1000
+    return table
+
+
+def _check_mlflow(out: Path, table: pd.DataFrame, *, epochs: int) -> tuple:
+    client, parents, children = _mlflow(out / "mlflow.db")
+    (parent,) = parents
+    assert parent.info.status == "FINISHED"
+    assert parent.data.metrics["best/AR_at_300"] == pytest.approx(table["final_AR@300"].max())
+    assert {c.data.tags["trial_id"] for c in children} == set(table["trial_id"])
+    assert len(children) == len(table)  # one child per trial, none duplicated
+    by_trial = {c.data.tags["trial_id"]: c for c in children}
+    for _, row in table.iterrows():
+        child = by_trial[row["trial_id"]]
+        assert child.data.tags["mlflow.parentRunId"] == parent.info.run_id
+        assert child.data.tags["trial_status"] == row["status"]
+        assert child.info.status == ("FINISHED" if row["status"] == "finished" else "KILLED")
+        assert float(child.data.params["sampled.train.lr"]) == pytest.approx(row["train.lr"])
+        assert child.data.params["data.image_size"] == "64"  # what the trial trained at
+        # per-epoch recall (a stopped trial's workers may log part of one more epoch)
+        history = client.get_metric_history(child.info.run_id, "epoch/AR_at_300")
+        assert [m.step for m in history][:row["epochs"]] == list(range(1, row["epochs"] + 1))
+    return client, parent, by_trial
+
+
+def _print_table(title: str, table: pd.DataFrame, seconds: float) -> None:
+    shown = table.drop(columns=["error"])
+    print(f"\n{title}: {len(table)} trials in {seconds:.0f} s\n{shown.to_string(index=False)}")
+
+
+# --------------------------------------------------------------------------------------------
+# Local Ray
+
+
+@pytest.mark.slow
+def test_tiny_sweep_on_a_local_ray(tmp_path):
+    write_prepared(tmp_path / "data" / "prepared", size=128, num_images=6)
+    _write_params(tmp_path / "params.yaml", {
+        **TINY_SWEEP, "sweep.num_samples": 4, "sweep.max_concurrent_trials": 2,
+        "sweep.epochs": 2})
+    started = time.perf_counter()
+    done = subprocess.run([sys.executable, "-m", "pipeline", "sweep"], cwd=tmp_path, env=_env(),
+                          capture_output=True, text=True, timeout=480)
+    seconds = time.perf_counter() - started
+    assert done.returncode == 0, done.stdout[-4000:] + done.stderr[-4000:]
+    table = _check_outputs(tmp_path, trials=4, epochs=2)
+    _check_mlflow(tmp_path, table, epochs=2)
+    assert "sweep: best trial" in done.stdout
+    # finished and stopped trials leave no Ray Train checkpoints behind
+    runs = tmp_path / "ray_results" / "anchor_sweep" / "train_runs"
+    assert not list(runs.iterdir())
+    _print_table("tiny sweep (local Ray, 2 trials at a time)", table, seconds)
+
+
+# --------------------------------------------------------------------------------------------
+# A Ray cluster started with `ray start`, the sweep submitted with `ray job submit`
+
+
+def _free_ports(n: int) -> list[int]:
+    socks = [socket.socket() for _ in range(n)]
+    try:
+        for s in socks:
+            s.bind(("127.0.0.1", 0))
+        return [s.getsockname()[1] for s in socks]
+    finally:
+        for s in socks:
+            s.close()
+
+
+def _session_pids(sid: int) -> list[int]:
+    pids = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        with contextlib.suppress(OSError, IndexError, ValueError):
+            if int(stat.read_text().rsplit(")", 1)[1].split()[3]) == sid:
+                pids.append(int(stat.parent.name))
+    return pids
+
+
+@contextlib.contextmanager
+def _ray_cluster(temp_dir: Path):
+    """``ray start --head --block`` in its own session; yields the dashboard URL. Stopped by
+    signalling that process (and, if needed, killing what is left of its session): never
+    ``ray stop``, which would stop every Ray on the machine."""
+    gcs, dash, agent, agent_grpc, env_agent, metrics, client = _free_ports(7)
+    cmd = [str(BIN / "ray"), "start", "--head", "--block", "--node-ip-address=127.0.0.1",
+           f"--port={gcs}", f"--dashboard-port={dash}", "--dashboard-host=127.0.0.1",
+           "--include-dashboard=true", f"--dashboard-agent-listen-port={agent}",
+           f"--dashboard-agent-grpc-port={agent_grpc}", f"--runtime-env-agent-port={env_agent}",
+           f"--metrics-export-port={metrics}", f"--ray-client-server-port={client}",
+           "--num-cpus=2", "--resources", json.dumps({"trial_slot": 1}),
+           f"--temp-dir={temp_dir}", "--disable-usage-stats"]
+    log = open(temp_dir.parent / "ray_start.log", "w")
+    proc = subprocess.Popen(cmd, env=_env(), stdout=log, stderr=subprocess.STDOUT,
+                            start_new_session=True)
+    url = f"http://127.0.0.1:{dash}"
+    try:
+        deadline = time.monotonic() + 90
+        while True:
+            assert proc.poll() is None, (temp_dir.parent / "ray_start.log").read_text()[-3000:]
+            with contextlib.suppress(OSError):
+                urllib.request.urlopen(f"{url}/api/version", timeout=2)
+                break
+            assert time.monotonic() < deadline, "the Ray head did not come up in 90 s"
+            time.sleep(0.5)
+        yield url
+    finally:
+        # every process of the session this test started: `ray start`, GCS, raylet, dashboard,
+        # workers (a job's driver has its own session; the jobs are stopped before this)
+        for sig, grace in ((signal.SIGTERM, 10.0), (signal.SIGKILL, 5.0)):
+            for pid in _session_pids(proc.pid):
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(pid, sig)
+            deadline = time.monotonic() + grace
+            while time.monotonic() < deadline:
+                proc.poll()  # reap `ray start` itself
+                if not _session_pids(proc.pid):
+                    break
+                time.sleep(0.2)
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            proc.wait(timeout=5)
+        log.close()
+
+
+def _submit(url: str, job_dir: Path, submission_id: str, *args: str) -> None:
+    cmd = [str(BIN / "ray"), "job", "submit", "--address", url, "--working-dir", str(job_dir),
+           "--submission-id", submission_id, "--no-wait", "--",
+           str(BIN / "frcnn"), "sweep", "--params", "params.yaml", *args]
+    done = subprocess.run(cmd, env=_env(), capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+
+
+def _wait(client, job_id: str, until, timeout: float) -> str:
+    deadline = time.monotonic() + timeout
+    while True:
+        status = str(client.get_job_status(job_id))
+        if until(status):
+            return status
+        assert time.monotonic() < deadline, \
+            f"job {job_id}: still {status} after {timeout} s\n{client.get_job_logs(job_id)[-5000:]}"
+        time.sleep(1)
+
+
+@pytest.mark.slow
+def test_sweep_job_on_a_local_cluster_is_stopped_and_resumed(tmp_path):
+    from ray.job_submission import JobSubmissionClient
+
+    out, job_dir = tmp_path / "out", tmp_path / "job"
+    write_prepared(out / "data" / "prepared", size=128, num_images=6)
+    job_dir.mkdir()
+    # absolute paths: the job runs in a copy of job_dir that Ray unpacks elsewhere
+    _write_params(job_dir / "params.yaml", {
+        **TINY_SWEEP, "sweep.num_samples": 2, "sweep.max_concurrent_trials": 1,
+        "sweep.epochs": 1, "data.out_dir": str(out / "data" / "prepared"),
+        "sweep.storage_path": str(out / "ray_results"),
+        "sweep.table_path": str(out / "reports" / "sweep.parquet"),
+        "sweep.best_params_path": str(out / "sweeps" / "best_params.yaml"),
+        "sweep.plot_path": str(out / "reports" / "sweep.png"),
+        "tracking.uri": f"sqlite:///{out / 'mlflow.db'}"})
+    markers = out / "ray_results" / "anchor_sweep" / "trials"
+    temp_dir = Path(tempfile.mkdtemp(prefix="rt", dir="/tmp"))  # short: socket paths
+    started = time.perf_counter()
+    try:
+        with _ray_cluster(temp_dir) as url:
+            client = JobSubmissionClient(url)
+            print(f"\nT cluster up {time.perf_counter() - started:.0f}")
+            _submit(url, job_dir, "sweep-1")
+            try:
+                deadline = time.monotonic() + 300
+                while not (markers.is_dir() and list(markers.glob("*.json"))):
+                    status = str(client.get_job_status("sweep-1"))
+                    assert "RUNNING" in status or "PENDING" in status, \
+                        f"{status}\n{client.get_job_logs('sweep-1')[-5000:]}"
+                    assert time.monotonic() < deadline, "no trial finished in 300 s"
+                    time.sleep(0.5)
+                print(f"T first trial done {time.perf_counter() - started:.0f}")
+                (first,) = [p.stem for p in markers.glob("*.json")]
+                client.stop_job("sweep-1")
+                _wait(client, "sweep-1", lambda s: "STOPPED" in s or "FAILED" in s, 60)
+                assert not (out / "reports" / "sweep.parquet").exists()  # interrupted
+                _, parents, children = _mlflow(out / "mlflow.db")
+                assert parents[0].info.status in ("KILLED", "RUNNING")  # RUNNING: no time
+
+                print(f"T stopped {time.perf_counter() - started:.0f}")
+                _submit(url, job_dir, "sweep-2", "--resume")
+                status = _wait(client, "sweep-2",
+                               lambda s: any(t in s for t in ("SUCCEEDED", "FAILED", "STOPPED")),
+                               300)
+                print(f"T resumed done {time.perf_counter() - started:.0f}")
+                logs = client.get_job_logs("sweep-2")
+                assert "SUCCEEDED" in status, logs[-5000:]
+            finally:
+                for job in ("sweep-1", "sweep-2"):
+                    with contextlib.suppress(Exception):
+                        client.stop_job(job)
+        seconds = time.perf_counter() - started
+        assert "sweep: resuming" in logs
+        table = _check_outputs(out, trials=2, epochs=1)
+        assert list(table["status"]) == ["finished", "finished"]
+        mlflow, parent, by_trial = _check_mlflow(out, table, epochs=1)
+        assert parent.data.tags["resumed"] == "true"
+        # the trial finished before the stop was not trained again: one loss point per step
+        steps = [m.step for m in mlflow.get_metric_history(by_trial[first].info.run_id, "loss")]
+        assert sorted(steps) == [1, 2]
+        _print_table("sweep via ray job submit, stopped and resumed", table, seconds)
+    finally:
+        shutil.rmtree(temp_dir, ignore_errors=True)
