@@ -294,8 +294,9 @@ def test_dvc_stage_declares_inputs_parameters_and_outputs():
 
 @pytest.mark.slow
 def test_dvc_repro_end_to_end_at_a_small_size(tmp_path):
-    """prepare -> train_rpn -> train_frcnn -> evaluate for real (Ray, MLflow, DVC) at 128 x 128,
-    then every evaluate output, `dvc metrics show` and `dvc plots show`."""
+    """The whole `dvc repro` (prepare, train_rpn, train_frcnn, evaluate, sweep) for real (Ray,
+    MLflow, DVC) at 128 x 128 with anchors of 32 and 64 pixels, then every evaluate output,
+    the sweep's outputs, `dvc metrics show`, `dvc plots show`, and a clean `dvc status`."""
     import os
     import shutil
     import subprocess
@@ -316,7 +317,10 @@ def test_dvc_repro_end_to_end_at_a_small_size(tmp_path):
     params["data"].update(synthetic_images=10, image_size=128, num_workers=1)
     params["train"].update(max_steps=2, num_workers=1)
     params["roi"].update(hidden_dim=64)
+    params["anchors"].update(scales=[2, 4])  # 32 and 64 px: inside a 128 px image
+    params["rpn"].update(min_size=4.0)
     params["eval"].update(num_pictures=2)
+    params["sweep"].update(image_size=64, max_train_images=4, num_samples=2)
     (repo / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
     env = dict(os.environ, DVC_NO_ANALYTICS="1", RAY_AUTH_MODE="disabled",
                RAY_USAGE_STATS_ENABLED="0", PYTHONPATH=str(repo),
@@ -334,8 +338,10 @@ def test_dvc_repro_end_to_end_at_a_small_size(tmp_path):
     sh("git", "init", "-q")
     sh("git", "add", "-A")
     sh("git", "commit", "-q", "-m", "fresh clone")
-    out = sh(str(bin_dir / "dvc"), "repro", "evaluate")
-    assert "Running stage 'evaluate'" in out and "AR@300" in out
+    out = sh(str(bin_dir / "dvc"), "repro")
+    for stage in ("prepare", "train_rpn", "train_frcnn", "evaluate", "sweep"):
+        assert f"Running stage '{stage}'" in out
+    assert "AR@300" in out and "sweep: best trial" in out
 
     paths = E.OutputPaths(repo / "reports", repo / "metrics" / "evaluate.json")
     table = pd.read_parquet(paths.recall_table)
@@ -360,3 +366,11 @@ def test_dvc_repro_end_to_end_at_a_small_size(tmp_path):
     assert {"recall_vs_iou", "recall_vs_proposals"} <= set(plots)
     assert plots["recall_vs_iou"][0]["type"] == "vega"
     assert plots[str(Path("reports/plots/recall_vs_iou.png"))][0]["type"] == "image"
+
+    trials = pd.read_parquet(repo / "reports" / "sweep.parquet")
+    assert len(trials) == 2 and set(trials["status"]) == {"finished"}
+    assert (repo / "reports" / "sweep.png").stat().st_size > 1000
+    best = yaml.safe_load((repo / "sweeps" / "best_params.yaml").read_text())
+    assert set(best) <= {"anchors", "rpn", "train"} and "scales" in best["anchors"]
+    assert "up to date" in sh(str(bin_dir / "dvc"), "status")
+    assert "Running stage" not in sh(str(bin_dir / "dvc"), "repro")  # nothing left to do
