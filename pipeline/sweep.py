@@ -42,11 +42,14 @@ Outputs (driver, atomically): ``sweep.table_path`` (one row per trial, see
 ``params.yaml``: ``frcnn train --params params.yaml --params sweeps/best_params.yaml``) and
 ``sweep.plot_path`` (the metric per trial over epochs).
 
-Resume: without ``--resume`` a sweep starts afresh (a previous ``E`` is deleted). With it, Tune
-restores ``E`` (``Tuner.restore``: unfinished and errored trials resume, finished ones are not
-run again); a resumed trial's Train run continues from its last checkpoint; the MLflow parent
-run is reopened and each child found again by its ``trial_id`` tag. Changed parameters or data
-(the key in ``frcnn_sweep.json``) refuse to resume.
+Resume: Tune restores ``E`` (``Tuner.restore``: unfinished and errored trials resume, finished
+ones are not run again; a resumed trial's Train run continues from its last checkpoint; the
+MLflow parent run is reopened and each child found again by its ``trial_id`` tag) when
+``--resume`` is given, and also without it when ``E`` holds an unfinished sweep of the same
+parameters and data (the key in ``frcnn_sweep.json``): a killed ``dvc repro`` run again picks
+up where it stopped, as ``frcnn train`` does. ``--resume`` with changed parameters or data is
+refused; without ``--resume``, a finished sweep or one of other inputs is deleted and the sweep
+starts afresh.
 
 MLflow: the sweep is the parent run ``sweep`` (:func:`pipeline.tracking.stage_run`: config,
 ``best/<metric>``, trial counts, the outputs as artifacts); every trial a child run named by its
@@ -95,7 +98,7 @@ def run(cfg: Config, args: argparse.Namespace) -> int:
         print(f"frcnn sweep: error: {exc}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
-        print(f"frcnn sweep: interrupted; `frcnn sweep --resume` (same parameters) continues "
+        print(f"frcnn sweep: interrupted; `frcnn sweep` (same parameters) continues "
               f"it from {experiment_path(cfg)}", file=sys.stderr)
         return 130
     return 0
@@ -301,6 +304,11 @@ def sweep(cfg: Config, *, resume: bool = False) -> dict[str, Any]:
             raise ValueError(f"{experiment}: parameters or data changed since this sweep "
                              f"started; resume with the same ones, or run without --resume to "
                              f"start afresh")
+    elif (state.get("inputs_key") == key and not state.get("finished")
+          and tune.Tuner.can_restore(experiment)):
+        print(f"sweep: {experiment} holds an interrupted sweep of the same parameters and data; "
+              f"resuming it (finished trials are not run again)", flush=True)
+        resume = True
     elif sweep_trial.exists(experiment):
         print(f"sweep: starting afresh; removing the previous sweep at {experiment}", flush=True)
         sweep_trial.delete_dir(experiment)
@@ -356,6 +364,8 @@ def sweep(cfg: Config, *, resume: bool = False) -> dict[str, Any]:
                 raise KeyboardInterrupt("sweep interrupted")
             records = sweep_report.collect(cfg, grid, experiment)
             summary = sweep_report.write_outputs(cfg, records, experiment, parent)
+            sweep_trial.write_bytes(f"{experiment}/{STATE}", json.dumps(
+                {"mlflow_run_id": parent.run_id, "inputs_key": key, "finished": True}).encode())
             sweep_report.end_children(parent, records)
             if not cfg.train.keep_checkpoints:
                 for rec in records:
