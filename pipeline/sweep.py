@@ -370,7 +370,8 @@ def sweep(cfg: Config, *, resume: bool = False) -> dict[str, Any]:
             if not cfg.train.keep_checkpoints:
                 for rec in records:
                     if rec.status != sweep_report.ERRORED:
-                        sweep_trial.delete_dir(f"{experiment}/{sweep_trial.TRAIN_RUNS}/{rec.trial_id}")
+                        runs = f"{experiment}/{sweep_trial.TRAIN_RUNS}"
+                        sweep_trial.delete_dir(f"{runs}/{rec.trial_id}")
             summary["wall_seconds"] = time.perf_counter() - wall_start
             parent.log_metrics({"wall_seconds": summary["wall_seconds"]})
             if summary["best_trial"] is None:

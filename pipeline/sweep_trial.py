@@ -13,10 +13,8 @@ take a local path or a bucket URI (``pyarrow.fs``), so ``sweep.storage_path`` ma
 
 from __future__ import annotations
 
-import contextlib
 import json
 import shutil
-import sys
 import tempfile
 import time
 from pathlib import Path
@@ -86,27 +84,22 @@ def validation_recall(model: Any, split: Any, *, budgets: tuple[int, ...], batch
 
 
 def trial_worker(config: dict[str, Any]) -> None:
-    """Runs on every Ray Train worker of a trial: :func:`train_loop.train` of the RPN, recall
-    measured after each epoch on rank 0."""
+    """Runs on every Ray Train worker of a trial: :func:`pipeline.train_loop.train` of the RPN
+    (through :func:`pipeline.ray_worker.fit_on_worker`), recall measured after each epoch on
+    rank 0."""
     import ray
-    import ray.train
-    import ray.train.torch
     import torch
 
-    from pipeline import evaluate, train_loop
+    from pipeline import evaluate, ray_worker
 
-    cfg = from_dict(config["params"])
-    ctx = ray.train.get_context()
-    rank, world_size = ctx.get_world_rank(), ctx.get_world_size()
-    device = ray.train.torch.get_device()
-    if device.type == "cpu":
-        torch.set_num_threads(config["threads"])
+    worker = ray_worker.worker_context(config)
+    cfg, device = worker.cfg, worker.device
     folder = Path(tempfile.mkdtemp(prefix="frcnn-sweep-"))
     try:
         for name, data in ray.get(config["tables"]).items():
             (folder / f"{name}.parquet").write_bytes(data)
         on_epoch_end = log = None
-        if rank == 0:
+        if worker.rank == 0:
             split = evaluate.read_split(folder / "eval.parquet", config["split"])
             budgets = tuple(cfg.eval.proposal_budgets)
 
@@ -119,27 +112,12 @@ def trial_worker(config: dict[str, Any]) -> None:
             def log(metrics: dict[str, float], step: int) -> None:
                 logger.log(evaluate.mlflow_metrics(metrics), step)
 
-        def report(metrics: dict[str, float], ckpt: Path | None, name: str) -> None:
-            checkpoint = ray.train.Checkpoint.from_directory(str(ckpt)) if ckpt else None
-            ray.train.report(metrics, checkpoint=checkpoint, checkpoint_dir_name=name)
-
-        def wrap(model: torch.nn.Module) -> torch.nn.Module:
-            return ray.train.torch.prepare_model(model, move_to_device=device)
-
-        resume = ray.train.get_checkpoint()
-        with (resume.as_directory() if resume is not None else contextlib.nullcontext()) as ckpt:
-            train_loop.train(cfg, stage="rpn", train_path=folder / "train.parquet",
-                             num_classes=config["num_classes"], resume=ckpt, rank=rank,
-                             world_size=world_size, device=device, wrap_model=wrap,
-                             report=report, log=log, model_meta={"classes": config["classes"]},
-                             say=_say, on_epoch_end=on_epoch_end)
+        ray_worker.fit_on_worker(worker, stage="rpn", train_path=folder / "train.parquet",
+                                 num_classes=config["num_classes"], log=log,
+                                 model_meta={"classes": config["classes"]},
+                                 on_epoch_end=on_epoch_end)
     finally:
         shutil.rmtree(folder, ignore_errors=True)
-
-
-def _say(message: str) -> None:
-    sys.stdout.write(message + "\n")
-    sys.stdout.flush()
 
 
 def _child_run(setup: Mapping[str, Any], trial_id: str, sampled: Mapping[str, Any]) -> str:

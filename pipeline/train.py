@@ -34,7 +34,6 @@ metrics into it; the driver adds the model, metrics JSON and epoch CSV as artifa
 from __future__ import annotations
 
 import argparse
-import contextlib
 import csv
 import hashlib
 import io as _io
@@ -46,7 +45,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from pipeline import checkpoints, data, io, tracking
+from pipeline import checkpoints, data, io, ray_worker, tracking
 from pipeline.config import Config
 
 RUN_STATE = "frcnn_run.json"  # beside Ray's files in the run folder: the MLflow run id
@@ -197,44 +196,15 @@ def _use_gpu(cfg: Config) -> bool:
 
 
 def _worker(config: dict[str, Any]) -> None:
-    """Runs on every Ray Train worker: :func:`train_loop.train` with Ray's hooks."""
-    import ray.train
-    import ray.train.torch
-    import torch
-
-    from pipeline import train_loop
-    from pipeline.config import from_dict
-
-    cfg = from_dict(config["params"])
-    ctx = ray.train.get_context()
-    rank, world_size = ctx.get_world_rank(), ctx.get_world_size()
-    device = ray.train.torch.get_device()
-    if device.type == "cpu":
-        torch.set_num_threads(config["threads"])
-    logger = tracking.MetricLogger(config["tracking_uri"], config["run_id"]) if rank == 0 else None
-
-    def report(metrics: dict[str, float], folder: Path | None, name: str) -> None:
-        ckpt = ray.train.Checkpoint.from_directory(str(folder)) if folder is not None else None
-        ray.train.report(metrics, checkpoint=ckpt, checkpoint_dir_name=name)
-
-    def wrap(model: torch.nn.Module) -> torch.nn.Module:
-        return ray.train.torch.prepare_model(model, move_to_device=device)
-
-    resume = ray.train.get_checkpoint()
-    with (resume.as_directory() if resume is not None else contextlib.nullcontext()) as folder:
-        train_loop.train(
-            cfg, stage=config["stage"], train_path=config["train_path"],
-            num_classes=config["num_classes"], init_model=config["init_model"],
-            resume=folder, rank=rank, world_size=world_size, device=device, wrap_model=wrap,
-            report=report, log=logger.log if logger is not None else None,
-            model_meta=config["model_meta"], say=_say)
-
-
-def _say(message: str) -> None:
-    # Ray Train V2 routes print() through its logger, which shows each line twice on the
-    # driver; the worker's stdout itself is forwarded once.
-    sys.stdout.write(message + "\n")
-    sys.stdout.flush()
+    """Runs on every Ray Train worker of a training stage."""
+    worker = ray_worker.worker_context(config)
+    logger = tracking.MetricLogger(config["tracking_uri"], config["run_id"]) \
+        if worker.rank == 0 else None
+    ray_worker.fit_on_worker(worker, stage=config["stage"], train_path=config["train_path"],
+                             num_classes=config["num_classes"],
+                             init_model=config["init_model"],
+                             log=logger.log if logger is not None else None,
+                             model_meta=config["model_meta"])
 
 
 # --------------------------------------------------------------------------------------------

@@ -119,4 +119,8 @@ def test_killed_worker_restarts_from_checkpoint_and_the_run_finishes(tmp_path):
     # step metrics: every step logged; the steps redone after the restart are logged again
     steps = [m.step for m in client.get_metric_history(run.info.run_id, "loss")]
     assert set(steps) == set(range(1, EPOCHS * STEPS_PER_EPOCH + 1))
-    assert [m.step for m in client.get_metric_history(run.info.run_id, "epoch/loss")] == [1, 2, 3]
+    # epoch metrics likewise: an epoch that ended (and was logged) just before the kill, but
+    # whose checkpoint Ray had not yet registered, is redone and logged again; MLflow keeps both
+    # points (the lost attempt and the redo) and shows the latest
+    epochs = [m.step for m in client.get_metric_history(run.info.run_id, "epoch/loss")]
+    assert sorted(set(epochs)) == [1, 2, 3] and len(epochs) <= 4
