@@ -310,3 +310,18 @@ def test_plot_trials_writes_a_png(tmp_path):
                                     metric="AR@300", best_id="t2")
     with Image.open(path) as img:
         assert img.format == "PNG" and img.size[0] > 300
+
+
+def test_optuna_search_suggests_valid_configs():
+    """sweep.search=optuna: TPE (Ray's OptunaSearch) takes the space as Tune declares it and
+    every suggestion decodes to a valid config."""
+    pytest.importorskip("optuna")
+    cfg = Config().replace({"sweep.search": "optuna", "sweep.space": SPACE})
+    searcher = sweep._searcher(cfg)
+    assert type(searcher).__name__ == "OptunaSearch"
+    assert searcher.set_search_properties("AR@300", "max", sweep_space.search_space(SPACE))
+    for i in range(5):
+        values = sweep_space.decode(SPACE, searcher.suggest(f"t{i}"))
+        assert values["anchors.scales"] in ([8, 16, 32], [4, 8, 16])
+        Config().replace(values)
+        searcher.on_trial_complete(f"t{i}", {"AR@300": 0.1 * i})
