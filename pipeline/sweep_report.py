@@ -26,6 +26,7 @@ from typing import Any, Mapping, Sequence
 import pandas as pd
 import yaml
 from matplotlib.figure import Figure
+from matplotlib.ticker import MaxNLocator
 
 from pipeline import io, sweep_space, sweep_trial, tracking
 from pipeline.config import Config, ConfigError
@@ -143,6 +144,7 @@ def plot_trials(records: Sequence[TrialRecord], path: str | Path, *, metric: str
         ax.plot(epochs, ys, linestyle=styles[rec.status], marker="o", linewidth=3 if best else 1.5,
                 label=f"{rec.trial_id} ({rec.status}{', best' if best else ''})")
     ax.set(xlabel="epoch", ylabel=metric, title=title or f"{metric} per trial")
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))  # epochs are whole
     ax.grid(alpha=0.3)
     if 0 < len(records) <= 20:
         ax.legend(fontsize="small")
