@@ -29,6 +29,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 import pytest
 import yaml
@@ -80,6 +81,24 @@ def _kill_session(proc: subprocess.Popen) -> None:
     proc.wait(timeout=60)
 
 
+def _stage_run(repo: Path, name: str) -> tuple[MlflowClient, str, Any]:
+    """``(client, experiment id, the one MLflow run named name)`` of the repository's store."""
+    client = MlflowClient(f"sqlite:///{repo / 'mlflow.db'}")
+    experiment = client.get_experiment_by_name("frcnn").experiment_id
+    (run,) = client.search_runs([experiment], f"attributes.run_name = '{name}'")
+    return client, experiment, run
+
+
+def _repro_again(repo: Path, env: dict[str, str], stage: str) -> str:
+    """``dvc repro <stage>`` after the kill: it succeeds without re-running ``prepare``."""
+    again = subprocess.run([str(BIN / "dvc"), "repro", stage], cwd=repo, env=env,
+                           capture_output=True, text=True, timeout=420)
+    out = again.stdout + again.stderr
+    assert again.returncode == 0, out[-4000:]
+    assert "Running stage 'prepare'" not in out  # recorded by DVC before the kill
+    return out
+
+
 def _checkpoint_step(storage: Path) -> int:
     runs = list(storage.glob("train_rpn-*"))
     with contextlib.suppress(ValueError, OSError):  # Ray may be writing its snapshot
@@ -112,15 +131,9 @@ def test_dvc_repro_killed_mid_training_resumes_and_ends_clean(tmp_path):
     first = (tmp_path / "first.log").read_text()
     assert "Running stage 'prepare'" in first and "Running stage 'train_rpn'" in first
     assert not (repo / "models" / "rpn.pt").exists()
-    client = MlflowClient(f"sqlite:///{repo / 'mlflow.db'}")
-    experiment = client.get_experiment_by_name("frcnn").experiment_id
-    (killed,) = client.search_runs([experiment], "attributes.run_name = 'train_rpn'")
+    client, experiment, killed = _stage_run(repo, "train_rpn")
 
-    again = subprocess.run([dvc, "repro", "train_rpn"], cwd=repo, env=env, capture_output=True,
-                           text=True, timeout=420)
-    out = again.stdout + again.stderr
-    assert again.returncode == 0, out[-4000:]
-    assert "Running stage 'prepare'" not in out  # recorded by DVC before the kill
+    out = _repro_again(repo, env, "train_rpn")
     resumed = [ln for ln in out.splitlines() if ln.startswith("train_rpn: resuming from")]
     assert resumed, out[-3000:]
     assert int(resumed[0].rsplit("step ", 1)[1].rstrip(")")) >= step
@@ -130,7 +143,7 @@ def test_dvc_repro_killed_mid_training_resumes_and_ends_clean(tmp_path):
     steps_per_epoch = metrics["steps"] // EPOCHS
     assert metrics["resumed"] and metrics["epochs"] == EPOCHS and steps_per_epoch >= 3
     assert metrics["steps"] == EPOCHS * steps_per_epoch
-    (run,) = client.search_runs([experiment], "attributes.run_name = 'train_rpn'")
+    _, _, run = _stage_run(repo, "train_rpn")
     assert run.info.run_id == killed.info.run_id and run.info.status == "FINISHED"
 
     status = subprocess.run([dvc, "status", "train_rpn"], cwd=repo, env=env,
@@ -174,21 +187,16 @@ def test_dvc_repro_sweep_killed_after_a_trial_resumes_and_ends_clean(tmp_path):
         _kill_session(proc)
         log.close()
     assert not (repo / "reports" / "sweep.parquet").exists()
-    client = MlflowClient(f"sqlite:///{repo / 'mlflow.db'}")
-    experiment_id = client.get_experiment_by_name("frcnn").experiment_id
-    (killed,) = client.search_runs([experiment_id], "attributes.run_name = 'sweep'")
+    client, experiment_id, killed = _stage_run(repo, "sweep")
 
-    again = subprocess.run([dvc, "repro", "sweep"], cwd=repo, env=env, capture_output=True,
-                           text=True, timeout=420)
-    out = again.stdout + again.stderr
-    assert again.returncode == 0, out[-4000:]
-    assert "Running stage 'prepare'" not in out and "resuming it" in out, out[-3000:]
+    out = _repro_again(repo, env, "sweep")
+    assert "resuming it" in out, out[-3000:]
 
     import pandas as pd
     table = pd.read_parquet(repo / "reports" / "sweep.parquet")
     assert len(table) == 2 and list(table["status"]) == ["finished", "finished"]
     assert (table["epochs"] == 2).all()
-    (parent,) = client.search_runs([experiment_id], "attributes.run_name = 'sweep'")
+    _, _, parent = _stage_run(repo, "sweep")
     assert parent.info.run_id == killed.info.run_id and parent.info.status == "FINISHED"
     children = client.search_runs(
         [experiment_id], f"tags.`mlflow.parentRunId` = '{parent.info.run_id}'")
