@@ -59,11 +59,13 @@ class DataConfig:
                 f"data.val_fraction + data.test_fraction must be < 1 (got "
                 f"{self.val_fraction} + {self.test_fraction}): nothing would be left to train on")
         kind = self.source.split(":", 1)[0]
-        if kind not in ("synthetic", "voc", "coco") or (kind != "synthetic" and ":" not in self.source):
-            raise ConfigError(
-                f"data.source: {self.source!r} is not one of synthetic | voc:PATH | coco:PATH_TO_JSON")
+        if kind not in ("synthetic", "voc", "coco") or (kind != "synthetic"
+                                                        and ":" not in self.source):
+            raise ConfigError(f"data.source: {self.source!r} is not one of synthetic | voc:PATH | "
+                              f"coco:PATH_TO_JSON")
         if self.split == "imagesets" and kind != "voc":
-            raise ConfigError(f"data.split: imagesets needs data.source=voc:PATH, got {self.source!r}")
+            raise ConfigError(f"data.split: imagesets needs data.source=voc:PATH, "
+                              f"got {self.source!r}")
         if self.image_root is not None and kind != "coco":
             raise ConfigError(f"data.image_root: only used with data.source=coco:PATH_TO_JSON, "
                               f"got {self.source!r}")
@@ -108,7 +110,8 @@ class RPNConfig:
 
     def __post_init__(self) -> None:
         if self.neg_iou > self.pos_iou:
-            raise ConfigError(f"rpn.neg_iou ({self.neg_iou}) must be <= rpn.pos_iou ({self.pos_iou})")
+            raise ConfigError(f"rpn.neg_iou ({self.neg_iou}) must be <= rpn.pos_iou "
+                              f"({self.pos_iou})")
 
 
 @dataclass(frozen=True)
@@ -128,8 +131,8 @@ class RoIConfig:
 
     def __post_init__(self) -> None:
         if not self.bg_iou_low < self.bg_iou_high:
-            raise ConfigError(
-                f"roi.bg_iou_low ({self.bg_iou_low}) must be < roi.bg_iou_high ({self.bg_iou_high})")
+            raise ConfigError(f"roi.bg_iou_low ({self.bg_iou_low}) must be < roi.bg_iou_high "
+                              f"({self.bg_iou_high})")
 
 
 @dataclass(frozen=True)
@@ -157,7 +160,8 @@ class TrainConfig:
     checkpoint_every: int = _p(0, ge=0)
     log_every: int = _p(1, ge=1, doc="log step metrics every N optimiser steps")
     max_failures: int = _p(2, ge=0)
-    keep_checkpoints: bool = _p(False, doc="keep a finished run's checkpoints (a rerun then reuses it)")
+    keep_checkpoints: bool = _p(False,
+                                doc="keep a finished run's checkpoints (a rerun then reuses it)")
     storage_path: str = _p("checkpoints")
     ray_address: str | None = _p(None)
     seed: int = _p(0, ge=0, le=2**32 - 1, doc="torch generators take at most 64 bits")
@@ -280,7 +284,8 @@ def load_config(params: Sequence[str | Path] = ("params.yaml",),
         if loaded is None:
             continue
         if not isinstance(loaded, dict):
-            raise ConfigError(f"{path}: expected a mapping of sections, got {type(loaded).__name__}")
+            raise ConfigError(f"{path}: expected a mapping of sections, "
+                              f"got {type(loaded).__name__}")
         _deep_merge(tree, loaded, origin=str(path))
     for item in overrides:
         key, value = parse_override(item)
@@ -294,7 +299,8 @@ def parse_override(item: str) -> tuple[str, Any]:
         raise ConfigError(f"--set {item!r}: expected section.key=value")
     key, raw = item.split("=", 1)
     key = key.strip()
-    if key.count(".") < 1 or not all(part.isidentifier() or "." in part for part in key.split(".", 1)):
+    parts = key.split(".", 1)
+    if key.count(".") < 1 or not all(part.isidentifier() or "." in part for part in parts):
         raise ConfigError(f"--set {item!r}: expected section.key=value, got key {key!r}")
     try:
         value = yaml.safe_load(raw) if raw.strip() else ""
@@ -316,7 +322,8 @@ def from_dict(tree: Mapping[str, Any]) -> Config:
             continue
         if not isinstance(value, Mapping):
             raise ConfigError(f"section {name!r} must be a mapping, got {type(value).__name__}")
-        kwargs[name] = _build_section(sections[name].default_factory, name, value)  # type: ignore[misc]
+        factory = sections[name].default_factory
+        kwargs[name] = _build_section(factory, name, value)  # type: ignore[misc]
     return Config(**kwargs)
 
 
@@ -341,8 +348,8 @@ def _coerce(value: Any, tp: Any, name: str) -> Any:
     if origin in (typing.Union, types.UnionType):
         if value is None and type(None) in args:
             return None
-        if isinstance(value, str) and value.lower() in ("null", "none", "~") and type(None) in args \
-                and str not in args:
+        if (isinstance(value, str) and value.lower() in ("null", "none", "~")
+                and type(None) in args and str not in args):
             return None
         inner = [a for a in args if a is not type(None)]
         errors = []
@@ -356,7 +363,8 @@ def _coerce(value: Any, tp: Any, name: str) -> Any:
         if isinstance(value, bool):  # YAML reads true/false as bools; literals are strings
             value = str(value).lower()
         if value not in args:
-            raise ConfigError(f"{name}: {value!r} is not allowed; allowed: {', '.join(map(str, args))}")
+            allowed = ", ".join(map(str, args))
+            raise ConfigError(f"{name}: {value!r} is not allowed; allowed: {allowed}")
         return value
     if origin is tuple:
         if not isinstance(value, (list, tuple)) or len(value) == 0:
@@ -399,7 +407,8 @@ def _check_bounds(value: Any, meta: Mapping[str, Any], name: str) -> None:
                               ("gt", meta.get("gt"), lambda a, b: a > b),
                               ("lt", meta.get("lt"), lambda a, b: a < b)):
             if bound is not None and not ok(v, bound):
-                raise ConfigError(f"{name}: {value!r} is out of range; allowed: {_range_text(meta)}")
+                raise ConfigError(f"{name}: {value!r} is out of range; "
+                                  f"allowed: {_range_text(meta)}")
 
 
 def _range_text(meta: Mapping[str, Any]) -> str:
@@ -424,7 +433,8 @@ def _check_sweep_space(cfg: Config) -> None:
             raise ConfigError(f"{where}: not a tunable parameter; use section.key with section one "
                               f"of {', '.join(TUNABLE_SECTIONS)}")
         if not isinstance(spec, Mapping) or len(spec) != 1:
-            raise ConfigError(f"{where}: expected one of {{{' | '.join(SWEEP_DISTRIBUTIONS)}: ...}}")
+            kinds = " | ".join(SWEEP_DISTRIBUTIONS)
+            raise ConfigError(f"{where}: expected one of {{{kinds}: ...}}")
         (kind, arg), = spec.items()
         if kind not in SWEEP_DISTRIBUTIONS:
             raise ConfigError(f"{where}: unknown distribution {kind!r}; allowed: "
@@ -513,5 +523,6 @@ def describe() -> str:
                 allowed = " | ".join(map(str, typing.get_args(tp)))
             doc = f.metadata.get("doc", "") if f.metadata else ""
             extra = "; ".join(x for x in (allowed, doc) if x)
-            lines.append(f"  {section.name}.{f.name} = {_plain(default)!r}" + (f"  ({extra})" if extra else ""))
+            lines.append(f"  {section.name}.{f.name} = {_plain(default)!r}"
+                         + (f"  ({extra})" if extra else ""))
     return "\n".join(lines)
