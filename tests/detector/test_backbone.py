@@ -33,7 +33,8 @@ def fake_vgg_state(hidden: int = 8, seed: int = 0) -> dict[str, torch.Tensor]:
     """A VGG-16 state dict with random values (classifier layers narrowed to ``hidden``)."""
     torch.manual_seed(seed)
     state = {f"features.{k}": torch.randn_like(v) for k, v in vgg16_features().state_dict().items()}
-    state |= {"classifier.0.weight": torch.randn(hidden, 512 * 7 * 7), "classifier.0.bias": torch.randn(hidden),
+    state |= {"classifier.0.weight": torch.randn(hidden, 512 * 7 * 7),
+              "classifier.0.bias": torch.randn(hidden),
               "classifier.3.weight": torch.randn(hidden, hidden), "classifier.3.bias": torch.randn(hidden),
               "classifier.6.weight": torch.randn(1000, hidden), "classifier.6.bias": torch.randn(1000)}
     return state

@@ -19,7 +19,8 @@ def targets(device: str = "cpu") -> list[dict[str, torch.Tensor]]:
     return [
         {"boxes": torch.tensor([[4.0, 6.0, 30.0, 40.0], [30.0, 30.0, 60.0, 50.0]], device=device),
          "labels": torch.tensor([1, 3], device=device)},
-        {"boxes": torch.zeros(0, 4, device=device), "labels": torch.zeros(0, dtype=torch.int64, device=device)},
+        {"boxes": torch.zeros(0, 4, device=device),
+         "labels": torch.zeros(0, dtype=torch.int64, device=device)},
     ]
 
 

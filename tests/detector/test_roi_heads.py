@@ -63,7 +63,7 @@ def test_sample_rois_labels_are_classes() -> None:
     proposals = torch.tensor([[[12.0, 11.0, 60.0, 62.0], [100.0, 100.0, 150.0, 160.0], [0, 0, 5.0, 5.0]]])
     rois = sample_rois(proposals, torch.ones(1, 3, dtype=torch.bool), gt, torch.ones(1, 2, dtype=torch.bool),
                        labels, **SAMPLING)
-    got = {tuple(b.tolist()): int(l) for b, l in zip(rois.boxes[0], rois.labels[0]) if l >= 0}
+    got = {tuple(b.tolist()): int(c) for b, c in zip(rois.boxes[0], rois.labels[0]) if c >= 0}
     assert got == {(12.0, 11.0, 60.0, 62.0): 3, (100.0, 100.0, 150.0, 160.0): 2, (0.0, 0.0, 5.0, 5.0): 0,
                    (10.0, 10.0, 60.0, 60.0): 3, (100.0, 100.0, 150.0, 170.0): 2}
 
@@ -100,8 +100,9 @@ def test_head_loss_uses_foreground_true_class_only() -> None:
 def test_postprocess_threshold_nms_top_k_and_images() -> None:
     head = make_head(num_classes=2, score_thresh=0.3, nms_iou=0.3, detections_per_image=2)
     # image 0: three proposals, the first two overlapping heavily; image 1: one proposal + padding.
-    proposals = torch.tensor([[[10.0, 10.0, 50.0, 50.0], [12.0, 10.0, 52.0, 50.0], [100.0, 100.0, 190.0, 220.0]],
-                              [[0.0, 0.0, 40.0, 40.0], [0.0, 0.0, 0.0, 0.0], [0.0, 0.0, 0.0, 0.0]]])
+    proposals = torch.tensor([
+        [[10.0, 10.0, 50.0, 50.0], [12.0, 10.0, 52.0, 50.0], [100.0, 100.0, 190.0, 220.0]],
+        [[0.0, 0.0, 40.0, 40.0], [0.0, 0.0, 0.0, 0.0], [0.0, 0.0, 0.0, 0.0]]])
     valid = torch.tensor([[True, True, True], [True, False, False]])
     big = 10.0
     logits = torch.tensor([[0.0, big, 0.0],      # class 1, sure
@@ -114,7 +115,8 @@ def test_postprocess_threshold_nms_top_k_and_images() -> None:
     dets = head.postprocess(logits, deltas, proposals, valid, (200, 200))
     assert len(dets) == 2
     assert dets[0]["labels"].tolist() == [1, 2]
-    torch.testing.assert_close(dets[0]["boxes"], torch.tensor([[10.0, 10.0, 50.0, 50.0], [100.0, 100.0, 190.0, 200.0]]))
+    torch.testing.assert_close(dets[0]["boxes"],
+                               torch.tensor([[10.0, 10.0, 50.0, 50.0], [100.0, 100.0, 190.0, 200.0]]))
     assert (dets[0]["scores"][:-1] >= dets[0]["scores"][1:]).all()
     assert dets[1]["boxes"].shape == (0, 4) and dets[1]["labels"].dtype == torch.int64
     # the same box under two classes is kept for each class (per-class NMS)

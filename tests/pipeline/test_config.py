@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from pipeline.config import Config, ConfigError, load_config, parse_override
+from pipeline.config import ConfigError, load_config, parse_override
 from tests.conftest import ROOT
 
 
