@@ -38,11 +38,12 @@ def _image(rng: np.random.Generator, size: int, num_classes: int) -> tuple[bytes
 
 
 def write_prepared(folder: Path, *, size: int = 64, num_images: int = 6, num_classes: int = 2,
-                   seed: int = 0) -> Path:
-    """``folder/{train,val,test}.parquet`` + ``classes.json``; returns ``folder``."""
+                   seed: int = 0, num_eval: int = 2) -> Path:
+    """``folder/{train,val,test}.parquet`` (``num_images`` training images, ``num_eval`` each
+    for val and test) + ``classes.json``; returns ``folder``."""
     rng = np.random.default_rng(seed)
     folder.mkdir(parents=True, exist_ok=True)
-    for split, n in (("train", num_images), ("val", 2), ("test", 2)):
+    for split, n in (("train", num_images), ("val", num_eval), ("test", num_eval)):
         rows = []
         for i in range(n):
             png, boxes, labels = _image(rng, size, num_classes)

@@ -139,7 +139,8 @@ def _print_table(title: str, table: pd.DataFrame, seconds: float) -> None:
 
 @pytest.mark.slow
 def test_tiny_sweep_on_a_local_ray(tmp_path):
-    write_prepared(tmp_path / "data" / "prepared", size=128, num_images=6)
+    # 8 validation images, so that the trials' recall can tell them apart
+    write_prepared(tmp_path / "data" / "prepared", size=128, num_images=6, num_eval=8)
     _write_params(tmp_path / "params.yaml", {
         **TINY_SWEEP, "sweep.num_samples": 4, "sweep.max_concurrent_trials": 2,
         "sweep.epochs": 2})
