@@ -354,7 +354,7 @@ def _check_local_memory(cfg: Config, train_path: Path) -> None:
     import pyarrow.parquet as pq
     import torch
 
-    from pipeline.train_loop import check_memory
+    from pipeline.memory import check_memory
     if cfg.train.ray_address is not None or cfg.train.use_gpu == "true" \
             or (cfg.train.use_gpu == "auto" and torch.cuda.is_available()):
         return

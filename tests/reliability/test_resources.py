@@ -24,7 +24,7 @@ import yaml
 from mlflow.tracking import MlflowClient
 from torch import nn
 
-from pipeline import train_loop
+from pipeline import memory, train_loop
 from pipeline.cli import main
 from pipeline.config import Config
 from tests.pipeline.test_data import write_prepared
@@ -117,7 +117,7 @@ def test_allocator_failure_in_a_step_names_batch_size_and_memory(prepared):
     CUDA error text). Survives: InsufficientMemoryError naming train.batch_size, the step, the
     bytes requested and the device's available / total memory; not a 30-line allocator trace."""
     cfg = tiny_cfg(train__batch_size=2)
-    with pytest.raises(train_loop.InsufficientMemoryError) as caught:
+    with pytest.raises(memory.InsufficientMemoryError) as caught:
         train_loop.train(cfg, stage="rpn", train_path=prepared / "train.parquet", num_classes=2,
                          model_fn=lambda: _Allocating(2**60))
     message = str(caught.value)
@@ -127,7 +127,7 @@ def test_allocator_failure_in_a_step_names_batch_size_and_memory(prepared):
 
     cuda = torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 20.00 GiB. GPU 0 has a "
                                   "total capacity of 79.19 GiB of which 1.00 GiB is free.")
-    with pytest.raises(train_loop.InsufficientMemoryError, match="requested 20.00 GiB"):
+    with pytest.raises(memory.InsufficientMemoryError, match="requested 20.00 GiB"):
         train_loop.train(cfg, stage="rpn", train_path=prepared / "train.parquet", num_classes=2,
                          model_fn=lambda: _Raising(cuda))
     # other runtime errors are not memory errors: they pass through untouched
@@ -140,10 +140,10 @@ def test_allocator_failure_in_a_step_names_batch_size_and_memory(prepared):
 def test_the_worker_checks_its_memory_before_the_first_step(prepared, monkeypatch):
     """Fault: a worker whose device has 1 MiB free (a GPU shared with another job). Survives:
     the loop refuses before building the model, naming the batch size and both memories."""
-    monkeypatch.setattr(train_loop, "device_memory",
+    monkeypatch.setattr(memory, "device_memory",
                         lambda device: (2**20, 16 * 2**30, "GPU cuda:0"))
     built = []
-    with pytest.raises(train_loop.InsufficientMemoryError) as caught:
+    with pytest.raises(memory.InsufficientMemoryError) as caught:
         train_loop.train(tiny_cfg(train__batch_size=4), stage="rpn",
                          train_path=prepared / "train.parquet", num_classes=2,
                          model_fn=lambda: built.append(1) or _Allocating(0))
