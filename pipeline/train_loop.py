@@ -32,8 +32,8 @@ import torch
 from torch import nn
 
 from pipeline import checkpoints, data
-from pipeline.memory import check_memory, out_of_memory_as_error
 from pipeline.config import Config
+from pipeline.memory import check_memory, out_of_memory_as_error
 from pipeline.modeling import model_kwargs
 
 STAGES = ("rpn", "frcnn")
