@@ -74,7 +74,7 @@ from typing import Any, Mapping
 
 from ray.tune.schedulers import ASHAScheduler
 
-from pipeline import sweep_report, sweep_space, sweep_trial, tracking
+from pipeline import storage, sweep_report, sweep_space, sweep_trial, tracking
 from pipeline.config import Config, ConfigError
 
 STATE = "frcnn_sweep.json"
@@ -117,9 +117,7 @@ def check_search(cfg: Config) -> None:
 
 def experiment_path(cfg: Config) -> str:
     """``sweep.storage_path/sweep.name``: absolute for a folder, a URI unchanged."""
-    root = cfg.sweep.storage_path
-    root = root.rstrip("/") if "://" in root else str(Path(root).resolve())
-    return f"{root}/{cfg.sweep.name}"
+    return f"{storage.resolve(cfg.sweep.storage_path)}/{cfg.sweep.name}"
 
 
 
@@ -295,7 +293,7 @@ def sweep(cfg: Config, *, resume: bool = False) -> dict[str, Any]:
     tables = trial_tables(cfg)
     experiment = experiment_path(cfg)
     key = inputs_key(cfg, tables)
-    state = sweep_trial.read_json(f"{experiment}/{STATE}")
+    state = storage.read_json(f"{experiment}/{STATE}")
     if resume:
         if not tune.Tuner.can_restore(experiment):
             raise ValueError(f"{experiment}: no sweep to resume; run `frcnn sweep` without "
@@ -309,9 +307,9 @@ def sweep(cfg: Config, *, resume: bool = False) -> dict[str, Any]:
         print(f"sweep: {experiment} holds an interrupted sweep of the same parameters and data; "
               f"resuming it (finished trials are not run again)", flush=True)
         resume = True
-    elif sweep_trial.exists(experiment):
+    elif storage.exists(experiment):
         print(f"sweep: starting afresh; removing the previous sweep at {experiment}", flush=True)
-        sweep_trial.delete_dir(experiment)
+        storage.delete_dir(experiment)
 
     started = _start_ray(cfg)
     try:
@@ -320,7 +318,7 @@ def sweep(cfg: Config, *, resume: bool = False) -> dict[str, Any]:
             job_id = ray.get_runtime_context().get_job_id()
             parent.set_tags({"ray_job_id": job_id, "sweep_path": experiment,
                              "resumed": str(resume).lower()})
-            sweep_trial.write_bytes(f"{experiment}/{STATE}", json.dumps(
+            storage.write_bytes(f"{experiment}/{STATE}", json.dumps(
                 {"mlflow_run_id": parent.run_id, "inputs_key": key}).encode())
             setup = {
                 "params": cfg.to_dict(), "tables": ray.put(tables),
@@ -364,14 +362,14 @@ def sweep(cfg: Config, *, resume: bool = False) -> dict[str, Any]:
                 raise KeyboardInterrupt("sweep interrupted")
             records = sweep_report.collect(cfg, grid, experiment)
             summary = sweep_report.write_outputs(cfg, records, experiment, parent)
-            sweep_trial.write_bytes(f"{experiment}/{STATE}", json.dumps(
+            storage.write_bytes(f"{experiment}/{STATE}", json.dumps(
                 {"mlflow_run_id": parent.run_id, "inputs_key": key, "finished": True}).encode())
             sweep_report.end_children(parent, records)
             if not cfg.train.keep_checkpoints:
                 for rec in records:
                     if rec.status != sweep_report.ERRORED:
                         runs = f"{experiment}/{sweep_trial.TRAIN_RUNS}"
-                        sweep_trial.delete_dir(f"{runs}/{rec.trial_id}")
+                        storage.delete_dir(f"{runs}/{rec.trial_id}")
             summary["wall_seconds"] = time.perf_counter() - wall_start
             parent.log_metrics({"wall_seconds": summary["wall_seconds"]})
             if summary["best_trial"] is None:

@@ -28,7 +28,7 @@ import yaml
 from matplotlib.figure import Figure
 from matplotlib.ticker import MaxNLocator
 
-from pipeline import io, sweep_space, sweep_trial, tracking
+from pipeline import io, storage, sweep_space, sweep_trial, tracking
 from pipeline.config import Config, ConfigError
 
 OUTPUTS = "outputs"  # E/outputs: copies of the outputs beside the sweep
@@ -179,7 +179,7 @@ def collect(cfg: Config, grid: Any, experiment: str) -> list[TrialRecord]:
             sampled = {k: flat[k] for k in sampled}  # canonical: lists, floats
         except ConfigError:
             sampled = {k: (result.config or {}).get(k) for k in cfg.sweep.space}
-        marker = sweep_trial.read_json(f"{experiment}/{sweep_trial.MARKERS}/{trial_id}.json")
+        marker = storage.read_json(f"{experiment}/{sweep_trial.MARKERS}/{trial_id}.json")
         # Tune's clock, or the trial's own when longer (a trial that finished before an
         # interruption and only re-reported its end after the resume)
         clocks = [history[-1].get("time_total_s") if history else None,
@@ -222,7 +222,7 @@ def write_outputs(cfg: Config, records: list[TrialRecord], experiment: str,
                                                       header))
         paths.append(path)
     for path in paths:
-        sweep_trial.write_bytes(f"{experiment}/{OUTPUTS}/{path.name}", path.read_bytes())
+        storage.write_bytes(f"{experiment}/{OUTPUTS}/{path.name}", path.read_bytes())
     if parent is not None:
         metrics = {f"trials_{s.replace(' ', '_')}": float(counts.get(s, 0))
                    for s in STATUSES}

@@ -7,8 +7,8 @@ child run, and fits a ``TorchTrainer`` of :func:`trial_worker` whose reports rea
 epoch. A trial whose training ends writes a marker ``E/trials/<trial>.json`` so a resumed sweep
 does not train it again. The layout of ``E`` and the MLflow runs: :mod:`pipeline.sweep`.
 
-Storage helpers (:func:`exists`, :func:`read_json`, :func:`write_bytes`, :func:`delete_dir`)
-take a local path or a bucket URI (``pyarrow.fs``), so ``sweep.storage_path`` may be either.
+Files under ``E`` go through :mod:`pipeline.storage`, so ``sweep.storage_path`` may be a folder
+or a bucket URI.
 """
 
 from __future__ import annotations
@@ -20,47 +20,11 @@ import time
 from pathlib import Path
 from typing import Any, Mapping
 
-from pipeline import sweep_space, tracking
+from pipeline import storage, sweep_space, tracking
 from pipeline.config import Config, from_dict
 
 TRAIN_RUNS = "train_runs"
 MARKERS = "trials"
-
-
-# --------------------------------------------------------------------------------------------
-# Storage: a folder or a bucket URI
-
-def fs_of(uri: str) -> tuple[Any, str]:
-    import pyarrow.fs
-    return pyarrow.fs.FileSystem.from_uri(uri if "://" in uri else Path(uri).as_uri())
-
-
-def exists(uri: str) -> bool:
-    import pyarrow.fs
-    fs, path = fs_of(uri)
-    return fs.get_file_info(path).type != pyarrow.fs.FileType.NotFound
-
-
-def read_json(uri: str) -> dict[str, Any]:
-    import pyarrow.fs
-    fs, path = fs_of(uri)
-    if fs.get_file_info(path).type != pyarrow.fs.FileType.File:
-        return {}
-    with fs.open_input_stream(path) as f:
-        return json.loads(f.read().decode("utf-8"))
-
-
-def write_bytes(uri: str, data: bytes) -> None:
-    fs, path = fs_of(uri)
-    fs.create_dir(path.rsplit("/", 1)[0], recursive=True)
-    with fs.open_output_stream(path) as f:
-        f.write(data)
-
-
-def delete_dir(uri: str) -> None:
-    if exists(uri):
-        fs, path = fs_of(uri)
-        fs.delete_dir(path)
 
 
 # --------------------------------------------------------------------------------------------
@@ -178,7 +142,7 @@ def trial(config: dict[str, Any], setup: dict[str, Any]) -> None:
     uri = setup["tracking_uri"]
     run_id = _child_run(setup, trial_id, sampled)
     marker = f"{setup['experiment']}/{MARKERS}/{trial_id}.json"
-    done = read_json(marker)
+    done = storage.read_json(marker)
     if done.get("finished"):
         # finished before an interruption that Tune's saved state predates: report the end
         # again instead of starting its workers
@@ -212,7 +176,7 @@ def trial(config: dict[str, Any], setup: dict[str, Any]) -> None:
         raise
     metrics = {k: v for k, v in result.metrics.items()
                if isinstance(v, (int, float)) and not isinstance(v, bool)}
-    write_bytes(marker, json.dumps({"finished": True, "metrics": metrics,
+    storage.write_bytes(marker, json.dumps({"finished": True, "metrics": metrics,
                                      "wall_seconds": time.perf_counter() - started}).encode())
     _end_run(uri, run_id, "FINISHED")
 

@@ -46,6 +46,7 @@ from pathlib import Path
 from typing import Any
 
 from pipeline import checkpoints, data, io, ray_worker, tracking
+from pipeline.storage import delete_dir, read_json, read_text, resolve, write_bytes
 from pipeline.config import Config
 
 RUN_STATE = "frcnn_run.json"  # beside Ray's files in the run folder: the MLflow run id
@@ -97,44 +98,24 @@ def run_key(cfg: Config, stage: str, train_path: Path, init_model: Path | None) 
     return hashlib.sha256(json.dumps(relevant, sort_keys=True).encode()).hexdigest()[:12]
 
 
-def _storage_root(cfg: Config) -> str:
-    """``train.storage_path`` as Ray wants it: absolute, or a URI (``s3://...``) unchanged."""
-    path = cfg.train.storage_path
-    return path if "://" in path else str(Path(path).resolve())
-
-
-def _fs(storage: str) -> tuple[Any, str]:
-    import pyarrow.fs
-    return pyarrow.fs.FileSystem.from_uri(storage if "://" in storage else Path(storage).as_uri())
-
-
-def _read_text(fs: Any, path: str) -> str | None:
-    import pyarrow.fs
-    if fs.get_file_info(path).type != pyarrow.fs.FileType.File:
-        return None
-    with fs.open_input_stream(path) as f:
-        return f.read().decode("utf-8")
-
-
 def latest_checkpoint(storage: str, run_name: str) -> tuple[str, dict[str, Any]] | None:
     """The checkpoint Ray Train V2 will restore for ``run_name``, with its ``progress.json``.
 
     Reads Ray's ``checkpoint_manager_snapshot.json`` in the run folder (what ``get_checkpoint``
     is built from); None when the run has no checkpoint yet.
     """
-    fs, root = _fs(storage)
-    snapshot_path = f"{root}/{run_name}/checkpoint_manager_snapshot.json"
-    snapshot = _read_text(fs, snapshot_path)
+    snapshot_path = f"{storage}/{run_name}/checkpoint_manager_snapshot.json"
+    snapshot = read_text(snapshot_path)
     if snapshot is None:
         return None
-    latest = _json(snapshot, snapshot_path, f"{root}/{run_name}").get("latest_checkpoint_result")
+    latest = _json(snapshot, snapshot_path, f"{storage}/{run_name}").get("latest_checkpoint_result")
     if not latest:
         return None
-    folder = f"{root}/{run_name}/{latest['checkpoint_dir_name']}"
-    progress = _read_text(fs, f"{folder}/{checkpoints.PROGRESS}")
+    folder = f"{storage}/{run_name}/{latest['checkpoint_dir_name']}"
+    progress = read_text(f"{folder}/{checkpoints.PROGRESS}")
     if progress is None:
         return None
-    return folder, _json(progress, f"{folder}/{checkpoints.PROGRESS}", f"{root}/{run_name}")
+    return folder, _json(progress, f"{folder}/{checkpoints.PROGRESS}", f"{storage}/{run_name}")
 
 
 def _json(text: str, path: str, run_folder: str) -> dict[str, Any]:
@@ -150,25 +131,11 @@ def _json(text: str, path: str, run_folder: str) -> dict[str, Any]:
 
 
 def _read_run_state(storage: str, run_name: str) -> dict[str, Any]:
-    fs, root = _fs(storage)
-    text = _read_text(fs, f"{root}/{run_name}/{RUN_STATE}")
     try:
-        state = json.loads(text) if text else {}
+        state = read_json(f"{storage}/{run_name}/{RUN_STATE}")
     except ValueError:  # cut short by a kill while written: only the MLflow run id is lost
         return {}
     return state if isinstance(state, dict) else {}
-
-
-def _write_run_state(storage: str, run_name: str, state: dict[str, Any]) -> None:
-    fs, root = _fs(storage)
-    fs.create_dir(f"{root}/{run_name}", recursive=True)
-    with fs.open_output_stream(f"{root}/{run_name}/{RUN_STATE}") as f:
-        f.write(json.dumps(state).encode("utf-8"))
-
-
-def _delete_run(storage: str, run_name: str) -> None:
-    fs, root = _fs(storage)
-    fs.delete_dir(f"{root}/{run_name}")
 
 
 # --------------------------------------------------------------------------------------------
@@ -232,7 +199,7 @@ def train_stage(cfg: Config, stage: str) -> dict[str, Any]:
     model_path = Path(cfg.train.rpn_model if stage == "rpn" else cfg.train.frcnn_model)
     metrics_dir = Path(cfg.train.metrics_dir)
 
-    storage = _storage_root(cfg)
+    storage = resolve(cfg.train.storage_path)
     run_name = f"{name}-{run_key(cfg, stage, train_path, init_model)}"
     previous = latest_checkpoint(storage, run_name)
     if previous is not None and "://" not in storage:
@@ -242,7 +209,8 @@ def train_stage(cfg: Config, stage: str) -> dict[str, Any]:
     old_mlflow_run = _read_run_state(storage, run_name).get("mlflow_run_id") if previous else None
 
     with tracking.stage_run(cfg, name, run_id=old_mlflow_run) as mlrun:
-        _write_run_state(storage, run_name, {"mlflow_run_id": mlrun.run_id})
+        write_bytes(f"{storage}/{run_name}/{RUN_STATE}",
+                    json.dumps({"mlflow_run_id": mlrun.run_id}).encode("utf-8"))
         if previous is not None:
             path, progress = previous
             print(f"{name}: resuming from checkpoint {path} (epoch {progress['epoch']}, "
@@ -287,7 +255,7 @@ def train_stage(cfg: Config, stage: str) -> dict[str, Any]:
             mlrun.log_artifact(path, "metrics")
         mlrun.log_artifact(model_path, "model")
         if not cfg.train.keep_checkpoints:
-            _delete_run(storage, run_name)  # finished: nothing to resume; the model is saved
+            delete_dir(f"{storage}/{run_name}")  # finished: nothing to resume; the model is saved
         print(f"{name}: wrote {model_path} and {metrics_path} "
               f"({metrics['images_per_s']:.2f} images/s, {metrics['wall_seconds']:.0f} s)",
               flush=True)
