@@ -25,7 +25,7 @@ from typing import NamedTuple, Sequence
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
-from torchvision.ops import batched_nms, box_iou
+from torchvision.ops import box_iou, nms
 
 from detector.anchors import AnchorGenerator
 from detector.boxes import clip, decode, encode, large_enough, pad_boxes
@@ -211,8 +211,8 @@ def proposal_layer(
 
     1. decode every anchor's offsets into a box; 2. clip it to the image; 3. drop boxes with
     width or height below ``min_size``; 4. keep the ``pre_nms_top_n`` best by objectness per
-    image; 5. NMS at ``nms_iou`` within each image (one ``batched_nms`` call for the batch,
-    the image index as the group); 6. keep the ``post_nms_top_n`` best per image.
+    image; 5. NMS at ``nms_iou`` within each image; 6. keep the ``post_nms_top_n`` best per
+    image.
 
     Args:
         anchors: ``(A, 4)``.
@@ -229,41 +229,55 @@ def proposal_layer(
     scores = logits.float().softmax(dim=-1)[..., 1]  # (B, A) object probability
     # (A, 4) anchors broadcast over the batch: (1, A, 4) with (B, A, 4) -> (B, A, 4)
     boxes = clip(decode(anchors[None], deltas, RPN_BOX_WEIGHTS), hw)
-    # Dropped boxes get score -1 (probabilities are >= 0), so top-k takes them last.
+    # Dropped boxes get score -1 (probabilities are >= 0), so top-k and NMS take them last.
     scores = scores.masked_fill(~large_enough(boxes, min_size), -1.0)
     k = min(pre_nms_top_n, a)
     top_scores, top_idx = scores.topk(k, dim=1)  # (B, k), best first
     # (B, k) -> (B, k, 4) index to gather the boxes
     top_boxes = boxes.gather(1, top_idx[..., None].expand(b, k, 4))
-    image_idx = torch.arange(b, device=logits.device)[:, None].expand(b, k)
-    alive = top_scores >= 0  # (B, k): not dropped for size
-    flat_boxes, flat_scores, flat_image = top_boxes[alive], top_scores[alive], image_idx[alive]
-    keep = batched_nms(flat_boxes, flat_scores, flat_image, nms_iou)  # best first, all images
-    return _top_per_image(flat_boxes[keep], flat_scores[keep], flat_image[keep], b,
-                          min(post_nms_top_n, k))
+    n = min(post_nms_top_n, k)
+    keep = _nms_per_image(top_boxes, top_scores, nms_iou, n)  # (B, n) into k, best first
+    kept_boxes = top_boxes.gather(1, keep.index[..., None].expand(b, n, 4))
+    kept_scores = top_scores.gather(1, keep.index)
+    # A dropped box can survive NMS (it suppresses nothing: it comes after every kept box);
+    # it is padding like the empty slots.
+    valid = keep.valid & (kept_scores >= 0)
+    return Proposals(kept_boxes.masked_fill(~valid[..., None], 0.0),
+                     kept_scores.masked_fill(~valid, 0.0), valid)
 
 
-def _top_per_image(boxes: Tensor, scores: Tensor, image: Tensor, batch: int, n: int) -> Proposals:
-    """Scatter score-sorted ``(M, 4)`` boxes of mixed images into ``(B, n, 4)``, the best ``n`` of each.
+class _Kept(NamedTuple):
+    index: Tensor  # (B, n) int64
+    valid: Tensor  # (B, n) bool
 
-    ``boxes``, ``scores``, ``image`` (``(M,)`` int64) must be sorted by score, best first (as
-    ``batched_nms`` returns them).
+
+def _nms_per_image(boxes: Tensor, scores: Tensor, iou: float, n: int) -> _Kept:
+    """NMS of each image's boxes, the best ``n`` survivors of each as padded indices.
+
+    One ``torchvision.ops.nms`` call per image: NMS is inherently per image, and its output size
+    (one host sync per call) depends on the data. ``batched_nms`` of the whole batch would do
+    the same loop itself at this size (``unique`` and a ``where`` per image on top), or, with
+    its coordinate trick, one NMS over ``B * k`` boxes (quadratic in ``B``).
+
+    Args:
+        boxes: ``(B, k, 4)``; scores: ``(B, k)``, each row sorted best first.
+        iou: NMS threshold.
+        n: slots per image.
+
+    Returns:
+        ``index (B, n)`` int64 into ``k`` (best first; 0 in empty slots) and ``valid (B, n)``.
     """
-    # Stable sort by image keeps the score order inside each image: (M,) -> (M,)
-    order = torch.argsort(image, stable=True)
-    boxes, scores, image = boxes[order], scores[order], image[order]
-    counts = torch.bincount(image, minlength=batch)
-    starts = torch.cumsum(counts, 0) - counts
-    rank = torch.arange(image.shape[0], device=image.device) - starts[image]  # rank within image
-    keep = rank < n
-    slot = torch.where(keep, image * n + rank, batch * n)  # dropped ones go to a spare last slot
-    out_boxes = boxes.new_zeros(batch * n + 1, 4).index_copy_(0, slot, boxes)
-    out_scores = scores.new_zeros(batch * n + 1).index_copy_(0, slot, scores)
-    valid = torch.zeros(batch * n + 1, dtype=torch.bool, device=boxes.device)
-    valid = valid.index_fill_(0, slot, True)
-    # (B*n + 1, ...) -> drop the spare slot -> (B, n, ...)
-    return Proposals(out_boxes[:-1].view(batch, n, 4), out_scores[:-1].view(batch, n),
-                     valid[:-1].view(batch, n))
+    b = boxes.shape[0]
+    index = torch.zeros(b, n, dtype=torch.int64, device=boxes.device)
+    counts = []
+    for i in range(b):
+        kept = nms(boxes[i], scores[i], iou)[:n]  # (m,) best first
+        index[i, :kept.shape[0]] = kept
+        counts.append(kept.shape[0])
+    # The counts are host ints already (the NMS calls synced): one small host -> device copy.
+    count = torch.tensor(counts, device=boxes.device)
+    valid = torch.arange(n, device=boxes.device)[None, :] < count[:, None]
+    return _Kept(index, valid)
 
 
 def rpn_loss(

@@ -267,6 +267,24 @@ def test_proposal_layer_properties() -> None:
         assert (scores[:-1] >= scores[1:]).all()  # best first
         iou = box_iou(boxes, boxes).fill_diagonal_(0)
         assert iou.max() <= 0.6 + 1e-6  # NMS
+    assert (props.boxes[~props.valid] == 0).all() and (props.scores[~props.valid] == 0).all()
+
+
+def test_proposal_layer_boxes_below_min_size_never_fill_a_slot() -> None:
+    # Most boxes are below min_size: they survive NMS (nothing outranks them there) but must
+    # come back as padding, and the slots stay packed, real proposals first.
+    g = torch.Generator().manual_seed(2)
+    anchors = generate_anchors((10, 10), 16, (1, 2, 4), (0.5, 1.0, 2.0))
+    logits = torch.randn(2, anchors.shape[0], 2, generator=g)
+    deltas = torch.randn(2, anchors.shape[0], 4, generator=g) * 0.3
+    props = proposal_layer(anchors, logits, deltas, 160, min_size=56.0, nms_iou=0.5,
+                           pre_nms_top_n=900, post_nms_top_n=300)
+    ref = reference_proposals(anchors, logits, deltas, 160, 56.0, 0.5, 900, 300)
+    for row, valid, (rb, _) in zip(props.boxes, props.valid, ref):
+        n = int(valid.sum())
+        assert 0 < n == rb.shape[0] < 300
+        assert valid[:n].all() and not valid[n:].any()
+        assert ((row[:n, 2:] - row[:n, :2]) >= 56).all() and (row[n:] == 0).all()
 
 
 def test_rpn_uses_train_and_test_top_n() -> None:
