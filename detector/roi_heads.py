@@ -20,18 +20,22 @@ from typing import NamedTuple
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
-from torchvision.ops import batched_nms, roi_align, roi_pool
+from torchvision.ops import nms, roi_align, roi_pool
 
 from detector.boxes import batched_box_iou, clip, decode, encode, large_enough
 from detector.matcher import best_match
 from detector.sampler import sample_labels
 
-__all__ = ["DetectionSettings", "RoIHeads", "RoISampling", "SampledRoIs", "sample_rois"]
+__all__ = ["DetectionSettings", "RoIHeads", "RoISampling", "SampledRoIs", "nms_by_group",
+           "sample_rois"]
 
 ROI_BOX_WEIGHTS = (10.0, 10.0, 5.0, 5.0)
 ROI_SMOOTH_L1_BETA = 1.0
 #: Detections narrower or shorter than this (pixels) are dropped (degenerate after clipping).
 MIN_DETECTION_SIZE = 1e-2
+#: Up to this many candidate detections in a batch, one NMS call does them all (one host sync);
+#: above, one call per image keeps the NMS mask (quadratic in the boxes) small.
+ONE_NMS_CALL_MAX_BOXES = 4096
 
 
 @dataclass(frozen=True)
@@ -254,20 +258,42 @@ class RoIHeads(nn.Module):
         # (B*N, 1, 4) proposals with (B*N, K, 4) class offsets -> (B*N, K, 4) boxes
         boxes = clip(decode(proposals.reshape(b * n, 1, 4), deltas[:, 1:], ROI_BOX_WEIGHTS),
                      image_size)
-        labels = torch.arange(1, k + 1, device=logits.device)[None].expand(b * n, k)
-        image = torch.arange(b, device=logits.device).repeat_interleave(n)[:, None].expand(b * n, k)
         keep = ((scores > d.score_thresh) & proposal_valid.reshape(b * n, 1)
                 & large_enough(boxes, MIN_DETECTION_SIZE))  # (B*N, K)
-        boxes, scores, labels, image = boxes[keep], scores[keep], labels[keep], image[keep]
-        # One NMS call for the batch: a group per (image, class).
-        kept = batched_nms(boxes, scores, image * (k + 1) + labels, d.nms_iou)  # best first
-        boxes, scores, labels, image = boxes[kept], scores[kept], labels[kept], image[kept]
-        order = torch.argsort(image, stable=True)  # by image, best first within each image
-        boxes, scores, labels, image = boxes[order], scores[order], labels[order], image[order]
-        counts = torch.bincount(image, minlength=b)
-        rank = torch.arange(image.shape[0], device=image.device) - (torch.cumsum(counts, 0) - counts)[image]
-        top = rank < d.detections_per_image
-        boxes, scores, labels = boxes[top], scores[top], labels[top]
-        sizes = counts.clamp(max=d.detections_per_image).tolist()
-        return [{"boxes": bx, "scores": sc, "labels": lb}
+        row, col = keep.nonzero(as_tuple=True)  # (M,) each, by image: one host sync
+        boxes, scores = boxes[row, col], scores[row, col]
+        labels, image = col + 1, torch.div(row, n, rounding_mode="floor")
+        group = image * (k + 1) + labels  # NMS per (image, class)
+        span = max(image_size) + 1  # boxes are clipped: groups this far apart never overlap
+        top = d.detections_per_image
+        if boxes.shape[0] <= ONE_NMS_CALL_MAX_BOXES:
+            kept = nms_by_group(boxes, scores, group, d.nms_iou, span)  # best first, all images
+            kept = kept[torch.argsort(image[kept], stable=True)]  # by image, best first in each
+            sizes = torch.bincount(image[kept], minlength=b).tolist()  # host sync
+        else:  # image by image: the NMS mask grows with the square of the boxes of a call
+            counts = torch.bincount(image, minlength=b).tolist()  # host sync
+            starts = [sum(counts[:i]) for i in range(b)]
+            per_image = [start + nms_by_group(bx, sc, gr, d.nms_iou, span)
+                         for start, bx, sc, gr in zip(starts, boxes.split(counts),
+                                                      scores.split(counts), group.split(counts))]
+            kept = torch.cat(per_image)
+            sizes = [x.shape[0] for x in per_image]
+        boxes, scores, labels = boxes[kept], scores[kept], labels[kept]
+        return [{"boxes": bx[:top], "scores": sc[:top], "labels": lb[:top]}
                 for bx, sc, lb in zip(boxes.split(sizes), scores.split(sizes), labels.split(sizes))]
+
+
+def nms_by_group(boxes: Tensor, scores: Tensor, group: Tensor, iou: float, span: float) -> Tensor:
+    """NMS within each group in one ``torchvision.ops.nms`` call (``batched_nms``'s coordinate
+    trick, without its fall-back to a loop over the groups, a host sync each).
+
+    Args:
+        boxes: ``(M, 4)`` with coordinates in ``[0, span)``; scores: ``(M,)``; group: ``(M,)``
+            int64.
+        iou: NMS threshold.
+        span: boxes of group ``g`` are shifted by ``g * span`` so that groups never overlap.
+
+    Returns:
+        ``(m,)`` int64 indices of the kept boxes, best first.
+    """
+    return nms(boxes + (group.to(boxes.dtype) * span)[:, None], scores, iou)

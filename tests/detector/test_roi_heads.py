@@ -6,9 +6,11 @@ import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from torchvision.ops import box_iou
+from torchvision.ops import batched_nms, box_iou
 
 from detector.boxes import pad_boxes
+from detector import roi_heads
+from detector.boxes import clip, decode
 from detector.roi_heads import DetectionSettings, RoIHeads, RoISampling, sample_rois
 
 SAMPLING = dict(num_samples=32, fg_fraction=0.25, fg_iou=0.5, bg_iou_low=0.0, bg_iou_high=0.5)
@@ -124,3 +126,42 @@ def test_postprocess_threshold_nms_top_k_and_images() -> None:
     two = torch.tensor([[0.0, 5.0, 5.0]])
     dets = head.postprocess(two, torch.zeros(1, 3, 4), proposals[:1, :1], valid[:1, :1], (200, 200))
     assert sorted(dets[0]["labels"].tolist()) == [1, 2]
+
+
+def reference_detections(head: RoIHeads, logits, deltas, proposals, valid, size):
+    """Image by image with torchvision's ``batched_nms`` (classes as groups)."""
+    d, k = head.detection, head.num_classes
+    b, n, _ = proposals.shape
+    out = []
+    for i in range(b):
+        rows = slice(i * n, (i + 1) * n)
+        scores = logits[rows].softmax(-1)[:, 1:]
+        boxes = clip(decode(proposals[i][:, None], deltas[rows, 1:], roi_heads.ROI_BOX_WEIGHTS), size)
+        labels = torch.arange(1, k + 1).expand(n, k)
+        wh = boxes[..., 2:] - boxes[..., :2]
+        keep = (scores > d.score_thresh) & valid[i][:, None] & (wh >= roi_heads.MIN_DETECTION_SIZE).all(-1)
+        bx, sc, lb = boxes[keep], scores[keep], labels[keep]
+        kept = batched_nms(bx, sc, lb, d.nms_iou)[:d.detections_per_image]
+        out.append((bx[kept], sc[kept], lb[kept]))
+    return out
+
+
+@pytest.mark.parametrize("one_call_max", [0, 10**6])  # image by image, and one call for all
+def test_postprocess_matches_per_image_batched_nms(monkeypatch, one_call_max: int) -> None:
+    monkeypatch.setattr(roi_heads, "ONE_NMS_CALL_MAX_BOXES", one_call_max)
+    g = torch.Generator().manual_seed(3)
+    b, n, k = 3, 40, 4
+    head = make_head(num_classes=k, score_thresh=0.1, nms_iou=0.4, detections_per_image=15)
+    proposals = torch.stack([random_boxes(g, n) for _ in range(b)])
+    valid = torch.rand(b, n, generator=g) > 0.2
+    valid[2] = False  # an image without a proposal
+    logits = 2 * torch.randn(b * n, k + 1, generator=g)
+    deltas = 0.5 * torch.randn(b * n, k + 1, 4, generator=g)
+    dets = head.postprocess(logits, deltas, proposals, valid, (200, 200))
+    ref = reference_detections(head, logits, deltas, proposals, valid, (200, 200))
+    assert [len(x["boxes"]) for x in dets] == [len(r[0]) for r in ref]
+    assert len(dets[0]["boxes"]) == 15 and len(dets[2]["boxes"]) == 0  # top-k bites; empty image
+    for det, (bx, sc, lb) in zip(dets, ref):
+        torch.testing.assert_close(det["boxes"], bx)
+        torch.testing.assert_close(det["scores"], sc)
+        assert det["labels"].tolist() == lb.tolist()
