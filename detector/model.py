@@ -182,22 +182,26 @@ class FasterRCNN(nn.Module):
 
     def _pad_targets(self, targets: Sequence[Target], batch: int,
                      device: torch.device) -> tuple[Tensor, Tensor, Tensor]:
-        """``B`` target dicts -> ``(boxes (B, G, 4) float32, valid (B, G), labels (B, G) int64)``.
+        """``B`` target dicts -> ``(boxes (B, G, 4) float32, valid (B, G), labels (B, G) int64)``
+        on ``device``.
 
-        Raises ValueError for a wrong count, shape, or label / box value (one host sync).
+        Checked and padded where the targets are, then moved: targets on the CPU (as a data
+        loader gives them) cost the GPU no host sync. Raises ValueError for a wrong count, shape,
+        or label / box value.
         """
         if targets is None or len(targets) != batch:
             got = None if targets is None else len(targets)
             raise ValueError(f"training needs one target dict per image: {batch} images, "
                              f"got {got} targets")
+        home = targets[0]["boxes"].device
         boxes, labels = [], []
         for i, t in enumerate(targets):
             b, lab = t["boxes"], t["labels"]
             if b.dim() != 2 or b.shape[-1] != 4 or lab.shape != b.shape[:1]:
                 raise ValueError(f"target {i}: boxes must be (G, 4) and labels (G,), got "
                                  f"{tuple(b.shape)} and {tuple(lab.shape)}")
-            boxes.append(b.to(device))
-            labels.append(lab.to(device=device, dtype=torch.int64))
+            boxes.append(b.to(home))
+            labels.append(lab.to(device=home, dtype=torch.int64))
         gt_boxes, gt_valid, (gt_labels,) = pad_boxes(boxes, labels)
         bad_label = gt_valid & ((gt_labels < 1) | (gt_labels > self.num_classes))
         bad_box = gt_valid & ((gt_boxes[..., 2] <= gt_boxes[..., 0])
@@ -208,7 +212,7 @@ class FasterRCNN(nn.Module):
             raise ValueError(
                 f"target {img}, box {box}: label {int(gt_labels[img, box])} (allowed 1.."
                 f"{self.num_classes}) / box {gt_boxes[img, box].tolist()} (needs x2 > x1, y2 > y1)")
-        return gt_boxes, gt_valid, gt_labels
+        return tuple(t.to(device, non_blocking=True) for t in (gt_boxes, gt_valid, gt_labels))
 
     # -- entry points ------------------------------------------------------------------------
 

@@ -60,7 +60,12 @@ def fit_on_worker(worker: WorkerContext, **loop_args: Any) -> Any:
         ray.train.report(metrics, checkpoint=ckpt, checkpoint_dir_name=name)
 
     def wrap(model: torch.nn.Module) -> torch.nn.Module:
-        return ray.train.torch.prepare_model(model, move_to_device=worker.device)
+        # device_ids=None: DDP leaves the inputs where they are (as on the CPU). The loop moves
+        # the images; the targets stay on the CPU for the model to check and pad without a
+        # host sync (DDP would otherwise copy every target tensor to the GPU first).
+        return ray.train.torch.prepare_model(
+            model, move_to_device=worker.device,
+            parallel_strategy_kwargs={"device_ids": None, "output_device": None})
 
     resume = ray.train.get_checkpoint()
     with (resume.as_directory() if resume is not None else contextlib.nullcontext()) as folder:

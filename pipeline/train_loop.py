@@ -147,9 +147,9 @@ def _mean_over_ranks(sums: torch.Tensor, count: int) -> torch.Tensor:
 
 
 def _to_device(batch: Mapping[str, Any], device: torch.device) -> tuple[torch.Tensor, list[dict]]:
-    images = batch["images"].to(device, non_blocking=True)
-    targets = [{k: v.to(device, non_blocking=True) for k, v in t.items()} for t in batch["targets"]]
-    return images, targets
+    """Images to ``device``; the targets stay on the CPU: the model checks and pads them there
+    and moves the padded batch in one go (no host sync on the GPU for the check)."""
+    return batch["images"].to(device, non_blocking=True), batch["targets"]
 
 
 def _print(msg: str) -> None:
@@ -330,10 +330,12 @@ def train(cfg: Config, *, stage: str, train_path: str | Path, num_classes: int,
                                      enabled=dtype is not None):
                 losses = net(images, targets)
             loss = sum(losses[t] for t in terms)
-            if not torch.isfinite(loss):
-                values = {k: float(v.detach()) for k, v in losses.items()}
+            # The step's one host sync of the loop: its loss terms, for the check and the log.
+            values = torch.stack([losses[t].detach().float() for t in terms]).cpu()
+            if not torch.isfinite(values).all():
+                shown = {k: float(v.detach()) for k, v in losses.items()}
                 raise FloatingPointError(f"{name}: non-finite loss at step {step + 1} "
-                                         f"(epoch {epoch + 1}): {values}")
+                                         f"(epoch {epoch + 1}): {shown}")
             optimizer.zero_grad(set_to_none=True)
             with out_of_memory_as_error(batch_size=tcfg.batch_size, images=images.shape[0],
                                         image_size=image_size, device=device, step=step + 1):
@@ -353,7 +355,6 @@ def train(cfg: Config, *, stage: str, train_path: str | Path, num_classes: int,
             scheduler.step()
             step += 1
             epoch_step += 1
-            values = torch.stack([losses[t].detach().float().cpu() for t in terms])
             epoch_sums += values.to(torch.float64)
             now = time.perf_counter()
             batch_images = images.shape[0] * world_size
