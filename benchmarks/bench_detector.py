@@ -14,14 +14,17 @@ rule), uses a sigmoid objectness (1 channel per anchor; ours 2-way softmax) and 
 ``beta = 1/9`` in the head (ours 1.0).
 
 Reported: training images / s (forward + backward + SGD step), inference images / s, peak GPU
-memory of each phase, and the time of the RPN target assignment (labelling + sampling +
-encoding) and of the proposal layer (decoding + clipping + size filter + top-k + NMS + top-k)
-alone, on the same random inputs.
+memory of each phase, the operators and host syncs of one forward (:mod:`detector.op_count`:
+on a GPU each operator is a kernel launch and each sync stalls the queue; the counts do not
+depend on the device, except that reads of CPU tensors are not seen on the CPU), and the time
+of the RPN target assignment (labelling + sampling + encoding) and of the proposal layer
+(decoding + clipping + size filter + top-k + NMS + top-k) alone, on the same random inputs.
 
 Usage::
 
     python benchmarks/bench_detector.py --device cuda --image-size 640 --batch-size 8 --amp bf16
     python benchmarks/bench_detector.py --device cpu --image-size 320 --batch-size 2 --steps 3
+    python benchmarks/bench_detector.py --device cpu --image-size 640 --batch-size 8 --counts-only
 """
 
 from __future__ import annotations
@@ -51,6 +54,7 @@ from torchvision.ops import MultiScaleRoIAlign  # noqa: E402
 from detector import FasterRCNN  # noqa: E402
 from detector.backbone import IMAGENET_MEAN, IMAGENET_STD, vgg16_features  # noqa: E402
 from detector.boxes import encode, pad_boxes  # noqa: E402
+from detector.op_count import OpCounter  # noqa: E402
 from detector.rpn import assign_targets, proposal_layer  # noqa: E402
 
 
@@ -65,6 +69,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--num-classes", type=int, default=20, help="K, without background")
     p.add_argument("--max-boxes", type=int, default=10, help="random boxes per image: 1..this")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--counts-only", action="store_true",
+                   help="only the operator and host-sync counts (no timing): quick on a CPU at "
+                        "any size")
     return p.parse_args(argv)
 
 
@@ -178,14 +185,30 @@ def measure_model(model: torch.nn.Module, tv_inputs: bool, images: torch.Tensor,
                                                      enabled=amp_dtype is not None):
             model(inputs)
 
+    def counted(train: bool) -> OpCounter:
+        """Operators and host syncs of one forward (training: up to the losses)."""
+        with torch.autocast(device.type, dtype=amp_dtype or torch.float32,
+                            enabled=amp_dtype is not None), OpCounter() as counts:
+            if train:
+                model(inputs, targets)
+            else:
+                with torch.inference_mode():
+                    model(inputs)
+        return counts
+
+    res: dict[str, float | None] = dict.fromkeys(("train", "infer", "train_mem", "infer_mem"))
     model.train()
-    train_s = timed(train_step, args.steps, args.warmup, device)
-    train_mem = peak_memory(train_step, device)
+    if not args.counts_only:
+        res["train"] = args.batch_size / timed(train_step, args.steps, args.warmup, device)
+        res["train_mem"] = peak_memory(train_step, device)
+    train_ops = counted(True)
     model.eval()
-    infer_s = timed(infer_step, args.steps, args.warmup, device)
-    infer_mem = peak_memory(infer_step, device)
-    return {"train": args.batch_size / train_s, "infer": args.batch_size / infer_s,
-            "train_mem": train_mem, "infer_mem": infer_mem}
+    if not args.counts_only:
+        res["infer"] = args.batch_size / timed(infer_step, args.steps, args.warmup, device)
+        res["infer_mem"] = peak_memory(infer_step, device)
+    infer_ops = counted(False)
+    return res | {"train_ops": train_ops.total, "train_syncs": train_ops.syncs,
+                  "infer_ops": infer_ops.total, "infer_syncs": infer_ops.syncs}
 
 
 def measure_rpn_parts(ours: FasterRCNN, tv: TVFasterRCNN, targets: list[dict[str, torch.Tensor]],
@@ -261,13 +284,16 @@ def main(argv: list[str] | None = None) -> None:
 
     res_ours = measure_model(ours, False, images, targets, args, device)
     res_tv = measure_model(tv, True, images, targets, args, device)
-    parts = measure_rpn_parts(ours, tv, targets, args, device, g)
+    parts = (dict.fromkeys(("targets", "proposals"), (None, None)) if args.counts_only
+             else measure_rpn_parts(ours, tv, targets, args, device, g))
 
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else (
         f"CPU ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)")
     print(f"device: {name}; torch {torch.__version__}; date {datetime.date.today()}")
+    timing = ("operator counts only, no timing" if args.counts_only else
+              f"{args.steps} timed steps after {args.warmup} warm-up (median)")
     print(f"image {args.image_size}x{args.image_size}, batch {args.batch_size}, amp {args.amp}, "
-          f"{args.steps} timed steps after {args.warmup} warm-up (median)")
+          f"{timing}")
     shown = " ".join(sys.argv[1:] if argv is None else argv)
     print(f"command: python benchmarks/bench_detector.py {shown}")
     print()
@@ -280,6 +306,12 @@ def main(argv: list[str] | None = None) -> None:
                        ("infer_mem", "peak memory, inference (GiB)")):
         mine, theirs = res_ours[key], res_tv[key]
         print(f"| {label} | {fmt(mine)} | {fmt(theirs)} | {ratio(mine, theirs, 'the memory')} |")
+    for key, label in (("train_ops", "operators, training forward"),
+                       ("train_syncs", "host syncs, training forward"),
+                       ("infer_ops", "operators, inference forward"),
+                       ("infer_syncs", "host syncs, inference forward")):
+        mine, theirs = res_ours[key], res_tv[key]
+        print(f"| {label} | {mine} | {theirs} | {ratio(mine, theirs, 'as many')} |")
     for key, label in (("targets", "RPN target assignment (ms / batch)"),
                        ("proposals", "proposal layer, train top-N (ms / batch)")):
         mine, theirs = parts[key]

@@ -189,3 +189,38 @@ def test_pipeline_keywords_build_the_model() -> None:
     kwargs["roi_hidden_dim"] = 16  # same architecture otherwise, cheap to build
     model = FasterRCNN(4, **kwargs)
     assert model.config == {"num_classes": 4, "rpn_only": False, **kwargs}
+
+
+def counted_forward(model: FasterRCNN, images: torch.Tensor, boxes_per_image: int):
+    """Operators and host syncs (:class:`detector.op_count.OpCounter`) of one training forward."""
+    from detector.op_count import OpCounter
+    g = torch.Generator().manual_seed(0)
+    s = images.shape[-1]
+    tgts = []
+    for _ in range(images.shape[0]):
+        xy = torch.rand(boxes_per_image, 2, generator=g) * s / 2
+        tgts.append({"boxes": torch.cat((xy, xy + s / 4 + torch.rand(boxes_per_image, 2) * s / 4), 1),
+                     "labels": torch.randint(1, 4, (boxes_per_image,), generator=g)})
+    with OpCounter() as counts:
+        model(images, tgts)
+    return counts
+
+
+def test_training_forward_is_batched_with_one_nms_per_image_as_only_growing_sync() -> None:
+    """No Python loop over anchors or boxes, and per image only what NMS needs: the operator
+    count does not change with the boxes per image or the number of anchors, grows by a few
+    operators per image, and the host syncs are one NMS per image plus two reads (target check
+    where the targets are, the CPU here; the non-finite loss check)."""
+    torch.manual_seed(0)
+    kw = dict(SMALL, roi_hidden_dim=16, rpn_pre_nms_top_n_train=300, rpn_post_nms_top_n_train=50)
+    model = FasterRCNN(3, **kw).train()
+    base = counted_forward(model, torch.rand(1, 3, 64, 64), 1)
+    assert base.sync_names == {"aten::_local_scalar_dense": 2, "torchvision::nms": 1}
+    more_boxes = counted_forward(model, torch.rand(1, 3, 64, 64), 12)
+    assert more_boxes.by_name == base.by_name
+    more_anchors = counted_forward(FasterRCNN(3, **dict(kw, image_size=128)).train(),
+                                   torch.rand(1, 3, 128, 128), 1)  # 4x the anchors
+    assert more_anchors.by_name == base.by_name
+    batch = counted_forward(model, torch.rand(4, 3, 64, 64), 3)
+    assert batch.sync_names == {"aten::_local_scalar_dense": 2, "torchvision::nms": 4}
+    assert batch.total - base.total <= 3 * 20  # a few operators per image, none per box
