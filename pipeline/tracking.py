@@ -59,10 +59,17 @@ def redact(text: str) -> str:
     to the URIs in its messages.
     """
     text = _USERINFO.sub(r"\1***@", text)
-    for name, value in os.environ.items():
+    for name, value in _environ_snapshot().items():
         if len(value) >= 8 and _SECRET_NAMES.search(name) and value in text:
             text = text.replace(value, f"***{name}***")
     return text
+
+
+def _environ_snapshot() -> dict[str, str]:
+    """The environment now, safe while other threads change it (MLflow's telemetry thread
+    deletes a variable of its own: ``os.environ.items()`` then raises KeyError mid-way)."""
+    values = {name: os.environ.get(name) for name in list(os.environ)}
+    return {name: value for name, value in values.items() if value is not None}
 
 
 def resolve_uri(uri: str, *, base: str | Path | None = None) -> str:

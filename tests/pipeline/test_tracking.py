@@ -107,3 +107,51 @@ def test_unknown_run_id_starts_a_new_run(cfg):
 
 def test_git_commit_outside_a_repository(tmp_path: Path):
     assert tracking.git_commit(tmp_path) == "unknown"
+
+
+def test_redact_survives_a_variable_deleted_by_another_thread(monkeypatch) -> None:
+    """MLflow's telemetry thread deletes its session variable while the stage logs its
+    parameters; a name listed but gone by the time it is read is skipped, not a KeyError."""
+    from collections.abc import MutableMapping
+
+    class Vanishing(MutableMapping):
+        def __init__(self, data: dict[str, str]) -> None:
+            self.data = data
+
+        def __getitem__(self, name: str) -> str:
+            return self.data[name]
+
+        def __iter__(self):
+            return iter([*self.data, "_MLFLOW_TELEMETRY_SESSION_ID"])  # listed, then gone
+
+        def __len__(self) -> int:
+            return len(self.data) + 1
+
+        def __setitem__(self, name: str, value: str) -> None:  # pytest sets its own variables
+            self.data[name] = value
+
+        def __delitem__(self, name: str) -> None:
+            del self.data[name]
+
+    monkeypatch.setattr(tracking.os, "environ", Vanishing({"DB_PASSWORD": "hunter2-hunter2"}))
+    assert tracking.redact("uri with hunter2-hunter2") == "uri with ***DB_PASSWORD***"
+
+
+@pytest.mark.parametrize("preset,expected", [(None, "disabled"), ("false", "enabled")])
+def test_mlflow_telemetry_is_off_unless_asked_for(preset: str | None, expected: str) -> None:
+    """Importing the pipeline turns MLflow's telemetry off before MLflow loads; a user's own
+    setting wins. (Checked in a fresh interpreter, outside pytest, which MLflow treats apart.)"""
+    import os
+    import subprocess
+    import sys
+
+    env = {k: v for k, v in os.environ.items() if k not in ("MLFLOW_DISABLE_TELEMETRY", "CI")
+           and not k.startswith("PYTEST")}
+    if preset is not None:
+        env["MLFLOW_DISABLE_TELEMETRY"] = preset
+    code = ("import pipeline.tracking\n"
+            "from mlflow.environment_variables import MLFLOW_DISABLE_TELEMETRY\n"
+            "print('disabled' if MLFLOW_DISABLE_TELEMETRY.get() else 'enabled')")
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True,
+                         check=True, timeout=120)
+    assert out.stdout.strip() == expected
