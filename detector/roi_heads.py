@@ -14,6 +14,7 @@ regression term times ``reg_weight``. RoI align uses ``sampling_ratio=2``, ``ali
 
 from __future__ import annotations
 
+import itertools
 from dataclasses import dataclass
 from typing import NamedTuple
 
@@ -268,11 +269,12 @@ class RoIHeads(nn.Module):
         top = d.detections_per_image
         if boxes.shape[0] <= ONE_NMS_CALL_MAX_BOXES:
             kept = nms_by_group(boxes, scores, group, d.nms_iou, span)  # best first, all images
-            kept = kept[torch.argsort(image[kept], stable=True)]  # by image, best first in each
-            sizes = torch.bincount(image[kept], minlength=b).tolist()  # host sync
+            kept_image = image[kept]
+            kept = kept[torch.argsort(kept_image, stable=True)]  # by image, best first in each
+            sizes = torch.bincount(kept_image, minlength=b).tolist()  # host sync
         else:  # image by image: the NMS mask grows with the square of the boxes of a call
             counts = torch.bincount(image, minlength=b).tolist()  # host sync
-            starts = [sum(counts[:i]) for i in range(b)]
+            starts = itertools.accumulate(counts[:-1], initial=0)
             per_image = [start + nms_by_group(bx, sc, gr, d.nms_iou, span)
                          for start, bx, sc, gr in zip(starts, boxes.split(counts),
                                                       scores.split(counts), group.split(counts))]
