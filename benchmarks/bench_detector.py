@@ -14,7 +14,7 @@ rule), uses a sigmoid objectness (1 channel per anchor; ours 2-way softmax) and 
 ``beta = 1/9`` in the head (ours 1.0).
 
 Reported: training images / s (forward + backward + SGD step), inference images / s, peak GPU
-memory of each phase, the operators and host syncs of one forward (:mod:`detector.op_count`:
+memory of each phase, the operators and host syncs of one forward (:mod:`benchmarks.op_count`:
 on a GPU each operator is a kernel launch and each sync stalls the queue; the counts do not
 depend on the device, except that reads of CPU tensors are not seen on the CPU), and the time
 of the RPN target assignment (labelling + sampling + encoding) and of the proposal layer
@@ -54,7 +54,7 @@ from torchvision.ops import MultiScaleRoIAlign  # noqa: E402
 from detector import FasterRCNN  # noqa: E402
 from detector.backbone import IMAGENET_MEAN, IMAGENET_STD, vgg16_features  # noqa: E402
 from detector.boxes import encode, pad_boxes  # noqa: E402
-from detector.op_count import OpCounter  # noqa: E402
+from benchmarks.op_count import OpCounter  # noqa: E402
 from detector.rpn import assign_targets, proposal_layer  # noqa: E402
 
 

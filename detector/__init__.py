@@ -16,7 +16,7 @@ No Ray, MLflow or DVC here: :mod:`pipeline` owns orchestration.
 
 from detector import anchors, backbone, boxes, matcher, roi_heads, rpn, sampler
 from detector.anchors import generate_anchors
-from detector.checkpoint import load_model, save_model
+from detector.serialization import load_model, save_model
 from detector.model import FasterRCNN, NonFiniteLossError
 from detector.rpn import assign_targets
 

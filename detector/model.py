@@ -56,7 +56,7 @@ class FasterRCNN(nn.Module):
 
     ``model.config`` keeps ``num_classes`` and every keyword, so
     ``FasterRCNN(**model.config)`` rebuilds the same architecture (see
-    :mod:`detector.checkpoint`).
+    :mod:`detector.serialization`).
 
     Calling it:
 

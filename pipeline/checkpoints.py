@@ -6,7 +6,7 @@ A checkpoint is a folder (Ray Train persists it under ``train.storage_path/<run 
         progress.json    # {"stage", "epoch", "epoch_step", "step", "total_steps", "done"}
         train_state.pt   # model state dict, optimiser, LR scheduler, AMP scaler, counters,
                          # running epoch sums, per-epoch history, RNG states
-        model.pt         # last checkpoint of a run only: detector.checkpoint.save_model format
+        model.pt         # last checkpoint of a run only: detector.serialization.save_model format
 
 ``epoch`` counts finished epochs, ``epoch_step`` optimiser steps done in the current epoch,
 ``step`` optimiser steps in all. Everything is saved with ``torch.save`` and read back with

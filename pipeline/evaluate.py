@@ -433,9 +433,9 @@ def load_models(cfg: Config, device: torch.device) -> tuple[nn.Module, nn.Module
     Raises:
         FileNotFoundError: naming the missing model file and the stage that writes it.
         ValueError: a file is not a readable checkpoint (see
-            :func:`detector.checkpoint.load_model`).
+            :func:`detector.serialization.load_model`).
     """
-    from detector.checkpoint import load_model
+    from detector.serialization import load_model
 
     models = []
     for path, stage in ((cfg.train.rpn_model, "rpn"), (cfg.train.frcnn_model, "frcnn")):

@@ -140,7 +140,7 @@ def draw_all(images: Sequence[Loaded], results: Sequence[dict[str, Any]], out_di
 
 def run(cfg: Config, args: argparse.Namespace) -> int:
     """The ``predict`` command; returns 0, or 1 when the model or any image failed."""
-    from detector.checkpoint import load_model
+    from detector.serialization import load_model
 
     model_path = Path(args.model or cfg.train.frcnn_model)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")

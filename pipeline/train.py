@@ -3,7 +3,7 @@
 Reads ``data.out_dir/train.parquet`` and ``classes.json``; the ``frcnn`` stage starts from
 ``train.rpn_model``. Writes (atomically):
 
-- ``train.rpn_model`` / ``train.frcnn_model``: the model (``detector.checkpoint`` format:
+- ``train.rpn_model`` / ``train.frcnn_model``: the model (``detector.serialization`` format:
   state dict + constructor config + the class names);
 - ``train.metrics_dir/train_<stage>.json``: last-epoch mean losses, steps, epochs, images/s,
   training and wall seconds (DVC metrics);

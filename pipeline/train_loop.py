@@ -83,7 +83,7 @@ def init_from_rpn(model: nn.Module, path: str | Path) -> dict[str, int]:
         FileNotFoundError: no model file (run ``frcnn train --stage rpn`` first).
         ValueError: a tensor's shape differs (the RPN was built with other anchors / sizes).
     """
-    from detector.checkpoint import load_model
+    from detector.serialization import load_model
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"{path}: RPN model not found; run `frcnn train --stage rpn` first")
@@ -307,7 +307,7 @@ def train(cfg: Config, *, stage: str, train_path: str | Path, num_classes: int,
             }, {"stage": stage, "epoch": epoch, "epoch_step": epoch_step, "step": step,
                 "total_steps": total_steps, "done": final, "history": history})
             if final:
-                from detector.checkpoint import save_model
+                from detector.serialization import save_model
                 save_model(folder / checkpoints.MODEL, model, stage=stage, steps=step,
                            **dict(model_meta or {}))
             report(metrics, folder, ckpt_name)

@@ -192,8 +192,8 @@ def test_pipeline_keywords_build_the_model() -> None:
 
 
 def counted_forward(model: FasterRCNN, images: torch.Tensor, boxes_per_image: int):
-    """Operators and host syncs (:class:`detector.op_count.OpCounter`) of one training forward."""
-    from detector.op_count import OpCounter
+    """Operators and host syncs (:class:`benchmarks.op_count.OpCounter`) of one training forward."""
+    from benchmarks.op_count import OpCounter
     g = torch.Generator().manual_seed(0)
     s = images.shape[-1]
     tgts = []

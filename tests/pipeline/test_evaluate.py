@@ -231,7 +231,7 @@ def test_real_model_gives_more_than_its_test_top_n(tmp_path):
 
 @pytest.mark.slow
 def test_run_writes_everything_and_logs_to_mlflow(tmp_path, monkeypatch, capsys):
-    from detector.checkpoint import save_model
+    from detector.serialization import save_model
     from mlflow.tracking import MlflowClient
 
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
@@ -272,9 +272,7 @@ def test_dvc_stage_declares_inputs_parameters_and_outputs():
     paths = E.OutputPaths.from_config(cfg)
     modules = {f"pipeline/{m}.py" for m in ("evaluate", "recall", "voc_ap", "plots", "data",
                                             "tracking", "config", "io")}
-    # every module of the model (op_count is a profiling tool that no stage imports)
-    detector = {f"detector/{p.name}" for p in (ROOT / "detector").glob("*.py")
-                if p.name != "op_count.py"}
+    detector = {f"detector/{p.name}" for p in (ROOT / "detector").glob("*.py")}
     assert modules | detector | {cfg.data.out_dir, cfg.train.rpn_model, cfg.train.frcnn_model} \
         <= set(stage["deps"])
     assert set(stage["params"]) == {"data.out_dir", "train.rpn_model", "train.frcnn_model",

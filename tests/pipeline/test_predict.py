@@ -82,7 +82,7 @@ def test_unreadable_images_are_reported_by_name(tmp_path):
 
 @pytest.fixture(scope="module")
 def model_file(tmp_path_factory) -> Path:
-    from detector.checkpoint import save_model
+    from detector.serialization import save_model
     from detector.model import FasterRCNN
 
     torch.manual_seed(0)

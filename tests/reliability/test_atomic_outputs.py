@@ -26,7 +26,7 @@ import torch
 import yaml
 from PIL import Image
 
-from detector.checkpoint import load_model, save_model
+from detector.serialization import load_model, save_model
 from pipeline import checkpoints, io, plots
 from pipeline.config import Config
 from pipeline.prepare import prepare_dataset

@@ -2,7 +2,7 @@
 
 Fault: a model or checkpoint file cut in half (a copy interrupted, a full disk), random bytes,
 an empty file, or a pickle that would run code when loaded without ``weights_only``.
-Must survive: every reader (``detector.checkpoint.load_model``, the training checkpoint reader
+Must survive: every reader (``detector.serialization.load_model``, the training checkpoint reader
 ``pipeline.checkpoints.read_state`` / ``read_progress``, the train driver's resume and RPN
 checks, ``frcnn evaluate`` and ``frcnn predict``) reports the file by name with a clear error
 (``ValueError``; exit code 1 and no traceback on the command line), never loads half a file and
@@ -22,7 +22,7 @@ import pytest
 import torch
 from PIL import Image
 
-from detector.checkpoint import load_model, save_model
+from detector.serialization import load_model, save_model
 from pipeline import checkpoints, train
 from pipeline.cli import main
 from pipeline.train_loop import build_model

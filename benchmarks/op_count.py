@@ -26,6 +26,8 @@ from collections import Counter
 from typing import Any
 
 import torch
+# A private module of torch (no public dispatch-mode base class yet), stable across 2.x; torch
+# is pinned in pyproject.toml, so a change shows up as a failing tests/benchmarks/test_op_count.py.
 from torch.utils._python_dispatch import TorchDispatchMode
 
 __all__ = ["DATA_DEPENDENT_OPS", "OpCounter"]

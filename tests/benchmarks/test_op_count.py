@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from torchvision.ops import nms
 
-from detector.op_count import OpCounter
+from benchmarks.op_count import OpCounter
 
 
 def test_counts_operators_and_reads_back() -> None:
