@@ -2,8 +2,13 @@
 
 Every subcommand reads ``params.yaml`` (``--params PATH``, repeatable, later files win) and
 ``--set section.key=value`` overrides (repeatable) into one validated :class:`Config` before any
-work starts. Stage code lives in ``pipeline/<stage>.py`` and is imported only when needed, so
-``frcnn --help`` is instant.
+work starts, then calls its stage's entry point, ``pipeline.<stage>.run(cfg, args)``, imported
+only when needed (``frcnn --help`` is instant).
+
+Expected failures (:class:`pipeline.errors.PipelineError`: bad parameters, bad or missing data,
+an unreachable tracking store, too little memory, a run that failed after its restarts) are
+caught here, once: ``frcnn <command>: <message>`` on stderr, exit code 2 for parameters and 1
+otherwise. Ctrl-C exits with 130. Any other exception is a bug and keeps its traceback.
 """
 
 from __future__ import annotations
@@ -14,14 +19,17 @@ import sys
 from pathlib import Path
 from typing import Sequence
 
-from pipeline.config import Config, ConfigError, describe, load_config
+from pipeline.config import Config, describe, load_config
+from pipeline.errors import ConfigError, PipelineError
+from pipeline.redaction import redact
 
 STAGES = {
     "prepare": ("pipeline.prepare", "Read a dataset, resize to data.image_size, validate, split, "
                                     "write data/prepared/*.parquet"),
-    "train": ("pipeline.train", "Train the RPN (--stage rpn) or the full Faster R-CNN "
-                                "(--stage frcnn) with Ray Train"),
-    "evaluate": ("pipeline.evaluate", "Proposal recall (Parquet), detection mAP, plots and pictures"),
+    "train": ("pipeline.training", "Train the RPN (--stage rpn) or the full Faster R-CNN "
+                                   "(--stage frcnn) with Ray Train"),
+    "evaluate": ("pipeline.evaluation", "Proposal recall (Parquet), detection mAP, plots and "
+                                        "pictures"),
     "sweep": ("pipeline.sweep", "Ray Tune sweep over anchor and sampling hyperparameters"),
     "predict": ("pipeline.predict", "Run the detector on image files; print JSON or draw boxes"),
 }
@@ -73,13 +81,20 @@ def resolve_config(params: Sequence[str] | None, overrides: Sequence[str]) -> Co
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    command = f"frcnn {args.command}" + (f" --stage {args.stage}" if args.command == "train"
+                                         else "")
     try:
         cfg = resolve_config(args.params, args.overrides)
+        module = importlib.import_module(STAGES[args.command][0])
+        return int(module.run(cfg, args) or 0)
     except ConfigError as exc:
-        print(f"frcnn {args.command}: invalid parameters: {exc}", file=sys.stderr)
+        print(f"{command}: invalid parameters: {redact(str(exc))}", file=sys.stderr)
         return 2
-    module = importlib.import_module(STAGES[args.command][0])
-    return int(module.run(cfg, args) or 0)
+    except PipelineError as exc:
+        print(f"{command}: {redact(str(exc))}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        return 130
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -1,10 +1,12 @@
-"""Figures of the evaluation: recall curves (matplotlib) and boxes drawn on images (Pillow).
+"""Pictures: recall curves and the sweep's trials (matplotlib), boxes drawn on images (Pillow).
 
-Curves take the frames of :func:`pipeline.recall.recall_vs_iou` (``budget, iou, recall``; the
-anchor baseline has ``budget == -1``) and :func:`pipeline.recall.recall_vs_proposals`
-(``budget, recall@0.5, recall@0.7``). Figures are built on a bare ``matplotlib.figure.Figure``
-(Agg canvas, no pyplot state), so they work headless and in worker processes. Every file is
-written atomically (:mod:`pipeline.io`).
+Curves take the frames of :func:`pipeline.evaluation.recall.recall_vs_iou` (``budget, iou,
+recall``; the anchor baseline has ``budget == -1``) and
+:func:`pipeline.evaluation.recall.recall_vs_proposals` (``budget, recall@0.5, recall@0.7``);
+:func:`plot_lines` draws any set of :class:`Line` s (the sweep's metric per trial). Figures are
+built on a bare ``matplotlib.figure.Figure`` (Agg canvas, no pyplot state), so they work headless
+and in worker processes. Every file is written atomically (:func:`save_figure`,
+:func:`save_image`).
 
 Drawing: ground truth green, proposals thin blue (top ones only), detections red with
 ``class score`` labels. Boxes are ``(N, 4)`` x1y1x2y2 in the image's pixels.
@@ -12,25 +14,28 @@ Drawing: ground truth green, proposals thin blue (top ones only), detections red
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
 
 import numpy as np
 import pandas as pd
 from matplotlib.figure import Figure
+from matplotlib.ticker import MaxNLocator
 from PIL import Image, ImageDraw, ImageFont
 
-from pipeline import io
-from pipeline.recall import ANCHOR_BUDGET
+from pipeline import files
+from pipeline.evaluation.recall import ANCHOR_BUDGET
 
 GT_COLOUR = (0, 200, 0)
 PROPOSAL_COLOUR = (40, 120, 255)
 DETECTION_COLOUR = (230, 30, 30)
 
 
-def _save(fig: Figure, path: str | Path) -> Path:
+def save_figure(fig: Figure, path: str | Path) -> Path:
+    """Write a matplotlib figure as PNG, atomically."""
     path = Path(path)
-    with io.atomic_path(path) as tmp:
+    with files.atomic_path(path) as tmp:
         fig.savefig(tmp, format="png", dpi=100, bbox_inches="tight")
     return path
 
@@ -57,7 +62,7 @@ def plot_recall_vs_iou(curve: pd.DataFrame, path: str | Path, *, title: str = ""
     ax.grid(alpha=0.3)
     if len(curve):
         ax.legend(title="proposals")
-    return _save(fig, path)
+    return save_figure(fig, path)
 
 
 def plot_recall_vs_proposals(curve: pd.DataFrame, path: str | Path, *,
@@ -83,7 +88,36 @@ def plot_recall_vs_proposals(curve: pd.DataFrame, path: str | Path, *,
     ax.grid(alpha=0.3, which="both")
     if columns:
         ax.legend()
-    return _save(fig, path)
+    return save_figure(fig, path)
+
+
+@dataclass(frozen=True)
+class Line:
+    """One line of :func:`plot_lines`: points ``(x, y)`` with a label and a style."""
+
+    label: str
+    x: Sequence[float]
+    y: Sequence[float]
+    linestyle: str = "-"
+    width: float = 1.5
+
+
+def plot_lines(lines: Sequence[Line], path: str | Path, *, xlabel: str, ylabel: str,
+               title: str, integer_x: bool = False, max_legend: int = 20) -> Path:
+    """One marked line per :class:`Line` (e.g. a metric per trial over epochs); a legend when
+    there are at most ``max_legend`` lines; ``integer_x``: whole-number ticks (epochs)."""
+    fig = Figure(figsize=(7, 4.5))
+    ax = fig.add_subplot()
+    for line in lines:
+        ax.plot(line.x, line.y, linestyle=line.linestyle, marker="o", linewidth=line.width,
+                label=line.label)
+    ax.set(xlabel=xlabel, ylabel=ylabel, title=title)
+    if integer_x:
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+    ax.grid(alpha=0.3)
+    if 0 < len(lines) <= max_legend:
+        ax.legend(fontsize="small")
+    return save_figure(fig, path)
 
 
 def _font(size: int) -> ImageFont.ImageFont:
@@ -148,6 +182,6 @@ def save_image(image: Image.Image, path: str | Path) -> Path:
     """Write ``image`` as PNG (or JPEG for a ``.jpg``/``.jpeg`` path), atomically."""
     path = Path(path)
     fmt = "JPEG" if path.suffix.lower() in (".jpg", ".jpeg") else "PNG"
-    with io.atomic_path(path) as tmp:
+    with files.atomic_path(path) as tmp:
         image.save(tmp, format=fmt)
     return path

@@ -1,9 +1,9 @@
 """``frcnn predict IMAGE... [--model PATH] [--draw DIR]``: the detector on image files.
 
 Each image is decoded to RGB, resized exactly as ``frcnn prepare`` resizes (``data.resize``,
-:func:`pipeline.datasets.resize.resize_image`, to the model's own ``image_size``), run through
+:func:`pipeline.images.resize_image`, to the model's own ``image_size``), run through
 the detector in batches of ``eval.batch_size`` (GPU when present), and its detections are mapped
-back to the original image's pixels (:func:`pipeline.datasets.resize.unscale_boxes`, clipped to
+back to the original image's pixels (:func:`pipeline.images.unscale_boxes`, clipped to
 the image).
 
 Output: a JSON array on stdout, one object per readable image, in the order given::
@@ -34,14 +34,13 @@ from typing import Any, Iterator, Sequence
 
 import numpy as np
 import torch
-from PIL import Image, ImageFile
+from PIL import Image
 from torch import Tensor, nn
 
 from pipeline import plots
 from pipeline.config import Config
-from pipeline.datasets.resize import ResizeInfo, ResizeMode, resize_image, unscale_boxes
-
-READ_ERRORS = (OSError, ValueError, SyntaxError, EOFError, Image.DecompressionBombError)
+from pipeline.images import (READ_ERRORS, ResizeInfo, ResizeMode, open_rgb, resize_image,
+                             to_tensor, unscale_boxes)
 
 
 @dataclass
@@ -52,26 +51,6 @@ class Loaded:
     original: Image.Image
     info: ResizeInfo
     tensor: Tensor              # (3, S, S) float32 RGB in [0, 1]
-
-
-def open_rgb(path: str | Path) -> Image.Image:
-    """A fully decoded RGB image (as ``prepare`` reads one; a truncated file is an error).
-
-    Raises:
-        OSError (missing, unreadable), ValueError, SyntaxError, EOFError,
-        Image.DecompressionBombError.
-    """
-    ImageFile.LOAD_TRUNCATED_IMAGES = False
-    with Image.open(path) as image:
-        image.load()
-        return image.convert("RGB")
-
-
-def to_tensor(image: Image.Image) -> Tensor:
-    """RGB image -> ``(3, H, W)`` float32 in [0, 1] (the model normalises itself)."""
-    array = np.asarray(image.convert("RGB"), dtype=np.uint8)
-    # (H, W, 3) uint8 -> (3, H, W) float32
-    return torch.from_numpy(array.copy()).permute(2, 0, 1).float().div_(255.0)
 
 
 def load_images(paths: Sequence[str], size: int, mode: ResizeMode
@@ -139,19 +118,12 @@ def draw_all(images: Sequence[Loaded], results: Sequence[dict[str, Any]], out_di
 
 
 def run(cfg: Config, args: argparse.Namespace) -> int:
-    """The ``predict`` command; returns 0, or 1 when the model or any image failed."""
-    from detector.serialization import load_model
+    """The ``predict`` command; returns 0, or 1 when any image failed. A missing or unreadable
+    model raises :class:`pipeline.errors.PipelineError` before any image is read."""
+    from pipeline.modeling import load_model_file
 
-    model_path = Path(args.model or cfg.train.frcnn_model)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        if not model_path.is_file():
-            raise FileNotFoundError(f"{model_path}: model not found (train one with "
-                                    f"`frcnn train --stage frcnn`, or pass --model)")
-        model, meta = load_model(model_path, map_location=device)
-    except (FileNotFoundError, ValueError) as exc:
-        print(f"frcnn predict: {exc}", file=sys.stderr)
-        return 1
+    model, meta = load_model_file(args.model or cfg.train.frcnn_model, "frcnn", device)
     model.eval()
     class_names = [str(c) for c in meta["classes"]] if "classes" in meta else []
 

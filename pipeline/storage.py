@@ -1,13 +1,21 @@
 """Files in a local folder or a bucket (``s3://``, ``gs://``, ...) alike, through ``pyarrow.fs``.
 
 Where Ray Train and Tune keep runs (``train.storage_path``, ``sweep.storage_path``) may be
-either; the stages read and write their own small files there (run state, trial markers) with
-these helpers. A local path is used absolute; a URI unchanged.
+either; the stages keep their own small files there (run state, trial markers, sweep state)
+with these helpers. A local path is used absolute; a URI unchanged (for S3 the endpoint and
+credentials come from the usual AWS environment variables, or from the URI itself).
+
+Writes are atomic: the bytes go to a temporary name beside the target, which is then moved
+over it (a rename on a local disk; object stores replace a key whole anyway), so a reader never
+sees half a file. Readers still tolerate a torn or foreign file (written by an older version, or
+cut short by a full disk): :func:`read_json` treats it as absent and says so on stderr.
 """
 
 from __future__ import annotations
 
 import json
+import sys
+import uuid
 from pathlib import Path
 from typing import Any
 
@@ -29,28 +37,58 @@ def exists(uri: str) -> bool:
     return fs.get_file_info(path).type != pyarrow.fs.FileType.NotFound
 
 
-def read_text(uri: str) -> str | None:
-    """The file's text, or None when there is no such file."""
+def read_bytes(uri: str) -> bytes | None:
+    """The file's bytes, or None when there is no such file."""
     import pyarrow.fs
     fs, path = fs_of(uri)
     if fs.get_file_info(path).type != pyarrow.fs.FileType.File:
         return None
     with fs.open_input_stream(path) as f:
-        return f.read().decode("utf-8")
+        return f.read()
+
+
+def read_text(uri: str) -> str | None:
+    """The file's text, or None when there is no such file."""
+    data = read_bytes(uri)
+    return None if data is None else data.decode("utf-8", errors="replace")
 
 
 def read_json(uri: str) -> dict[str, Any]:
-    """A JSON object file; ``{}`` when there is no such file."""
+    """A JSON object file; ``{}`` when there is no such file, or when it is torn or not an
+    object (said on stderr: what it held is lost, the caller starts without it)."""
     text = read_text(uri)
-    return json.loads(text) if text is not None else {}
+    if text is None:
+        return {}
+    try:
+        value = json.loads(text)
+    except ValueError as exc:
+        print(f"storage: ignoring {uri}: not valid JSON ({exc})", file=sys.stderr, flush=True)
+        return {}
+    if not isinstance(value, dict):
+        print(f"storage: ignoring {uri}: not a JSON object", file=sys.stderr, flush=True)
+        return {}
+    return value
 
 
 def write_bytes(uri: str, data: bytes) -> None:
-    """Write a file, making its folder."""
+    """Write a file atomically (temporary name, then a move over the target), making its folder."""
     fs, path = fs_of(uri)
-    fs.create_dir(path.rsplit("/", 1)[0], recursive=True)
-    with fs.open_output_stream(path) as f:
-        f.write(data)
+    folder, _, name = path.rpartition("/")
+    fs.create_dir(folder, recursive=True)
+    tmp = f"{folder}/.{name}.{uuid.uuid4().hex[:8]}.tmp"
+    try:
+        with fs.open_output_stream(tmp) as f:
+            f.write(data)
+        fs.move(tmp, path)
+    finally:
+        import pyarrow.fs
+        if fs.get_file_info(tmp).type != pyarrow.fs.FileType.NotFound:
+            fs.delete_file(tmp)
+
+
+def write_json(uri: str, obj: Any) -> None:
+    """Write ``obj`` as JSON, atomically."""
+    write_bytes(uri, json.dumps(obj, sort_keys=True).encode("utf-8"))
 
 
 def delete_dir(uri: str) -> None:

@@ -1,32 +1,45 @@
-"""MLflow tracking: one MLflow run per stage run, metrics from training workers.
+"""MLflow, the one door to it: every run the pipeline opens, every value it logs, redacted.
+
+No other module imports ``mlflow``. Everything written goes through a :class:`RunHandle`, whose
+methods pass every parameter, tag, text artifact and error text through
+:func:`pipeline.redaction.redact` (URI credentials, secret environment values) first.
 
 - Store: ``MLFLOW_TRACKING_URI`` if set, else ``tracking.uri`` (default ``sqlite:///mlflow.db``,
   a SQLite file in the project folder; relative SQLite paths are made absolute so that Ray
   workers, which run in other folders, write to the same file). Artifacts of a SQLite store go
-  to ``mlartifacts/`` beside the database. ``make ui`` serves the same store.
-- Experiment: ``tracking.experiment``.
-- :func:`stage_run` wraps a stage: an MLflow run named after the stage, tagged ``git_commit``,
-  ``dvc_stage`` (``$DVC_STAGE``, which ``dvc repro`` sets, else the stage name) and
-  ``ray_job_id`` (set by stages that use Ray), with every parameter (``cfg.flat()``) and the
-  resolved config as ``config/params.yaml``. A stage that raises ends its run as ``FAILED`` with
-  the error as the ``error`` tag and ``error.txt``; Ctrl-C ends it as ``KILLED``.
-- :class:`MetricLogger` logs step metrics into an existing run from another process (rank 0 of
-  a Ray Train worker group).
+  to ``mlartifacts/`` beside the database; a tracking server decides its own (``mlflow server
+  --artifacts-destination`` proxies them). A server URI may carry credentials
+  (``http://user:password@host:5000``, as MLflow itself accepts; better
+  ``MLFLOW_TRACKING_USERNAME`` / ``MLFLOW_TRACKING_PASSWORD``): they are used, and masked in
+  everything logged or printed.
+- :func:`stage_run` wraps a stage: an MLflow run named after the stage in experiment
+  ``tracking.experiment``, tagged ``git_commit`` and ``dvc_stage`` (``$DVC_STAGE``, which
+  ``dvc repro`` sets, else the stage name), with every parameter and the resolved config as
+  ``config/params.yaml`` (:func:`log_config`). A stage that raises ends its run ``FAILED`` with
+  the error as the ``error`` tag and ``error.txt``; Ctrl-C ends it ``KILLED``.
+- :func:`open_run` gives the handle of an existing run to another process (rank 0 of a Ray
+  Train worker group logs its step metrics this way); :func:`child_run` finds or creates a
+  sweep trial's run under its parent; :func:`end_children` ends them; :func:`record_restart`
+  notes a worker-group restart.
 
-Only parameters from the config are logged, never the environment; everything logged goes
-through :func:`redact` (URI credentials, values of secret-looking environment variables).
+Only parameters from the config are logged, never the environment.
 """
 
 from __future__ import annotations
 
+import base64
 import contextlib
+import functools
 import logging
+import math
 import os
 import re
 import subprocess
+import tempfile
 import time
 import traceback
 import urllib.error
+import urllib.parse
 import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
@@ -35,41 +48,20 @@ from typing import Any, Iterator, Mapping
 import yaml
 
 from pipeline.config import Config
+from pipeline.errors import TrackingError
+from pipeline.redaction import redact
 
 ENV_URI = "MLFLOW_TRACKING_URI"
 ARTIFACTS_DIR = "mlartifacts"
+FINISHED, FAILED, KILLED, RUNNING = "FINISHED", "FAILED", "KILLED", "RUNNING"
+# Artifacts with these suffixes are text: their content is redacted before it is uploaded.
+TEXT_SUFFIXES = (".yaml", ".yml", ".json", ".csv", ".txt", ".md", ".log")
+_MAX_PARAM = 6000   # MLflow's limit on a parameter value
+_MAX_TAG = 5000
 
 
-class TrackingError(RuntimeError):
-    """The tracking store cannot be used (unreachable server, bad URI)."""
-
-
-# scheme://user:password@host or scheme://token@host: everything between :// and @
-_USERINFO = re.compile(r"(?i)\b([a-z][a-z0-9+.\-]*://)[^/@\s]+@")
-_SECRET_NAMES = re.compile(r"(?i)(secret|password|passwd|token|credential|api_?key|access_?key"
-                           r"|private_?key)")
-
-
-def redact(text: str) -> str:
-    """``text`` with credentials masked: the user-info of URIs (``http://user:pass@host`` ->
-    ``http://***@host``) and the value of every environment variable whose name looks secret
-    (``*SECRET*``, ``*PASSWORD*``, ``*TOKEN*``, ``*API_KEY*``...; values of 8+ characters).
-
-    Applied to everything this module logs (parameters, tags, the config artifact, errors) and
-    to the URIs in its messages.
-    """
-    text = _USERINFO.sub(r"\1***@", text)
-    for name, value in _environ_snapshot().items():
-        if len(value) >= 8 and _SECRET_NAMES.search(name) and value in text:
-            text = text.replace(value, f"***{name}***")
-    return text
-
-
-def _environ_snapshot() -> dict[str, str]:
-    """The environment now, safe while other threads change it (MLflow's telemetry thread
-    deletes a variable of its own: ``os.environ.items()`` then raises KeyError mid-way)."""
-    values = {name: os.environ.get(name) for name in list(os.environ)}
-    return {name: value for name, value in values.items() if value is not None}
+# --------------------------------------------------------------------------------------------
+# The store
 
 
 def resolve_uri(uri: str, *, base: str | Path | None = None) -> str:
@@ -88,6 +80,25 @@ def resolve_uri(uri: str, *, base: str | Path | None = None) -> str:
     return uri
 
 
+def _health_request(uri: str) -> urllib.request.Request:
+    """``GET <server>/health``, credentials (from the URI or MLflow's environment variables) as
+    a basic-auth header rather than in the URL, which urllib cannot resolve."""
+    parts = urllib.parse.urlsplit(uri.rstrip("/"))
+    user, password = parts.username, parts.password
+    user = urllib.parse.unquote(user) if user else os.environ.get("MLFLOW_TRACKING_USERNAME")
+    password = (urllib.parse.unquote(password) if password
+                else os.environ.get("MLFLOW_TRACKING_PASSWORD", ""))
+    netloc = parts.hostname or ""
+    if parts.port:
+        netloc += f":{parts.port}"
+    url = urllib.parse.urlunsplit((parts.scheme, netloc, parts.path + "/health", "", ""))
+    request = urllib.request.Request(url)
+    if user:
+        token = base64.b64encode(f"{user}:{password}".encode()).decode()
+        request.add_header("Authorization", f"Basic {token}")
+    return request
+
+
 def check_reachable(uri: str, *, timeout: float = 5.0) -> None:
     """Fail fast, before any work, when the store cannot be reached.
 
@@ -95,15 +106,15 @@ def check_reachable(uri: str, *, timeout: float = 5.0) -> None:
     creatable.
 
     Raises:
-        TrackingError: naming the URI and the reason.
+        TrackingError: naming the URI (credentials masked) and the reason.
     """
     if uri.startswith(("http://", "https://")):
-        url = uri.rstrip("/") + "/health"
         try:
-            with urllib.request.urlopen(url, timeout=timeout) as response:  # noqa: S310
+            request = _health_request(uri)
+            with urllib.request.urlopen(request, timeout=timeout) as response:  # noqa: S310
                 if response.status != 200:
                     raise TrackingError(f"MLflow tracking server {redact(uri)} answered "
-                                        f"{response.status} at {redact(url)}")
+                                        f"{response.status} at /health")
         except (urllib.error.URLError, OSError, ValueError) as exc:
             raise TrackingError(f"MLflow tracking server {redact(uri)} is unreachable "
                                 f"({redact(str(exc))}); start it or set tracking.uri / {ENV_URI}"
@@ -114,7 +125,7 @@ def check_reachable(uri: str, *, timeout: float = 5.0) -> None:
             folder.mkdir(parents=True, exist_ok=True)
         except OSError as exc:
             raise TrackingError(
-                f"MLflow tracking store {uri}: cannot create {folder}: {exc}") from None
+                f"MLflow tracking store {redact(uri)}: cannot create {folder}: {exc}") from None
 
 
 def git_commit(cwd: str | Path | None = None) -> str:
@@ -127,56 +138,25 @@ def git_commit(cwd: str | Path | None = None) -> str:
     return out.stdout.strip() or "unknown"
 
 
-def _artifact_location(uri: str) -> str | None:
-    """``mlartifacts/`` beside a SQLite database; the server's default otherwise."""
-    if uri.startswith("sqlite:///"):
-        return (Path(uri[len("sqlite:///"):]).parent / ARTIFACTS_DIR).as_uri()
-    return None
+@functools.lru_cache(maxsize=8)
+def _client(uri: str) -> Any:
+    """One MlflowClient per store and process (step metrics are logged every step)."""
+    from mlflow.tracking import MlflowClient
 
-
-def _quiet_store_setup() -> None:
-    """Keep "Creating initial MLflow database tables..." (INFO, on stderr) off the console."""
-    for name in ("mlflow.store.db.utils", "alembic"):
+    for name in ("mlflow.store.db.utils", "alembic"):  # no "Creating initial tables..." on stderr
         logging.getLogger(name).setLevel(logging.WARNING)
-
-
-def _param_value(value: Any) -> str:
-    return redact(str(value))[:6000]  # MLflow's limit on a parameter value
-
-
-@dataclass(frozen=True)
-class StageRun:
-    """An active stage run: where it lives and how to add to it."""
-
-    run_id: str
-    experiment_id: str
-    tracking_uri: str
-
-    def _client(self) -> Any:
-        from mlflow.tracking import MlflowClient
-        return MlflowClient(self.tracking_uri)
-
-    def set_tags(self, tags: Mapping[str, Any]) -> None:
-        client = self._client()
-        for key, value in tags.items():
-            client.set_tag(self.run_id, key, redact(str(value)))
-
-    def log_metrics(self, metrics: Mapping[str, float], step: int | None = None) -> None:
-        MetricLogger(self.tracking_uri, self.run_id).log(metrics, step=step or 0)
-
-    def log_artifact(self, path: str | Path, artifact_path: str | None = None) -> None:
-        self._client().log_artifact(self.run_id, str(path), artifact_path)
-
-    def log_text(self, text: str, artifact_file: str) -> None:
-        self._client().log_text(self.run_id, text, artifact_file)
+    return MlflowClient(uri)
 
 
 def _experiment_id(client: Any, name: str, uri: str) -> str:
     experiment = client.get_experiment_by_name(name)
     if experiment is not None:
         return experiment.experiment_id
+    location = None
+    if uri.startswith("sqlite:///"):  # mlartifacts/ beside the database; a server decides its own
+        location = (Path(uri[len("sqlite:///"):]).parent / ARTIFACTS_DIR).as_uri()
     try:
-        return client.create_experiment(name, artifact_location=_artifact_location(uri))
+        return client.create_experiment(name, artifact_location=location)
     except Exception:  # created concurrently by another stage: use theirs
         experiment = client.get_experiment_by_name(name)
         if experiment is None:
@@ -184,9 +164,135 @@ def _experiment_id(client: Any, name: str, uri: str) -> str:
         return experiment.experiment_id
 
 
+# --------------------------------------------------------------------------------------------
+# Names and values
+
+
+def metric_name(name: str) -> str:
+    """An MLflow-valid metric name: ``AR@300`` -> ``AR_at_300``; other characters MLflow refuses
+    become ``_``."""
+    return re.sub(r"[^\w./\- :]", "_", name.replace("@", "_at_"))
+
+
+def flatten_metrics(nested: Mapping[str, Any], prefix: str = "") -> dict[str, float]:
+    """``{"AR@300": .., "val": {"AR@300": ..}}`` -> ``{"AR@300": .., "val/AR@300": ..}``."""
+    out: dict[str, float] = {}
+    for key, value in nested.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, Mapping):
+            out.update(flatten_metrics(value, prefix=f"{name}/"))
+        else:
+            out[name] = float(value)
+    return out
+
+
+def _text(value: Any, limit: int) -> str:
+    return redact(str(value))[:limit]
+
+
+# --------------------------------------------------------------------------------------------
+# Runs
+
+
+@dataclass(frozen=True)
+class RunHandle:
+    """An MLflow run: where it lives, and the only way to write to it (every text redacted).
+
+    Plain and picklable: it travels to Ray workers and sweep trials, which log through it.
+    """
+
+    run_id: str
+    experiment_id: str
+    tracking_uri: str
+
+    @property
+    def client(self) -> Any:
+        """The store's ``MlflowClient`` (for reads; writes go through the methods below)."""
+        return _client(self.tracking_uri)
+
+    def log_params(self, params: Mapping[str, Any]) -> None:
+        """Log parameters not logged yet (MLflow keeps a parameter's first value)."""
+        from mlflow.entities import Param
+
+        logged = set(self.client.get_run(self.run_id).data.params)
+        batch = [Param(key, _text(value, _MAX_PARAM)) for key, value in params.items()
+                 if key not in logged]
+        if batch:
+            self.client.log_batch(self.run_id, params=batch)  # MLflow chunks the batch itself
+
+    def set_tags(self, tags: Mapping[str, Any]) -> None:
+        from mlflow.entities import RunTag
+
+        batch = [RunTag(key, _text(value, _MAX_TAG)) for key, value in tags.items()]
+        if batch:
+            self.client.log_batch(self.run_id, tags=batch)
+
+    def log_metrics(self, metrics: Mapping[str, float], step: int = 0) -> None:
+        """Log finite and non-finite values alike, names made MLflow-valid (:func:`metric_name`)."""
+        from mlflow.entities import Metric
+
+        now = int(time.time() * 1000)
+        batch = [Metric(redact(metric_name(key)), float(value), now, int(step))
+                 for key, value in metrics.items() if not isinstance(value, bool)]
+        if batch:
+            self.client.log_batch(self.run_id, metrics=batch)
+
+    def log_text(self, text: str, artifact_file: str) -> None:
+        self.client.log_text(self.run_id, redact(text), artifact_file)
+
+    def log_artifact(self, path: str | Path, artifact_path: str | None = None) -> None:
+        """Upload a file; a text file (:data:`TEXT_SUFFIXES`) is redacted on the way."""
+        path = Path(path)
+        if path.suffix.lower() not in TEXT_SUFFIXES:
+            self.client.log_artifact(self.run_id, str(path), artifact_path)
+            return
+        text = path.read_text(encoding="utf-8", errors="replace")
+        with tempfile.TemporaryDirectory(prefix="frcnn-artifact-") as folder:
+            copy = Path(folder) / path.name
+            copy.write_text(redact(text), encoding="utf-8")
+            self.client.log_artifact(self.run_id, str(copy), artifact_path)
+
+    def end(self, status: str = FINISHED, error: str | None = None) -> None:
+        """End the run with ``status``; ``error`` becomes the ``error`` tag (redacted)."""
+        if error:
+            self.set_tags({"error": error})
+        self.client.set_terminated(self.run_id, status=status)
+
+    def reopen(self) -> None:
+        """Mark an ended run running again (a resumed stage or trial)."""
+        self.client.update_run(self.run_id, status=RUNNING)
+
+
+def open_run(tracking_uri: str, run_id: str, experiment_id: str = "") -> RunHandle:
+    """The handle of an existing run, from any process (no active-run state)."""
+    return RunHandle(run_id=run_id, experiment_id=experiment_id, tracking_uri=tracking_uri)
+
+
+def log_config(run: RunHandle, cfg: Config) -> None:
+    """Every parameter (``section.key``) and the resolved config as ``config/params.yaml``."""
+    run.log_params(cfg.flat())
+    run.log_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False), "config/params.yaml")
+
+
+def _reopen_or_none(client: Any, run_id: str | None, experiment_id: str) -> str | None:
+    """``run_id`` when it exists in this experiment (reopened), else None."""
+    from mlflow.exceptions import MlflowException
+
+    if run_id is None:
+        return None
+    try:
+        run = client.get_run(run_id)
+    except MlflowException:
+        return None
+    if run.info.experiment_id != experiment_id:
+        return None
+    client.update_run(run_id, status=RUNNING)
+    return run_id
+
+
 @contextlib.contextmanager
 def stage_run(cfg: Config, stage: str, *, run_id: str | None = None,
-              tags: Mapping[str, Any] | None = None) -> Iterator[StageRun]:
+              tags: Mapping[str, Any] | None = None) -> Iterator[RunHandle]:
     """Run the body inside an MLflow run named ``stage``; end it FINISHED / FAILED / KILLED.
 
     Args:
@@ -199,74 +305,78 @@ def stage_run(cfg: Config, stage: str, *, run_id: str | None = None,
     Raises:
         TrackingError: the store is unreachable (before the body runs).
     """
-    from mlflow.entities import Param, RunStatus, RunTag
-    from mlflow.exceptions import MlflowException
-    from mlflow.tracking import MlflowClient
-
     uri = resolve_uri(cfg.tracking.uri)
     check_reachable(uri)
-    _quiet_store_setup()
-    client = MlflowClient(uri)
+    client = _client(uri)
     experiment_id = _experiment_id(client, cfg.tracking.experiment, uri)
-
-    logged: dict[str, str] = {}
-    if run_id is not None:
-        try:
-            run = client.get_run(run_id)
-        except MlflowException:
-            run = None
-        if run is None or run.info.experiment_id != experiment_id:
-            run_id = None
-        else:
-            logged = dict(run.data.params)
-            client.update_run(run_id, status="RUNNING")
-    all_tags = {"git_commit": git_commit(), "dvc_stage": os.environ.get("DVC_STAGE") or stage,
-                **(tags or {})}
-    if run_id is None:
-        run_id = client.create_run(experiment_id, run_name=stage).info.run_id
-    # Parameters are immutable in MLflow: a reopened run keeps the values it started with.
-    params = [Param(k, _param_value(v)) for k, v in cfg.flat().items() if k not in logged]
-    for start in range(0, len(params), 100):  # MLflow takes at most 100 params per batch
-        client.log_batch(run_id, params=params[start:start + 100])
-    client.log_batch(run_id, tags=[RunTag(k, redact(str(v))) for k, v in all_tags.items()])
-    client.log_text(run_id, redact(yaml.safe_dump(cfg.to_dict(), sort_keys=False)),
-                    "config/params.yaml")
-
-    handle = StageRun(run_id=run_id, experiment_id=experiment_id, tracking_uri=uri)
+    run_id = _reopen_or_none(client, run_id, experiment_id) \
+        or client.create_run(experiment_id, run_name=stage).info.run_id
+    run = RunHandle(run_id=run_id, experiment_id=experiment_id, tracking_uri=uri)
+    run.set_tags({"git_commit": git_commit(), "dvc_stage": os.environ.get("DVC_STAGE") or stage,
+                  **(tags or {})})
+    log_config(run, cfg)
     try:
-        yield handle
+        yield run
     except KeyboardInterrupt:
-        client.set_tag(run_id, "error", "interrupted (KeyboardInterrupt)")
-        client.set_terminated(run_id, status=RunStatus.to_string(RunStatus.KILLED))
+        run.end(KILLED, "interrupted (KeyboardInterrupt)")
         raise
     except BaseException as exc:
-        client.set_tag(run_id, "error", redact(f"{type(exc).__name__}: {exc}")[:5000])
         with contextlib.suppress(Exception):
-            client.log_text(run_id, redact(traceback.format_exc()), "error.txt")
-        client.set_terminated(run_id, status=RunStatus.to_string(RunStatus.FAILED))
+            run.log_text(traceback.format_exc(), "error.txt")
+        run.end(FAILED, f"{type(exc).__name__}: {exc}")
         raise
-    client.set_terminated(run_id, status=RunStatus.to_string(RunStatus.FINISHED))
+    run.end(FINISHED)
 
 
-class MetricLogger:
-    """Log metrics into an existing run from any process (no active-run state).
+def child_run(parent: RunHandle, name: str, *, params: Mapping[str, Any],
+              tags: Mapping[str, Any]) -> RunHandle:
+    """A child run of ``parent`` named ``name``: found again by its ``trial_id`` tag (a resumed
+    sweep trial; reopened) or created with ``params`` and ``tags``."""
+    client = parent.client
+    found = client.search_runs(
+        [parent.experiment_id],
+        f"tags.trial_id = '{name}' and tags.`mlflow.parentRunId` = '{parent.run_id}'")
+    if found:
+        run = RunHandle(found[0].info.run_id, parent.experiment_id, parent.tracking_uri)
+        run.reopen()
+        return run
+    created = client.create_run(parent.experiment_id, run_name=name)
+    run = RunHandle(created.info.run_id, parent.experiment_id, parent.tracking_uri)
+    run.set_tags({"mlflow.parentRunId": parent.run_id, "trial_id": name, **tags})
+    run.log_params(params)
+    return run
 
-    Used by rank 0 of the training workers; ``tracking_uri`` must be reachable from there (a
-    shared SQLite file locally; a tracking server on a multi-node cluster).
-    """
 
-    def __init__(self, tracking_uri: str, run_id: str) -> None:
-        from mlflow.tracking import MlflowClient
-        _quiet_store_setup()
-        self.run_id = run_id
-        self._client = MlflowClient(tracking_uri)
+def end_children(parent: RunHandle, outcomes: Mapping[str, tuple[str, str, str | None]]) -> None:
+    """End each child run of ``parent``: ``outcomes[trial_id] = (MLflow status, trial status,
+    error or None)``; the trial status becomes the ``trial_status`` tag."""
+    runs = parent.client.search_runs([parent.experiment_id],
+                                      f"tags.`mlflow.parentRunId` = '{parent.run_id}'",
+                                      max_results=5000)
+    for found in runs:
+        outcome = outcomes.get(found.data.tags.get("trial_id"))
+        if outcome is None:
+            continue
+        status, trial_status, error = outcome
+        run = RunHandle(found.info.run_id, parent.experiment_id, parent.tracking_uri)
+        run.set_tags({"trial_status": trial_status})
+        run.end(status, error)
 
-    def log(self, metrics: Mapping[str, float], step: int) -> None:
-        from mlflow.entities import Metric
-        now = int(time.time() * 1000)
-        batch = [Metric(key, float(value), now, int(step)) for key, value in metrics.items()]
-        if batch:
-            self._client.log_batch(self.run_id, metrics=batch)
+
+def record_restart(tracking_uri: str, run_id: str, reason: str) -> int:
+    """Count a worker-group restart on the run: tag ``restarts`` (running total, across resumed
+    drivers too) and ``last_restart``, metric ``restarts``. Returns the new total."""
+    run = open_run(tracking_uri, run_id)
+    total = int(run.client.get_run(run_id).data.tags.get("restarts", "0")) + 1
+    run.set_tags({"restarts": total, "last_restart": reason})
+    run.log_metrics({"restarts": total}, step=total)
+    return total
+
+
+def finite(metrics: Mapping[str, Any]) -> dict[str, float]:
+    """The numeric, finite, non-boolean entries of ``metrics`` as floats."""
+    return {k: float(v) for k, v in metrics.items()
+            if isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)}
 
 
 def main(argv: list[str] | None = None) -> int:

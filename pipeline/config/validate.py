@@ -1,0 +1,149 @@
+"""Checking values against the schema's declarations: types, bounds, the sweep space.
+
+Every check raises :class:`pipeline.errors.ConfigError` naming the key (``section.key``), the
+value given and what is allowed.
+"""
+
+from __future__ import annotations
+
+import collections.abc
+import dataclasses
+import math
+import types
+import typing
+from typing import Any, Literal, Mapping
+
+from pipeline.errors import ConfigError
+
+SWEEP_DISTRIBUTIONS = ("choice", "uniform", "loguniform", "randint")
+
+
+def build_section(cls: type, section: str, values: Mapping[str, Any]) -> Any:
+    hints = typing.get_type_hints(cls)
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    kwargs = {}
+    for key, raw in values.items():
+        if key not in fields:
+            raise ConfigError(f"unknown key {section}.{key}; allowed: {', '.join(fields)}")
+        name = f"{section}.{key}"
+        value = coerce(raw, hints[key], name)
+        check_bounds(value, fields[key].metadata, name)
+        kwargs[key] = value
+    return cls(**kwargs)
+
+
+def coerce(value: Any, tp: Any, name: str) -> Any:
+    """Check ``value`` against the annotation ``tp``; return it in canonical form."""
+    origin = typing.get_origin(tp)
+    args = typing.get_args(tp)
+    if origin in (typing.Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        if (isinstance(value, str) and value.lower() in ("null", "none", "~")
+                and type(None) in args and str not in args):
+            return None
+        inner = [a for a in args if a is not type(None)]
+        errors = []
+        for candidate in inner:
+            try:
+                return coerce(value, candidate, name)
+            except ConfigError as exc:
+                errors.append(str(exc))
+        raise ConfigError(errors[0] + " (or null)")
+    if origin is Literal:
+        if isinstance(value, bool):  # YAML reads true/false as bools; literals are strings
+            value = str(value).lower()
+        if value not in args:
+            allowed = ", ".join(map(str, args))
+            raise ConfigError(f"{name}: {value!r} is not allowed; allowed: {allowed}")
+        return value
+    if origin is tuple:
+        if not isinstance(value, (list, tuple)) or len(value) == 0:
+            raise ConfigError(f"{name}: expected a non-empty list, got {value!r}")
+        return tuple(coerce(v, args[0], f"{name}[{i}]") for i, v in enumerate(value))
+    if origin in (collections.abc.Mapping, dict):
+        if not isinstance(value, Mapping):
+            raise ConfigError(f"{name}: expected a mapping, got {value!r}")
+        return dict(value)
+    if tp is bool:
+        if not isinstance(value, bool):
+            raise ConfigError(f"{name}: expected true or false, got {value!r}")
+        return value
+    if tp is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            if isinstance(value, float) and value.is_integer():
+                return int(value)
+            raise ConfigError(f"{name}: expected an integer, got {value!r}")
+        return value
+    if tp is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ConfigError(f"{name}: expected a number, got {value!r}")
+        if abs(value) > 1e300 or not math.isfinite(value):  # abs() first: isfinite(10**400) raises
+            raise ConfigError(f"{name}: expected a finite number, got {str(value)[:40]}")
+        return float(value)
+    if tp is str:
+        if isinstance(value, bool) or value is None or isinstance(value, (list, dict)):
+            raise ConfigError(f"{name}: expected a string, got {value!r}")
+        return str(value)
+    raise TypeError(f"{name}: unsupported annotation {tp!r}")  # programming error
+
+
+def check_bounds(value: Any, meta: Mapping[str, Any], name: str) -> None:
+    items = value if isinstance(value, tuple) else (value,)
+    for v in items:
+        if not isinstance(v, (int, float)) or isinstance(v, bool):
+            continue
+        for op, bound, ok in (("ge", meta.get("ge"), lambda a, b: a >= b),
+                              ("le", meta.get("le"), lambda a, b: a <= b),
+                              ("gt", meta.get("gt"), lambda a, b: a > b),
+                              ("lt", meta.get("lt"), lambda a, b: a < b)):
+            if bound is not None and not ok(v, bound):
+                raise ConfigError(f"{name}: {value!r} is out of range; "
+                                  f"allowed: {range_text(meta)}")
+
+
+def range_text(meta: Mapping[str, Any]) -> str:
+    parts = []
+    for op, sym in (("gt", ">"), ("ge", ">="), ("lt", "<"), ("le", "<=")):
+        if meta.get(op) is not None:
+            parts.append(f"{sym} {meta[op]}")
+    return " and ".join(parts)
+
+
+TUNABLE_SECTIONS = ("backbone", "anchors", "rpn", "roi", "train")
+
+
+def check_sweep_space(cfg: Any) -> None:
+    """Each ``sweep.space`` entry names a real ``section.key`` and a valid distribution."""
+    for key, spec in cfg.sweep.space.items():
+        where = f"sweep.space.{key}"
+        section, _, leaf = key.partition(".")
+        fields = ({f.name for f in dataclasses.fields(getattr(cfg, section))}
+                  if section in TUNABLE_SECTIONS else set())
+        if leaf not in fields:
+            raise ConfigError(f"{where}: not a tunable parameter; use section.key with section one "
+                              f"of {', '.join(TUNABLE_SECTIONS)}")
+        if not isinstance(spec, Mapping) or len(spec) != 1:
+            kinds = " | ".join(SWEEP_DISTRIBUTIONS)
+            raise ConfigError(f"{where}: expected one of {{{kinds}: ...}}")
+        (kind, arg), = spec.items()
+        if kind not in SWEEP_DISTRIBUTIONS:
+            raise ConfigError(f"{where}: unknown distribution {kind!r}; allowed: "
+                              f"{', '.join(SWEEP_DISTRIBUTIONS)}")
+        if not isinstance(arg, (list, tuple)) or not arg:
+            raise ConfigError(f"{where}.{kind}: expected a non-empty list, got {arg!r}")
+        if kind != "choice" and len(arg) != 2:
+            raise ConfigError(f"{where}.{kind}: expected [low, high], got {arg!r}")
+        for value in (arg if kind == "choice" else arg):  # every choice / both ends must be valid
+            _validate_value(cfg, key, value, where)
+
+
+def _validate_value(cfg: Any, key: str, value: Any, where: str) -> None:
+    section, leaf = key.split(".", 1)
+    cls = type(getattr(cfg, section))
+    hints = typing.get_type_hints(cls)
+    meta = {f.name: f.metadata for f in dataclasses.fields(cls)}[leaf]
+    try:
+        check_bounds(coerce(value, hints[leaf], key), meta, key)
+    except ConfigError as exc:
+        raise ConfigError(f"{where}: {exc}") from None

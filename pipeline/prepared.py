@@ -1,0 +1,208 @@
+"""The prepared set, the contract between ``prepare`` and every stage that reads it.
+
+``<data.out_dir>/{train,val,test}.parquet``, ``classes.json`` and ``rejected.csv``: their names,
+columns and readers live here and nowhere else.
+
+One row per image, sorted by ``image_id``:
+
+==============  =======================  ===================================================
+column          Arrow type               meaning
+==============  =======================  ===================================================
+image_id        string                   id in the source dataset (VOC file stem, COCO id)
+source          string                   the original image file (``synthetic:SEED:INDEX``)
+orig_width      int32                    original image size, pixels
+orig_height     int32
+image           binary                   the resized ``S x S`` RGB image, PNG or JPEG bytes
+boxes           list<fixed_size_list     ``(N, 4)`` x1y1x2y2 in the ``S``-pixel frame
+                <float32>[4]>
+labels          list<int64>              ``(N,)`` class ids 1..K (0 is background)
+difficult       list<bool>               ``(N,)`` VOC difficult / COCO iscrowd
+scale_x         float64                  ``x_resized = x_orig * scale_x + pad_x``
+scale_y         float64                  ``y_resized = y_orig * scale_y + pad_y``
+pad_x           float64                  letterbox offset (0 for stretch)
+pad_y           float64
+==============  =======================  ===================================================
+
+``S`` is ``classes.json``'s ``"image_size"``. :mod:`pipeline.training.loader` turns the tables
+into training batches, :func:`read_ground_truth` reads the boxes of a split for evaluation,
+:func:`row_resize_info` maps a row's boxes back to its original image.
+
+``classes.json``: ``"classes"`` (names of ids 1..K), ``"background": 0``, ``"image_size"``, the
+resize mode, image format, source (credentials masked) and per-split image counts
+(:func:`write_classes`, :func:`read_classes`).
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Mapping, Sequence
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from pipeline.errors import DataError, MissingInputError
+from pipeline.images import ResizeInfo
+
+if TYPE_CHECKING:
+    import torch
+
+SCHEMA = pa.schema([
+    ("image_id", pa.string()),
+    ("source", pa.string()),
+    ("orig_width", pa.int32()),
+    ("orig_height", pa.int32()),
+    ("image", pa.binary()),
+    ("boxes", pa.list_(pa.list_(pa.float32(), 4))),
+    ("labels", pa.list_(pa.int64())),
+    ("difficult", pa.list_(pa.bool_())),
+    ("scale_x", pa.float64()),
+    ("scale_y", pa.float64()),
+    ("pad_x", pa.float64()),
+    ("pad_y", pa.float64()),
+])
+SPLITS = ("train", "val", "test")
+#: The columns the model's readers need (training, evaluation, the sweep's trial tables).
+MODEL_COLUMNS = ("image_id", "image", "boxes", "labels", "difficult")
+CLASSES_FILE = "classes.json"
+REJECTED_FILE = "rejected.csv"
+REJECTED_COLUMNS = ("source", "reason", "image_id", "box_index")
+
+
+def split_path(folder: str | Path, split: str) -> Path:
+    """``<folder>/<split>.parquet``."""
+    return Path(folder) / f"{split}.parquet"
+
+
+def write_classes(folder: str | Path, *, classes: Sequence[str], image_size: int, resize: str,
+                  image_format: str, source: str, split: str, images: Mapping[str, int],
+                  rejected_problems: int) -> Path:
+    """Write ``classes.json`` into ``folder`` (a folder being prepared; not atomic itself)."""
+    from pipeline.redaction import redact
+
+    info = {
+        "background": 0,
+        "classes": list(classes),
+        "ids": {name: i + 1 for i, name in enumerate(classes)},
+        "num_classes": len(classes),
+        "id_convention": "labels are 1..K in the order of 'classes'; 0 is background",
+        "image_size": image_size,
+        "resize": resize,
+        "image_format": image_format,
+        "box_format": "x1, y1, x2, y2 float pixels of the image_size x image_size image",
+        "source": redact(source),
+        "split": split,
+        "images": dict(images),
+        "rejected_problems": rejected_problems,
+    }
+    path = Path(folder) / CLASSES_FILE
+    path.write_text(json.dumps(info, indent=2) + "\n", encoding="utf-8")
+    return path
+
+
+def read_classes(folder: str | Path, *, image_size: int | None = None) -> dict[str, Any]:
+    """``classes.json`` of a prepared set: ``{"classes": [names, id 1 first], "image_size": S,
+    ...}``.
+
+    Args:
+        image_size: when given, the set must have been prepared at this size
+            (``data.image_size``).
+
+    Raises:
+        MissingInputError: no ``classes.json`` (run ``frcnn prepare`` first).
+        DataError: the file is not JSON, has no non-empty ``classes`` list or no ``image_size``,
+            or was prepared at another size.
+    """
+    path = Path(folder) / CLASSES_FILE
+    if not path.is_file():
+        raise MissingInputError(f"{path}: not found; run `frcnn prepare` first")
+    try:
+        info = json.loads(path.read_text(encoding="utf-8"))
+    except ValueError as exc:
+        raise DataError(f"{path}: not valid JSON ({exc}); run `frcnn prepare` again") from None
+    if not isinstance(info, dict) or not isinstance(info.get("classes"), list) \
+            or not info["classes"]:
+        got = info.get("classes") if isinstance(info, dict) else info
+        raise DataError(f"{path}: expected a non-empty 'classes' list, got {got!r}")
+    if not isinstance(info.get("image_size"), int):
+        raise DataError(f"{path}: expected an integer 'image_size', "
+                        f"got {info.get('image_size')!r}")
+    if image_size is not None and info["image_size"] != image_size:
+        raise DataError(f"{path}: prepared at image_size {info['image_size']} but "
+                        f"data.image_size is {image_size}; run `frcnn prepare`")
+    return info
+
+
+def open_table(path: str | Path, columns: Sequence[str] = MODEL_COLUMNS) -> pq.ParquetFile:
+    """A prepared table, checked to exist and to hold ``columns``.
+
+    Raises:
+        MissingInputError: no such file (run ``frcnn prepare``).
+        DataError: a column is missing.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise MissingInputError(f"{path}: prepared table not found; run `frcnn prepare`")
+    table = pq.ParquetFile(path)
+    missing = [c for c in columns if c not in table.schema_arrow.names]
+    if missing:
+        raise DataError(f"{path}: missing column(s) {', '.join(missing)}; expected "
+                        f"{', '.join(columns)}")
+    return table
+
+
+@dataclass
+class GroundTruth:
+    """The ground truth of one prepared split, in table order."""
+
+    name: str
+    path: Path
+    image_ids: list[str]
+    boxes: list[torch.Tensor]        # (G, 4) float32 each, x1y1x2y2 in the S-pixel frame
+    labels: list[torch.Tensor]       # (G,) int64 each, 1..K
+    difficult: list[torch.Tensor]    # (G,) bool each
+
+    def __len__(self) -> int:
+        return len(self.image_ids)
+
+
+def read_ground_truth(path: str | Path, name: str) -> GroundTruth:
+    """The boxes, labels and difficult flags of a prepared table, image by image.
+
+    Raises:
+        MissingInputError: naming the path (run ``frcnn prepare``).
+        DataError: a column is missing, or boxes, labels and flags disagree in an image.
+    """
+    import torch
+
+    path = Path(path)
+    columns = ["image_id", "boxes", "labels", "difficult"]
+    rows = open_table(path, columns).read(columns=columns).to_pydict()
+    boxes, labels, difficult = [], [], []
+    for image_id, b, lab, d in zip(rows["image_id"], rows["boxes"], rows["labels"],
+                                   rows["difficult"]):
+        boxes.append(torch.tensor(b or [], dtype=torch.float32).reshape(-1, 4))
+        labels.append(torch.tensor(lab or [], dtype=torch.int64).reshape(-1))
+        flags = d if d is not None else [False] * len(labels[-1])
+        difficult.append(torch.tensor(flags, dtype=torch.bool).reshape(-1))
+        if not boxes[-1].shape[0] == labels[-1].shape[0] == difficult[-1].shape[0]:
+            raise DataError(f"{path}: image {image_id!r} has {boxes[-1].shape[0]} boxes, "
+                            f"{labels[-1].shape[0]} labels, {difficult[-1].shape[0]} flags")
+    return GroundTruth(name, path, [str(i) for i in rows["image_id"]], boxes, labels, difficult)
+
+
+def load_split(out_dir: str | Path, split: str, columns: list[str] | None = None):
+    """One split as a pandas DataFrame (all columns unless ``columns`` is given).
+
+    Training reads the tables through :mod:`pipeline.training.loader`; this is for inspection
+    and tests.
+    """
+    return pq.read_table(Path(out_dir) / f"{split}.parquet", columns=columns).to_pandas()
+
+
+def row_resize_info(row: Mapping[str, Any], image_size: int) -> ResizeInfo:
+    """The :class:`ResizeInfo` that maps this row's boxes back to the original image."""
+    return ResizeInfo(int(row["orig_width"]), int(row["orig_height"]), int(image_size),
+                      float(row["scale_x"]), float(row["scale_y"]),
+                      float(row["pad_x"]), float(row["pad_y"]))

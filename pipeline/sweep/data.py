@@ -1,0 +1,83 @@
+"""What every trial of a sweep trains and is measured on, and the key of a sweep's inputs.
+
+:func:`trial_tables`: the first ``sweep.max_train_images`` images of ``data.out_dir``'s train
+split and all of ``sweep.split``, resized to ``sweep.image_size`` (bilinear, boxes scaled) once
+by the driver, as Parquet bytes; they reach the trials through Ray's object store, so trials on
+other nodes need no shared folder. :func:`inputs_key`: what a resumed sweep must share with the
+interrupted one.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+from pathlib import Path
+from typing import Any, Mapping
+
+from pipeline.config import Config
+from pipeline.digests import digest, params_subset
+from pipeline.errors import DataError
+from pipeline.prepared import MODEL_COLUMNS, open_table, read_classes, split_path
+from pipeline.sweep.space import trial_image_size
+
+# Where things are stored or logged: not part of a sweep's inputs.
+NOT_IN_KEY = ("train.ray_address", "train.storage_path", "sweep.storage_path",
+              "sweep.table_path", "sweep.best_params_path", "sweep.plot_path")
+
+
+def _resize_rows(rows: list[dict[str, Any]], source: int, size: int) -> None:
+    """Resize ``source``-pixel square images to ``size`` in place (PNG), scaling the boxes."""
+    from PIL import Image
+
+    from pipeline.images import resize_image
+
+    factor = size / source
+    for row in rows:
+        with Image.open(io.BytesIO(row["image"])) as img:
+            small, _ = resize_image(img.convert("RGB"), size, "stretch")
+        out = io.BytesIO()
+        small.save(out, format="PNG", compress_level=1)
+        row["image"] = out.getvalue()
+        row["boxes"] = [[float(v) * factor for v in box] for box in row["boxes"] or []]
+
+
+def trial_tables(cfg: Config) -> dict[str, bytes]:
+    """``{"train": Parquet bytes, "eval": Parquet bytes}`` (see the module docstring).
+
+    Raises:
+        MissingInputError: the prepared data is missing (run ``frcnn prepare``).
+        DataError: it was prepared at another ``data.image_size``, or a table is empty.
+    """
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    prepared = Path(cfg.data.out_dir)
+    read_classes(prepared, image_size=cfg.data.image_size)
+    size = trial_image_size(cfg)
+    out = {}
+    for name, split, limit in (("train", "train", cfg.sweep.max_train_images),
+                               ("eval", cfg.sweep.split, 0)):
+        path = split_path(prepared, split)
+        table = open_table(path).read(columns=list(MODEL_COLUMNS))
+        if limit:
+            table = table.slice(0, limit)
+        if table.num_rows == 0:
+            raise DataError(f"{path}: no images: a sweep needs {split} images")
+        if size != cfg.data.image_size:
+            rows = table.to_pylist()
+            _resize_rows(rows, cfg.data.image_size, size)
+            table = pa.Table.from_pylist(rows, schema=table.schema)
+        sink = pa.BufferOutputStream()
+        pq.write_table(table, sink)
+        out[name] = sink.getvalue().to_pybytes()
+    return out
+
+
+def inputs_key(cfg: Config, tables: Mapping[str, bytes]) -> str:
+    """Digest of what a sweep's results depend on: parameters (not where things are stored or
+    logged) and the trial tables. A resume needs the same key."""
+    tree = cfg.to_dict()
+    sections = [s for s in tree if s != "tracking"]
+    return digest({"params": params_subset(tree, sections=sections, exclude=NOT_IN_KEY),
+                   "tables": {name: hashlib.sha256(data).hexdigest()
+                              for name, data in sorted(tables.items())}})

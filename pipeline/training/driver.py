@@ -1,0 +1,310 @@
+"""The training stages' driver: ``frcnn train --stage rpn|frcnn`` on a Ray Train worker group.
+
+Reads ``data.out_dir/train.parquet`` and ``classes.json``; the ``frcnn`` stage starts from
+``train.rpn_model``. Writes (atomically):
+
+- ``train.rpn_model`` / ``train.frcnn_model``: the model (``detector.serialization`` format:
+  state dict + constructor config + the class names);
+- ``train.metrics_dir/train_<stage>.json``: last-epoch mean losses, steps, epochs, images/s,
+  training and wall seconds (DVC metrics);
+- ``train.metrics_dir/train_<stage>_epochs.csv``: mean losses per epoch (DVC plots).
+
+Ray (:mod:`pipeline.ray_session`): a local Ray starts and stops with the command unless
+``train.ray_address`` (or ``$RAY_ADDRESS``) names a cluster (``auto`` or ``ray://host:port``).
+``train.num_workers`` workers with ``train.cpus_per_worker`` CPUs each (fractions let 2 workers
+share a 2-core machine) and, when GPUs are used (``train.use_gpu``; ``auto``: when Ray sees
+any), ``train.gpus_per_worker`` GPUs each; DDP over gloo (CPU) or NCCL (GPU). Each worker runs
+:func:`pipeline.training.loop.train` on its shard.
+
+Checkpoints and resume: every checkpoint goes through ``ray.train.report`` to
+``train.storage_path/<run name>``; ``train.max_failures`` worker-group restarts continue from
+the latest one. The run name is ``train_<stage>-<key>`` (:mod:`pipeline.training.resume`), so
+running the same stage again after an interruption (Ctrl-C, a killed
+process) finds the run's checkpoints, which Ray Train V2 hands to the workers through
+``ray.train.get_checkpoint()``: training continues from there, the same MLflow run is reopened,
+and the command says ``resuming from checkpoint ...``. Changed parameters or data give a new
+key, hence a fresh start. A run that finishes deletes its checkpoints (unless
+``train.keep_checkpoints``: then an identical rerun finds the finished run and returns its model
+without training).
+
+MLflow: one run named ``train_<stage>`` (see :mod:`pipeline.tracking`); rank 0 logs step
+metrics into it; the driver adds the model, metrics JSON and epoch CSV as artifacts.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import shutil
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from pipeline import files, tracking
+from pipeline.config import Config
+from pipeline.errors import DataError, MissingInputError, RunFailedError
+from pipeline.prepared import read_classes, split_path
+from pipeline.storage import delete_dir, resolve
+from pipeline.training import checkpoints, ray_worker
+from pipeline.training.resume import (latest_checkpoint, read_run_state, run_key,
+                                      write_run_state)
+
+
+@dataclass(frozen=True)
+class StageInputs:
+    """What a training stage reads and writes, checked before Ray starts."""
+
+    stage: str
+    train_path: Path
+    classes: list[str]
+    init_model: Path | None        # the RPN model the frcnn stage starts from
+    model_path: Path
+    metrics_dir: Path
+
+    @property
+    def name(self) -> str:
+        return f"train_{self.stage}"
+
+
+def stage_inputs(cfg: Config, stage: str) -> StageInputs:
+    """The stage's inputs and outputs from the config; missing or unreadable inputs are named.
+
+    Raises:
+        MissingInputError: no prepared data, or (``frcnn``) no RPN model.
+        DataError: data prepared at another size; an unreadable RPN model.
+    """
+    prepared = Path(cfg.data.out_dir)
+    info = read_classes(prepared, image_size=cfg.data.image_size)
+    train_path = split_path(prepared, "train").resolve()
+    if not train_path.is_file():
+        raise MissingInputError(f"{train_path}: not found; run `frcnn prepare` first")
+    init_model = Path(cfg.train.rpn_model).resolve() if stage == "frcnn" else None
+    if init_model is not None and not init_model.is_file():
+        raise MissingInputError(f"{init_model}: RPN model not found; run "
+                                f"`frcnn train --stage rpn` first")
+    if init_model is not None:
+        _check_torch_file(init_model, "the RPN model (train.rpn_model)")
+    return StageInputs(stage=stage, train_path=train_path,
+                       classes=[str(c) for c in info["classes"]], init_model=init_model,
+                       model_path=Path(cfg.train.rpn_model if stage == "rpn"
+                                       else cfg.train.frcnn_model),
+                       metrics_dir=Path(cfg.train.metrics_dir))
+
+
+def train_stage(cfg: Config, stage: str) -> dict[str, Any]:
+    """Train one stage with Ray Train, write its model and metrics; returns the metrics.
+
+    Raises:
+        PipelineError: bad inputs (before Ray starts), too little memory, an unreachable
+            tracking store, or a run that failed after its restarts (:class:`RunFailedError`).
+        KeyboardInterrupt: interrupted; the checkpoints stay, the same command resumes.
+    """
+    wall_start = time.perf_counter()
+    inputs = stage_inputs(cfg, stage)
+    root = resolve(cfg.train.storage_path)
+    run_name = f"{inputs.name}-{run_key(cfg, stage, inputs.train_path, inputs.init_model)}"
+    previous = latest_checkpoint(root, run_name)
+    if previous is not None and "://" not in root:
+        _check_torch_file(Path(previous[0]) / checkpoints.TRAIN_STATE,
+                          f"the checkpoint to resume from (delete {root}/{run_name} to start "
+                          f"afresh)")
+    old_run = read_run_state(root, run_name).get("mlflow_run_id") if previous else None
+
+    with tracking.stage_run(cfg, inputs.name, run_id=old_run) as mlrun:
+        write_run_state(root, run_name, mlrun.run_id)
+        if previous is not None:
+            path, progress = previous
+            print(f"{inputs.name}: resuming from checkpoint {path} (epoch {progress['epoch']}, "
+                  f"step {progress['step']})", flush=True)
+            mlrun.set_tags({"resumed_from": path})
+        else:
+            print(f"{inputs.name}: starting {run_name} (checkpoints in {root}/{run_name})",
+                  flush=True)
+        _check_local_memory(cfg, inputs.train_path)
+        try:
+            result = _fit(cfg, inputs, run_name, root, mlrun)
+        except (KeyboardInterrupt, SystemExit) as exc:
+            # Ctrl-C: Ray Train's own SIGINT handler aborts the run, then exits the process.
+            print(f"{inputs.name}: interrupted; its checkpoints stay in {root}/{run_name}: run "
+                  f"the same command again to resume", file=sys.stderr, flush=True)
+            raise KeyboardInterrupt from exc
+        metrics = _write_outputs(cfg, inputs, result, mlrun, resumed=previous is not None,
+                                 wall_start=wall_start)
+        if not cfg.train.keep_checkpoints:
+            delete_dir(f"{root}/{run_name}")  # finished: nothing to resume; the model is saved
+        return metrics
+
+
+def _write_outputs(cfg: Config, inputs: StageInputs, result: Any, mlrun: tracking.RunHandle, *,
+                   resumed: bool, wall_start: float) -> dict[str, Any]:
+    """The model, ``train_<stage>.json`` and ``train_<stage>_epochs.csv`` (atomically), and the
+    same in MLflow; returns the metrics."""
+    with result.checkpoint.as_directory() as folder:
+        progress = checkpoints.read_progress(folder)
+        with files.atomic_path(inputs.model_path) as tmp:
+            shutil.copyfile(Path(folder) / checkpoints.MODEL, tmp)
+    history = progress["history"]
+    terms = [k for k in ("rpn_cls", "rpn_reg", "roi_cls", "roi_reg") if k in history[-1]]
+    metrics = {
+        **{k: history[-1][k] for k in ["loss", *terms]},
+        "epochs": len(history),
+        "steps": progress["step"],
+        "num_workers": cfg.train.num_workers,
+        "images_per_s": result.metrics["images_per_s"],
+        "train_seconds": result.metrics["train_seconds"],
+        "wall_seconds": time.perf_counter() - wall_start,
+        "resumed": resumed,
+    }
+    metrics_path = inputs.metrics_dir / f"{inputs.name}.json"
+    epochs_path = inputs.metrics_dir / f"{inputs.name}_epochs.csv"
+    files.write_json(metrics_path, metrics)
+    files.write_text(epochs_path, _csv(history, ["epoch", "steps", "loss", *terms]))
+    mlrun.log_metrics({f"final/{k}": v for k, v in tracking.finite(metrics).items()},
+                      step=progress["step"])
+    for path in (metrics_path, epochs_path):
+        mlrun.log_artifact(path, "metrics")
+    mlrun.log_artifact(inputs.model_path, "model")
+    print(f"{inputs.name}: wrote {inputs.model_path} and {metrics_path} "
+          f"({metrics['images_per_s']:.2f} images/s, {metrics['wall_seconds']:.0f} s)",
+          flush=True)
+    return metrics
+
+
+def _use_gpu(cfg: Config) -> bool:
+    import ray
+    if cfg.train.use_gpu == "auto":
+        return ray.cluster_resources().get("GPU", 0) > 0
+    return cfg.train.use_gpu == "true"
+
+
+def _worker(config: dict[str, Any]) -> None:
+    """Runs on every Ray Train worker of a training stage."""
+    worker = ray_worker.worker_context(config)
+    log = None
+    if worker.rank == 0:
+        log = tracking.open_run(config["tracking_uri"], config["run_id"]).log_metrics
+    ray_worker.fit_on_worker(worker, stage=config["stage"], train_path=config["train_path"],
+                             num_classes=config["num_classes"],
+                             init_model=config["init_model"], log=log,
+                             model_meta=config["model_meta"])
+
+
+def restart_recorder(stage_name: str, tracking_uri: str, run_id: str, max_failures: int) -> Any:
+    """A Ray Train callback that records each worker-group restart in the stage's MLflow run.
+
+    Ray Train (``FailureConfig(max_failures)``) restarts a failed worker group from the last
+    checkpoint on its own; the callback runs on Ray's controller when a failure is seen and, for
+    the failures Ray will retry, counts it in the run (:func:`pipeline.tracking.record_restart`:
+    tag and metric ``restarts``, tag ``last_restart`` with the ranks and error). The class is
+    built here, not at import, so the controller unpickles it without importing this module
+    (and torch).
+    """
+    from ray.train import UserCallback
+
+    class _RestartRecorder(UserCallback):
+        def __init__(self) -> None:
+            self.failures = 0
+
+        def after_exception(self, run_context: Any, worker_exceptions: dict[int, Exception]
+                            ) -> None:
+            self.failures += 1
+            if self.failures > max_failures:
+                return  # Ray gives up: the stage fails, its run says why
+            ranks = sorted(worker_exceptions)
+            first = worker_exceptions[ranks[0]] if ranks else None
+            reason = (f"worker rank(s) {ranks} failed ({type(first).__name__}: "
+                      f"{str(first).splitlines()[0] if str(first) else ''})")[:500]
+            print(f"{stage_name}: {reason}; Ray Train restarts the worker group from the last "
+                  f"checkpoint (failure {self.failures} of at most {max_failures})", flush=True)
+            try:
+                from pipeline.tracking import record_restart  # imported here: no torch there
+                record_restart(tracking_uri, run_id, reason)
+            except Exception as exc:  # recording must never stop the recovery itself
+                print(f"{stage_name}: could not record the restart in MLflow: {exc}", flush=True)
+
+    return _RestartRecorder()
+
+
+def _check_torch_file(path: Path, what: str) -> None:
+    """Name a truncated or corrupt torch file here, before Ray starts, rather than in every
+    worker of every restart. ``mmap``: the tensors are mapped, not read."""
+    import torch
+    try:
+        torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    except Exception as exc:  # zip / unpickling errors of every kind
+        raise DataError(f"{path}: {what} is not readable, truncated or corrupt "
+                        f"({type(exc).__name__}: {str(exc)[:300]})") from None
+
+
+def _check_local_memory(cfg: Config, train_path: Path) -> None:
+    """An absurd ``train.batch_size`` fails here, before Ray starts, with a clear message.
+
+    Only for a local Ray on CPU, where every worker shares this machine's RAM; GPU workers and
+    cluster nodes check their own memory in :func:`pipeline.training.loop.train`.
+    """
+    import pyarrow.parquet as pq
+    import torch
+
+    from pipeline.training.memory import check_memory
+    if cfg.train.ray_address is not None or cfg.train.use_gpu == "true" \
+            or (cfg.train.use_gpu == "auto" and torch.cuda.is_available()):
+        return
+    shard = -(-pq.ParquetFile(train_path).metadata.num_rows // cfg.train.num_workers)
+    check_memory(batch_size=cfg.train.batch_size, images_per_step=min(cfg.train.batch_size, shard),
+                 image_size=cfg.data.image_size, device=torch.device("cpu"),
+                 workers=cfg.train.num_workers)
+
+
+def _csv(rows: list[dict[str, Any]], columns: list[str]) -> str:
+    out = io.StringIO()
+    writer = csv.DictWriter(out, fieldnames=columns, extrasaction="ignore", lineterminator="\n")
+    writer.writeheader()
+    for row in rows:
+        # epochs numbered from 1 in the plots
+        writer.writerow(dict(row, epoch=int(row["epoch"]) + 1))
+    return out.getvalue()
+
+
+def _fit(cfg: Config, inputs: StageInputs, run_name: str, root: str,
+         mlrun: tracking.RunHandle) -> Any:
+    """Fit the stage's ``TorchTrainer``; a run that fails for good is a :class:`RunFailedError`."""
+    import ray
+    from ray.train import (CheckpointConfig, FailureConfig, RunConfig, ScalingConfig,
+                           TrainingFailedError)
+    from ray.train.torch import TorchTrainer
+
+    from pipeline.ray_session import ray_session
+
+    with ray_session(cfg.train.ray_address):
+        mlrun.set_tags({"ray_job_id": ray.get_runtime_context().get_job_id()})
+        use_gpu = _use_gpu(cfg)
+        resources = {"CPU": cfg.train.cpus_per_worker}
+        if use_gpu:
+            resources["GPU"] = cfg.train.gpus_per_worker
+        trainer = TorchTrainer(
+            _worker,
+            train_loop_config={
+                "params": cfg.to_dict(), "stage": inputs.stage,
+                "train_path": str(inputs.train_path), "num_classes": len(inputs.classes),
+                "init_model": str(inputs.init_model) if inputs.init_model else None,
+                "model_meta": {"classes": inputs.classes},
+                "tracking_uri": mlrun.tracking_uri, "run_id": mlrun.run_id,
+                "threads": max(1, int(cfg.train.cpus_per_worker)),
+            },
+            scaling_config=ScalingConfig(num_workers=cfg.train.num_workers, use_gpu=use_gpu,
+                                         resources_per_worker=resources),
+            run_config=RunConfig(
+                name=run_name, storage_path=root,
+                failure_config=FailureConfig(max_failures=cfg.train.max_failures),
+                callbacks=[restart_recorder(inputs.name, mlrun.tracking_uri, mlrun.run_id,
+                                            cfg.train.max_failures)],
+                checkpoint_config=CheckpointConfig(num_to_keep=2)),
+        )
+        print(f"{inputs.name}: {cfg.train.num_workers} worker(s), "
+              f"{'GPU' if use_gpu else 'CPU'}, {resources}", flush=True)
+        try:
+            return trainer.fit()
+        except TrainingFailedError as exc:
+            raise RunFailedError(f"{inputs.name}: training failed: {exc}") from exc

@@ -1,0 +1,163 @@
+"""Prepared Parquet tables -> batches for the detector.
+
+Input: ``data/prepared/<split>.parquet``, one row per image (written by ``frcnn prepare``):
+``image_id`` (str), ``image`` (PNG/JPEG bytes of the resized S x S RGB image), ``boxes`` (list of
+``[x1, y1, x2, y2]`` floats in the resized frame), ``labels`` (list of class ids ``1..K``),
+``difficult`` (list of bool); other columns are ignored.
+
+Output of :func:`collate` (B images per batch, G boxes per image):
+
+- ``images``: float32 ``(B, 3, S, S)``, RGB scaled to [0, 1]. Not normalised here:
+  ``detector.FasterRCNN`` subtracts the ImageNet mean and divides by its standard deviation
+  itself (the statistics torchvision's VGG-16 weights expect), so every caller (training,
+  evaluation, prediction) feeds it the same plain 0-1 images.
+- ``targets``: list of B dicts, ``boxes`` float32 ``(G, 4)`` x1y1x2y2 pixels, ``labels`` int64
+  ``(G,)`` in ``1..K``.
+- ``image_ids``: list of B strings.
+
+Augmentation (training only) is the one Faster R-CNN uses: a horizontal flip with probability
+``hflip``. Whether image ``i`` is flipped in epoch ``e`` is a pure function of ``(seed, e, i)``,
+so a run resumed mid-epoch sees exactly the images a run without interruption would have seen.
+
+Sharding: :class:`ResumableSampler` is torch's ``DistributedSampler`` (same seeded permutation,
+same wrap-around padding, same ``rank::world_size`` stride) that can also start part-way
+through an epoch (resume). Images are decoded (:func:`pipeline.images.decode`) in
+``DataLoader`` worker processes.
+"""
+
+from __future__ import annotations
+
+import itertools
+from pathlib import Path
+from typing import Any, Iterator, Sequence
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, Dataset, DistributedSampler
+
+from pipeline.errors import DataError
+from pipeline.images import decode
+from pipeline.prepared import MODEL_COLUMNS, open_table
+
+
+def hflip(image: torch.Tensor, boxes: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Mirror ``(3, H, W)`` left-right and its ``(G, 4)`` x1y1x2y2 boxes: ``x -> W - x``."""
+    width = image.shape[-1]
+    flipped = boxes.clone()
+    flipped[:, 0] = width - boxes[:, 2]
+    flipped[:, 2] = width - boxes[:, 0]
+    return image.flip(-1), flipped
+
+
+def flip_decision(seed: int, epoch: int, index: int, probability: float) -> bool:
+    """Whether image ``index`` is flipped in ``epoch``; a function of ``(seed, epoch, index)``."""
+    if probability <= 0.0:
+        return False
+    return bool(np.random.default_rng([seed, epoch, index]).random() < probability)
+
+
+class DetectionDataset(Dataset):
+    """One prepared split. ``dataset[i]`` -> ``(image (3,S,S) in [0, 1], target dict, image_id)``.
+
+    Args:
+        path: a prepared Parquet table.
+        hflip: probability of a horizontal flip (0 for evaluation).
+        seed: seed of the flip decisions.
+        use_difficult: keep boxes marked ``difficult`` (PASCAL VOC); Faster R-CNN drops them
+            for training.
+    """
+
+    def __init__(self, path: str | Path, *, hflip: float = 0.0, seed: int = 0,
+                 use_difficult: bool = False) -> None:
+        self.path = Path(path)
+        open_table(self.path)  # exists, with the model's columns (else a clear error)
+        # Memory-mapped Arrow table: loader worker processes share its pages after fork.
+        import pyarrow.parquet as pq
+        self._table = pq.read_table(self.path, columns=list(MODEL_COLUMNS), memory_map=True)
+        self.hflip = hflip
+        self.seed = seed
+        self.use_difficult = use_difficult
+        self.epoch = 0
+
+    def __len__(self) -> int:
+        return self._table.num_rows
+
+    def set_epoch(self, epoch: int) -> None:
+        """Select the epoch's flip decisions; call before creating the loader's iterator."""
+        self.epoch = epoch
+
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, dict[str, torch.Tensor], str]:
+        row = self._table.slice(index, 1).to_pylist()[0]
+        image = decode(row["image"])
+        boxes = torch.tensor(row["boxes"], dtype=torch.float32).reshape(-1, 4)
+        labels = torch.tensor(row["labels"], dtype=torch.int64).reshape(-1)
+        if boxes.shape[0] != labels.shape[0]:
+            raise DataError(f"{self.path}: image {row['image_id']!r} has {boxes.shape[0]} boxes "
+                             f"but {labels.shape[0]} labels")
+        if not self.use_difficult and row["difficult"]:
+            keep = ~torch.tensor(row["difficult"], dtype=torch.bool)
+            boxes, labels = boxes[keep], labels[keep]
+        if flip_decision(self.seed, self.epoch, index, self.hflip):
+            image, boxes = hflip(image, boxes)
+        return image, {"boxes": boxes, "labels": labels}, row["image_id"]
+
+
+def collate(batch: Sequence[tuple[torch.Tensor, dict[str, torch.Tensor], str]]) -> dict[str, Any]:
+    """List of dataset items -> ``{"images": (B,3,S,S), "targets": [...], "image_ids": [...]}``."""
+    images, targets, ids = zip(*batch)
+    return {"images": torch.stack(images), "targets": list(targets), "image_ids": list(ids)}
+
+
+class ResumableSampler(DistributedSampler):
+    """``DistributedSampler`` over ``num_items`` indices that can start part-way through an epoch.
+
+    The epoch's permutation (seeded by ``seed + epoch``) is padded by wrapping around to a
+    multiple of ``world_size`` so that every rank gets the same number of indices (DDP needs
+    equal step counts), then rank ``r`` takes positions ``r, r + world_size, ...`` (torch's own
+    logic). ``set_epoch(epoch, start)`` skips the first ``start`` indices of the shard: a run
+    resumed mid-epoch continues where it stopped instead of decoding images it will not use.
+    """
+
+    def __init__(self, num_items: int, *, rank: int = 0, world_size: int = 1,
+                 shuffle: bool = True, seed: int = 0) -> None:
+        if num_items < 1:
+            raise DataError(f"ResumableSampler: no items to sample (num_items={num_items})")
+        if not 0 <= rank < world_size:
+            raise ValueError(f"ResumableSampler: rank {rank} not in [0, {world_size})")
+        super().__init__(range(num_items), num_replicas=world_size, rank=rank, shuffle=shuffle,
+                         seed=seed, drop_last=False)
+        self.start = 0
+
+    @property
+    def shard_size(self) -> int:
+        """Indices per rank per epoch (padded)."""
+        return self.num_samples
+
+    def set_epoch(self, epoch: int, start: int = 0) -> None:
+        super().set_epoch(epoch)
+        self.start = start
+
+    def __iter__(self) -> Iterator[int]:
+        return itertools.islice(super().__iter__(), self.start, None)
+
+    def __len__(self) -> int:
+        return max(0, self.num_samples - self.start)
+
+
+def _worker_init(_: int) -> None:
+    torch.set_num_threads(1)  # decoding is single-threaded; leave the cores to the model
+
+
+def make_loader(dataset: DetectionDataset, sampler: ResumableSampler, *, batch_size: int,
+                num_workers: int, pin_memory: bool = False) -> DataLoader:
+    """A ``DataLoader`` over ``sampler``'s shard that decodes in ``num_workers`` processes.
+
+    Workers are not persistent, so :meth:`DetectionDataset.set_epoch` called before each
+    epoch's ``iter(loader)`` reaches them. The loader seeds its workers from its own generator,
+    not the global torch RNG, which stays the model's alone: a resumed run that restores the
+    RNG state then samples the same anchors and RoIs as an uninterrupted one.
+    """
+    return DataLoader(dataset, batch_size=batch_size, sampler=sampler, num_workers=num_workers,
+                      collate_fn=collate, worker_init_fn=_worker_init if num_workers else None,
+                      persistent_workers=False, drop_last=False, pin_memory=pin_memory,
+                      generator=torch.Generator().manual_seed(sampler.seed))

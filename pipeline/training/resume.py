@@ -1,0 +1,90 @@
+"""Finding a training stage's interrupted run again: its key, its checkpoints, its MLflow run.
+
+A stage's Ray Train run is named ``train_<stage>-<key>`` under ``train.storage_path``, ``key`` a
+digest of what determines the training (:func:`run_key`): the model and training parameters
+(not the operational ones in :data:`NOT_IN_KEY`), the training table's content, and the RPN
+model for the ``frcnn`` stage. Running the same stage again after an interruption finds the
+run's checkpoints (:func:`latest_checkpoint`, what Ray Train V2 will restore) and its MLflow run
+(:func:`read_run_state`, a small file beside Ray's in the run folder).
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+from pipeline import storage
+from pipeline.config import Config
+from pipeline.digests import digest, file_digest, params_subset
+from pipeline.errors import DataError
+from pipeline.training.checkpoints import PROGRESS
+
+RUN_STATE = "frcnn_run.json"  # beside Ray's files in the run folder: the MLflow run id
+
+# Parameters that do not change what is trained: excluded from the run key, so changing them
+# between an interruption and the rerun still resumes.
+NOT_IN_KEY = tuple(f"train.{k}" for k in (
+    "use_gpu", "cpus_per_worker", "gpus_per_worker", "loader_workers", "checkpoint_every",
+    "log_every", "max_failures", "storage_path", "ray_address", "rpn_model", "frcnn_model",
+    "metrics_dir", "keep_checkpoints"))
+
+
+def run_key(cfg: Config, stage: str, train_path: Path, init_model: Path | None) -> str:
+    """Digest of everything that determines a stage's training (12 hex digits)."""
+    tree = cfg.to_dict()
+    return digest({
+        "stage": stage,
+        "image_size": tree["data"]["image_size"],
+        **params_subset(tree, sections=("backbone", "anchors", "rpn", "roi", "train"),
+                        exclude=NOT_IN_KEY),
+        "train_data": file_digest(train_path),
+        "init_model": file_digest(init_model) if init_model is not None else None,
+    }, length=12)
+
+
+def latest_checkpoint(root: str, run_name: str) -> tuple[str, dict[str, Any]] | None:
+    """The checkpoint Ray Train V2 will restore for ``run_name``, with its ``progress.json``.
+
+    Reads Ray's ``checkpoint_manager_snapshot.json`` in the run folder (what ``get_checkpoint``
+    is built from); None when the run has no checkpoint yet.
+
+    Raises:
+        DataError: the snapshot or the progress file is torn or corrupt (names it, and the
+            folder to delete to start afresh).
+    """
+    run_folder = f"{root}/{run_name}"
+    snapshot_path = f"{run_folder}/checkpoint_manager_snapshot.json"
+    snapshot = storage.read_text(snapshot_path)
+    if snapshot is None:
+        return None
+    latest = _json(snapshot, snapshot_path, run_folder).get("latest_checkpoint_result")
+    if not latest:
+        return None
+    folder = f"{run_folder}/{latest['checkpoint_dir_name']}"
+    progress = storage.read_text(f"{folder}/{PROGRESS}")
+    if progress is None:
+        return None
+    return folder, _json(progress, f"{folder}/{PROGRESS}", run_folder)
+
+
+def _json(text: str, path: str, run_folder: str) -> dict[str, Any]:
+    """Parse a run folder's JSON file; a truncated or corrupt one is a clear error."""
+    try:
+        value = json.loads(text)
+    except ValueError as exc:
+        raise DataError(f"{path}: truncated or corrupt ({exc}); delete {run_folder} to start "
+                        f"this stage afresh") from None
+    if not isinstance(value, dict):
+        raise DataError(f"{path}: expected a JSON object, got {type(value).__name__}")
+    return value
+
+
+def read_run_state(root: str, run_name: str) -> dict[str, Any]:
+    """The run's state file (``{"mlflow_run_id": ...}``); ``{}`` when absent or torn (a kill
+    while it was written loses only the MLflow run id: the rerun opens a new run)."""
+    return storage.read_json(f"{root}/{run_name}/{RUN_STATE}")
+
+
+def write_run_state(root: str, run_name: str, mlflow_run_id: str) -> None:
+    storage.write_json(f"{root}/{run_name}/{RUN_STATE}", {"mlflow_run_id": mlflow_run_id})
