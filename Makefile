@@ -8,10 +8,9 @@ UI_PORT ?= 5000
 
 # Stages in dvc.yaml call `frcnn`, which lives in the venv.
 export PATH := $(abspath $(BIN)):$(PATH)
-# No telemetry, no Ray token prompts, unbuffered logs.
+# No DVC telemetry, unbuffered logs. (The local Ray clusters the stages start set their own
+# environment: pipeline/ray_session.py.)
 export DVC_NO_ANALYTICS := 1
-export RAY_AUTH_MODE := disabled
-export RAY_USAGE_STATS_ENABLED := 0
 export PYTHONUNBUFFERED := 1
 
 .PHONY: run test ui install clean

@@ -232,7 +232,7 @@ class RunHandle:
         from mlflow.entities import Metric
 
         now = int(time.time() * 1000)
-        batch = [Metric(redact(metric_name(key)), float(value), now, int(step))
+        batch = [Metric(metric_name(redact(key)), float(value), now, int(step))
                  for key, value in metrics.items() if not isinstance(value, bool)]
         if batch:
             self.client.log_batch(self.run_id, metrics=batch)

@@ -38,6 +38,32 @@ def read_coco(json_path: str | Path, *, image_root: str | Path | None = None,
     json_path = Path(json_path)
     root = Path(image_root) if image_root is not None else json_path.parent / "images"
     src = str(json_path)
+    doc = _load_document(json_path)
+    if not root.is_dir():
+        raise DataError(f"{root}: image folder not found (set data.image_root)")
+    category_names = _categories(doc["categories"], src)
+    names = tuple(classes) if classes is not None else tuple(
+        category_names[k] for k in sorted(category_names))
+    problems: list[Problem] = []
+    images, listed = _index_images(doc["images"], root, src, problems)
+    per_image, bad_images = _group_annotations(doc["annotations"], listed, category_names,
+                                               names, src, problems)
+    items = []
+    for image_id in sorted(images):
+        if image_id in bad_images:
+            continue
+        entry = images[image_id]
+        anns = per_image.get(image_id, [])
+        path = root / entry["file_name"]
+        items.append(ImageItem.make(
+            image_id, str(path), [a[0] for a in anns], [a[1] for a in anns], [a[2] for a in anns],
+            path=path, declared_size=(int(entry["width"]), int(entry["height"]))))
+    return Reading(items=items, classes=names, problems=problems, listed_ids=sorted(listed))
+
+
+def _load_document(json_path: Path) -> dict[str, Any]:
+    """The parsed file, checked to be a COCO detection document with at least one image."""
+    src = str(json_path)
     if not json_path.is_file():
         raise DataError(f"{src}: file not found")
     try:
@@ -51,18 +77,15 @@ def read_coco(json_path: str | Path, *, image_root: str | Path | None = None,
             raise DataError(f"{src}: malformed COCO file: {key!r} must be a list")
     if not doc["images"]:
         raise DataError(f"{src}: no images: the dataset is empty")
-    if not root.is_dir():
-        raise DataError(f"{root}: image folder not found (set data.image_root)")
+    return doc
 
-    category_names = _categories(doc["categories"], src)
-    names = tuple(classes) if classes is not None else tuple(
-        category_names[k] for k in sorted(category_names))
-    label_of = {name: i + 1 for i, name in enumerate(names)}
 
-    problems: list[Problem] = []
+def _index_images(entries: list[Any], root: Path, src: str, problems: list[Problem]
+                  ) -> tuple[dict[str, dict[str, Any]], set[str]]:
+    """``({image id: usable entry}, every listed id)``; refused entries go to ``problems``."""
     images: dict[str, dict[str, Any]] = {}
     listed: set[str] = set()
-    for i, entry in enumerate(doc["images"]):
+    for i, entry in enumerate(entries):
         image_id, problem = _image_entry(entry, i, root, src)
         if image_id is not None:
             if image_id in listed:
@@ -72,10 +95,17 @@ def read_coco(json_path: str | Path, *, image_root: str | Path | None = None,
             problems.append(problem)
         elif image_id is not None:
             images[image_id] = entry
+    return images, listed
 
+
+def _group_annotations(annotations: list[Any], listed: set[str], category_names: dict[int, str],
+                       names: tuple[str, ...], src: str, problems: list[Problem]
+                       ) -> tuple[dict[str, list[tuple[list[float], int, bool]]], set[str]]:
+    """``({image id: [(box, label, crowd), ...]}, ids of images with a refused annotation)``."""
+    label_of = {name: i + 1 for i, name in enumerate(names)}
     per_image: dict[str, list[tuple[list[float], int, bool]]] = defaultdict(list)
     bad_images: set[str] = set()
-    for i, ann in enumerate(doc["annotations"]):
+    for i, ann in enumerate(annotations):
         where = f"annotations[{i}]" + (f" (id {ann['id']})" if isinstance(ann, dict) and "id" in ann else "")
         if not isinstance(ann, dict) or "image_id" not in ann:
             problems.append(Problem(src, f"{where}: malformed annotation (no image_id)"))
@@ -92,18 +122,7 @@ def read_coco(json_path: str | Path, *, image_root: str | Path | None = None,
             bad_images.add(image_id)
             continue
         per_image[image_id][index] = value
-
-    items = []
-    for image_id in sorted(images):
-        if image_id in bad_images:
-            continue
-        entry = images[image_id]
-        anns = per_image.get(image_id, [])
-        path = root / entry["file_name"]
-        items.append(ImageItem.make(
-            image_id, str(path), [a[0] for a in anns], [a[1] for a in anns], [a[2] for a in anns],
-            path=path, declared_size=(int(entry["width"]), int(entry["height"]))))
-    return Reading(items=items, classes=names, problems=problems, listed_ids=sorted(listed))
+    return per_image, bad_images
 
 
 def _categories(categories: list[Any], src: str) -> dict[int, str]:

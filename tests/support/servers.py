@@ -1,0 +1,119 @@
+"""Real servers for the tests, on 127.0.0.1, started and stopped by the test itself.
+
+- :func:`mlflow_server`: ``mlflow server`` with a SQLite backend and proxied artifacts in a
+  folder (what a team's tracking server looks like), one worker;
+- :func:`moto_server`: an S3-compatible server (``moto_server`` from ``moto[server]``) with
+  one bucket, and the AWS environment variables that point clients at it.
+
+Each runs in its own session and is stopped by its process id (SIGTERM to its process group,
+then SIGKILL), never by name.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterator
+
+BIN = Path(sys.executable).parent
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def _wait_for(url: str, proc: subprocess.Popen, timeout: float, log: Path) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"{url}: server exited with {proc.returncode}:\n"
+                               f"{log.read_text(errors='replace')[-3000:]}")
+        try:
+            with urllib.request.urlopen(url, timeout=2):
+                return
+        except OSError:
+            time.sleep(0.3)
+    raise TimeoutError(f"{url}: no answer within {timeout:.0f} s")
+
+
+def stop(proc: subprocess.Popen) -> None:
+    """SIGTERM the process group of ``proc`` (started with ``start_new_session``), then
+    SIGKILL what is left after 20 s."""
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(proc.pid, signal.SIGTERM)
+    try:
+        proc.wait(timeout=20)
+    except subprocess.TimeoutExpired:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait(timeout=20)
+
+
+@dataclass(frozen=True)
+class MlflowServer:
+    url: str                  # http://127.0.0.1:PORT
+    database: Path            # the backend's SQLite file
+    artifacts: Path           # where the server keeps proxied artifacts
+
+
+@contextlib.contextmanager
+def mlflow_server(folder: Path, *, timeout: float = 120) -> Iterator[MlflowServer]:
+    folder.mkdir(parents=True, exist_ok=True)
+    port, log = free_port(), folder / "server.log"
+    server = MlflowServer(f"http://127.0.0.1:{port}", folder / "mlflow.db", folder / "artifacts")
+    env = dict(os.environ, MLFLOW_DISABLE_TELEMETRY="true")
+    env.pop("MLFLOW_TRACKING_URI", None)
+    proc = subprocess.Popen(
+        [str(BIN / "mlflow"), "server", "--backend-store-uri", f"sqlite:///{server.database}",
+         "--artifacts-destination", str(server.artifacts), "--host", "127.0.0.1", "--port",
+         str(port), "--workers", "1"],
+        cwd=folder, env=env, stdout=log.open("w"), stderr=subprocess.STDOUT,
+        start_new_session=True)
+    try:
+        _wait_for(f"{server.url}/health", proc, timeout, log)
+        yield server
+    finally:
+        stop(proc)
+
+
+@dataclass(frozen=True)
+class S3Server:
+    endpoint: str             # http://127.0.0.1:PORT
+    bucket: str
+
+    def env(self, key_id: str = "testing-key-id", secret: str = "testing-secret-key"
+            ) -> dict[str, str]:
+        """The AWS variables that point pyarrow, boto3 and MLflow at this server."""
+        return {"AWS_ENDPOINT_URL": self.endpoint, "AWS_ACCESS_KEY_ID": key_id,
+                "AWS_SECRET_ACCESS_KEY": secret, "AWS_DEFAULT_REGION": "us-east-1",
+                "MLFLOW_S3_ENDPOINT_URL": self.endpoint}
+
+
+@contextlib.contextmanager
+def moto_server(folder: Path, bucket: str = "frcnn-test", *, timeout: float = 60
+                ) -> Iterator[S3Server]:
+    import boto3
+
+    folder.mkdir(parents=True, exist_ok=True)
+    port, log = free_port(), folder / "moto.log"
+    proc = subprocess.Popen([str(BIN / "moto_server"), "-H", "127.0.0.1", "-p", str(port)],
+                            cwd=folder, stdout=log.open("w"), stderr=subprocess.STDOUT,
+                            start_new_session=True)
+    try:
+        server = S3Server(f"http://127.0.0.1:{port}", bucket)
+        _wait_for(f"{server.endpoint}/moto-api/", proc, timeout, log)
+        boto3.client("s3", endpoint_url=server.endpoint, region_name="us-east-1",
+                     aws_access_key_id="x", aws_secret_access_key="x").create_bucket(Bucket=bucket)
+        yield server
+    finally:
+        stop(proc)
