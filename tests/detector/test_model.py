@@ -33,8 +33,9 @@ def one_thread() -> Iterator[None]:
     torch.set_num_threads(threads)
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture()
 def small_model() -> FasterRCNN:
+    """A fresh model for each test (cheap at 64 px): tests move it between devices and modes."""
     torch.manual_seed(0)
     return FasterRCNN(3, **SMALL)
 

@@ -1,9 +1,9 @@
-"""The ``frcnn`` command: help texts, parameter errors (exit 2, key named), ``python -m pipeline``."""
+"""The ``frcnn`` command: help texts, parameter errors (exit 2, key named), a stage's expected
+failures (exit 1, one line), Ctrl-C (130), ``python -m pipeline``."""
 
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import sys
 from pathlib import Path
@@ -11,10 +11,12 @@ from pathlib import Path
 import pytest
 
 from pipeline.cli import STAGES, main
-from tests.conftest import ROOT
+from pipeline.errors import DataError, MissingInputError
+from tests.support import BIN, ROOT
+from tests.support.procs import subprocess_env
 
 PARAMS = str(ROOT / "params.yaml")
-FRCNN = Path(sys.executable).parent / "frcnn"
+FRCNN = BIN / "frcnn"
 
 
 def test_top_level_help_lists_every_stage_and_parameter(capsys):
@@ -61,8 +63,39 @@ def test_bad_parameter_exits_2_naming_the_key_before_any_work(tmp_path, capsys, 
     assert list(tmp_path.iterdir()) == []   # nothing written
 
 
+@pytest.mark.parametrize("error, code, line", [
+    (DataError("data/x.xml: object 0: zero-area box"), 1,
+     "frcnn prepare: data/x.xml: object 0: zero-area box\n"),
+    (MissingInputError("s3://KEY:SECRET@b/p: not found"), 1, "frcnn prepare: s3://***@b/p: not found\n"),
+    (KeyboardInterrupt(), 130, ""),
+])
+def test_expected_failures_are_one_line_and_an_exit_code(monkeypatch, capsys, tmp_path, error,
+                                                         code, line):
+    import pipeline.prepare
+
+    def fail(cfg, args):
+        raise error
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(pipeline.prepare, "run", fail)
+    assert main(["prepare", "--params", PARAMS]) == code
+    assert capsys.readouterr().err == line
+
+
+def test_anything_else_is_a_bug_and_keeps_its_traceback(monkeypatch, tmp_path):
+    import pipeline.prepare
+
+    def fail(cfg, args):
+        raise ZeroDivisionError("a bug")
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(pipeline.prepare, "run", fail)
+    with pytest.raises(ZeroDivisionError, match="a bug"):
+        main(["prepare", "--params", PARAMS])
+
+
 def _run(argv: list[str], cwd: Path) -> subprocess.CompletedProcess:
-    env = dict(os.environ, PYTHONPATH=str(ROOT), MLFLOW_TRACKING_URI=f"sqlite:///{cwd / 'mlflow.db'}")
+    env = subprocess_env(PYTHONPATH=str(ROOT), MLFLOW_TRACKING_URI=f"sqlite:///{cwd / 'mlflow.db'}")
     return subprocess.run(argv, cwd=cwd, env=env, capture_output=True, text=True, timeout=120)
 
 

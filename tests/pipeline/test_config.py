@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from pipeline.config import ConfigError, load_config, parse_override
-from tests.conftest import ROOT
+from tests.support import ROOT
 
 
 def test_params_yaml_loads_and_matches_spec_defaults():
@@ -66,3 +66,10 @@ def test_data_split_and_classes_accepted_where_they_apply():
                       ["data.source=voc:x", "data.split=imagesets", "data.classes=[RBC, WBC]"])
     assert cfg.data.split == "imagesets" and cfg.data.classes == ("RBC", "WBC")
     assert load_config([ROOT / "params.yaml"]).data.split == "random"
+
+
+def test_config_error_is_the_pipelines_and_a_value_error():
+    from pipeline import errors
+
+    assert ConfigError is errors.ConfigError
+    assert issubclass(ConfigError, errors.PipelineError) and issubclass(ConfigError, ValueError)

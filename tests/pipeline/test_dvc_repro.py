@@ -1,75 +1,137 @@
-"""``dvc repro`` runs the ``prepare`` stage for real in a fresh git + DVC repository; a second
-``dvc repro`` does nothing; editing a declared ``data.*`` parameter makes the stage stale."""
+"""``dvc.yaml`` and ``dvc repro``: what each stage declares, the ``prepare`` stage alone in a fresh
+repository, and the whole pipeline end to end.
+
+(That every module a stage imports is one of its deps: ``tests/test_layout.py``.)
+"""
 
 from __future__ import annotations
 
 import dataclasses
-import os
-import shutil
-import subprocess
-import sys
+import json
 from pathlib import Path
 
+import pandas as pd
 import pytest
 import yaml
 
-from pipeline.config import DataConfig
-from tests.conftest import ROOT
-
-BIN = Path(sys.executable).parent
-
-
-def _sh(args: list[str], cwd: Path, env: dict[str, str]) -> subprocess.CompletedProcess:
-    done = subprocess.run(args, cwd=cwd, env=env, capture_output=True, text=True, timeout=300)
-    assert done.returncode == 0, f"{' '.join(args)} failed:\n{done.stdout}\n{done.stderr}"
-    return done
+from pipeline.config import Config, DataConfig
+from pipeline.evaluation import recall as R
+from pipeline.evaluation.outputs import OutputPaths
+from tests.support import ROOT
 
 
-@pytest.mark.slow
-def test_dvc_repro_prepare_then_up_to_date(tmp_path):
-    if not (BIN / "dvc").is_file() or shutil.which("git") is None:
-        pytest.skip("needs git and dvc (in the virtual environment)")
-    repo = tmp_path / "repo"
-    shutil.copytree(ROOT / "pipeline", repo / "pipeline",
-                    ignore=shutil.ignore_patterns("__pycache__", "*.pyc"))
-    shutil.copy(ROOT / "dvc.yaml", repo / "dvc.yaml")
-    params = yaml.safe_load((ROOT / "params.yaml").read_text())
-    params["data"].update(synthetic_images=6, image_size=32, num_workers=1)
-    (repo / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
-    (repo / ".gitignore").write_text("__pycache__/\n")
-    env = dict(os.environ, DVC_NO_ANALYTICS="1", PYTHONPATH=str(repo),
-               MLFLOW_TRACKING_URI=f"sqlite:///{tmp_path / 'mlflow.db'}",
-               PATH=f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}",
-               GIT_AUTHOR_NAME="test", GIT_AUTHOR_EMAIL="test@example.com",
-               GIT_COMMITTER_NAME="test", GIT_COMMITTER_EMAIL="test@example.com")
-    _sh(["git", "init", "-q"], repo, env)
-    _sh([str(BIN / "dvc"), "init", "-q"], repo, env)
-    _sh(["git", "add", "-A"], repo, env)
-    _sh(["git", "commit", "-q", "-m", "fresh clone"], repo, env)
-
-    first = _sh([str(BIN / "dvc"), "repro", "prepare"], repo, env)
-    assert "Running stage 'prepare'" in first.stdout
-    assert "prepared 6 images" in first.stdout
-    out = repo / "data" / "prepared"
-    assert {p.name for p in out.iterdir()} >= {"train.parquet", "val.parquet", "test.parquet",
-                                               "classes.json"}
-    lock = yaml.safe_load((repo / "dvc.lock").read_text())["stages"]["prepare"]
-    assert lock["params"]["params.yaml"]["data.synthetic_images"] == 6
-
-    second = _sh([str(BIN / "dvc"), "repro", "prepare"], repo, env)
-    assert "Running stage" not in second.stdout
-    assert "didn't change" in second.stdout or "up to date" in second.stdout
-
-    params["data"]["seed"] = 1
-    (repo / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
-    status = _sh([str(BIN / "dvc"), "status", "prepare"], repo, env)
-    assert "prepare:" in status.stdout and "data.seed" in status.stdout
+def _stages() -> dict:
+    return yaml.safe_load((ROOT / "dvc.yaml").read_text())["stages"]
 
 
-def test_prepare_stage_declares_every_module_and_data_parameter():
-    stage = yaml.safe_load((ROOT / "dvc.yaml").read_text())["stages"]["prepare"]
-    modules = {f"pipeline/datasets/{p.name}" for p in (ROOT / "pipeline" / "datasets").glob("*.py")}
-    assert modules | {"pipeline/prepare.py"} <= set(stage["deps"])
+# --------------------------------------------------------------------------------------------
+# What the stages declare
+
+
+def test_prepare_stage_declares_its_package_and_every_data_parameter():
+    stage = _stages()["prepare"]
+    assert {"pipeline/prepare", "pipeline/prepared.py", "pipeline/images.py"} <= set(stage["deps"])
     declared = {f.name for f in dataclasses.fields(DataConfig)} - {"num_workers"}  # no effect on output
     assert set(stage["params"]) == {f"data.{name}" for name in declared}
     assert stage["outs"] == ["data/prepared"] and stage["cmd"] == "frcnn prepare"
+
+
+def test_evaluate_stage_declares_inputs_parameters_and_outputs():
+    spec = yaml.safe_load((ROOT / "dvc.yaml").read_text())
+    stage = spec["stages"]["evaluate"]
+    cfg = Config()
+    paths = OutputPaths.from_config(cfg)
+    assert {"pipeline/evaluation", "pipeline/plots.py", "detector", cfg.data.out_dir,
+            cfg.train.rpn_model, cfg.train.frcnn_model} <= set(stage["deps"])
+    assert set(stage["params"]) == {"data.out_dir", "train.rpn_model", "train.frcnn_model",
+                                    "eval.splits", "eval.proposal_budgets", "eval.num_pictures",
+                                    "eval.reports_dir", "eval.metrics_path"}
+    outs = {next(iter(o)) if isinstance(o, dict) else o for o in stage["outs"]}
+    assert outs == {str(p) for p in (paths.recall_table, paths.recall_summary, paths.pictures,
+                                     paths.plots / "recall_vs_iou.csv",
+                                     paths.plots / "recall_vs_proposals.csv")}
+    assert [next(iter(m)) for m in stage["metrics"]] == [str(paths.metrics)]
+    assert {next(iter(p)) for p in stage["plots"]} == {
+        str(paths.plots / "recall_vs_iou.png"), str(paths.plots / "recall_vs_proposals.png")}
+    plots = {next(iter(p)): next(iter(p.values())) for p in spec["plots"]}
+    iou_columns = [f"top{b}" for b in cfg.eval.proposal_budgets] + ["anchors"]
+    assert plots["recall_vs_iou"]["y"] == {str(paths.plots / "recall_vs_iou.csv"): iou_columns}
+    assert plots["recall_vs_proposals"]["y"] == {
+        str(paths.plots / "recall_vs_proposals.csv"): ["recall@0.5", "recall@0.7"]}
+
+
+# --------------------------------------------------------------------------------------------
+# dvc repro for real
+
+
+@pytest.mark.slow
+def test_dvc_repro_prepare_then_up_to_date(dvc_repo):
+    repo = dvc_repo({"data.synthetic_images": 6, "data.image_size": 32, "data.num_workers": 1})
+    first = repo.dvc("repro", "prepare", timeout=300)
+    assert "Running stage 'prepare'" in first
+    assert "prepared 6 images" in first
+    out = repo.path / "data" / "prepared"
+    assert {p.name for p in out.iterdir()} >= {"train.parquet", "val.parquet", "test.parquet",
+                                               "classes.json"}
+    lock = yaml.safe_load((repo.path / "dvc.lock").read_text())["stages"]["prepare"]
+    assert lock["params"]["params.yaml"]["data.synthetic_images"] == 6
+
+    second = repo.dvc("repro", "prepare", timeout=300)
+    assert "Running stage" not in second
+    assert "didn't change" in second or "up to date" in second
+
+    params = repo.params()
+    params["data"]["seed"] = 1
+    repo.write_params(params)
+    status = repo.dvc("status", "prepare", timeout=300)
+    assert "prepare:" in status and "data.seed" in status
+
+
+@pytest.mark.slow
+def test_dvc_repro_end_to_end_at_a_small_size(dvc_repo):
+    """The whole `dvc repro` (prepare, train_rpn, train_frcnn, evaluate, sweep) for real (Ray,
+    MLflow, DVC) at 128 x 128 with anchors of 32 and 64 pixels, then every evaluate output,
+    the sweep's outputs, `dvc metrics show`, `dvc plots show`, and a clean `dvc status`."""
+    repo = dvc_repo({
+        "data.synthetic_images": 10, "data.image_size": 128, "data.num_workers": 1,
+        "train.max_steps": 2, "train.num_workers": 1, "roi.hidden_dim": 64,
+        "anchors.scales": [2, 4],  # 32 and 64 px: inside a 128 px image
+        "rpn.min_size": 4.0, "eval.num_pictures": 2,
+        # 1 trial at 64 px (4 trials: tests/pipeline/sweep/test_driver.py)
+        "sweep.image_size": 64, "sweep.max_train_images": 4, "sweep.num_samples": 1})
+    out = repo.dvc("repro")
+    for stage in ("prepare", "train_rpn", "train_frcnn", "evaluate", "sweep"):
+        assert f"Running stage '{stage}'" in out
+    assert "AR@300" in out and "sweep: best trial" in out
+
+    paths = OutputPaths(repo.path / "reports", repo.path / "metrics" / "evaluate.json")
+    table = pd.read_parquet(paths.recall_table)
+    assert tuple(table.columns) == R.TABLE_COLUMNS and len(table) > 0
+    assert set(table["split"]) == {"test", "val"} and -1 in set(table["budget"])
+    summary = pd.read_parquet(paths.recall_summary)
+    assert tuple(summary.columns) == R.SUMMARY_COLUMNS
+    assert list(pd.read_csv(paths.plots / "recall_vs_iou.csv").columns) == \
+        ["iou", "top50", "top100", "top300", "top1000", "top2000", "anchors"]
+    assert list(pd.read_csv(paths.plots / "recall_vs_proposals.csv").columns) == \
+        ["budget", "recall@0.5", "recall@0.7"]
+    for png in ("recall_vs_iou.png", "recall_vs_proposals.png"):
+        assert (paths.plots / png).stat().st_size > 1000
+    assert len(list(paths.pictures.glob("*.png"))) == 2
+    values = json.loads(paths.metrics.read_text())
+    assert {"recall@0.5/300", "recall@0.7/300", "AR@100", "AR@300", "AR@1000", "mAP@0.5",
+            "val"} <= set(values)
+
+    shown = repo.dvc("metrics", "show", "--json")
+    assert "recall@0.5/300" in shown and "mAP@0.5" in shown
+    plots = json.loads(repo.dvc("plots", "show", "--json"))["data"]
+    assert {"recall_vs_iou", "recall_vs_proposals"} <= set(plots)
+    assert plots["recall_vs_iou"][0]["type"] == "vega"
+    assert plots[str(Path("reports/plots/recall_vs_iou.png"))][0]["type"] == "image"
+
+    trials = pd.read_parquet(repo.path / "reports" / "sweep.parquet")
+    assert len(trials) == 1 and set(trials["status"]) == {"finished"}
+    assert (repo.path / "reports" / "sweep.png").stat().st_size > 1000
+    best = yaml.safe_load((repo.path / "sweeps" / "best_params.yaml").read_text())
+    assert set(best) <= {"anchors", "rpn", "train"} and "scales" in best["anchors"]
+    assert "up to date" in repo.dvc("status")
+    assert "Running stage" not in repo.dvc("repro")  # nothing left to do

@@ -1,15 +1,19 @@
-"""Resizing: stretch and letterbox geometry, boxes scaled exactly as the pixels, round trips."""
+"""pipeline.images: decoding (PNG exactly as PIL, JPEG within a grey level or two), stretch and
+letterbox geometry, boxes scaled exactly as the pixels, round trips."""
 
 from __future__ import annotations
 
+import io
+
 import numpy as np
 import pytest
+import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from PIL import Image, ImageDraw
 
-from pipeline.datasets.resize import (PAD_COLOUR, ResizeInfo, resize_image, resize_info,
-                                      scale_boxes, unscale_boxes)
+from pipeline.images import (PAD_COLOUR, READ_ERRORS, ResizeInfo, decode, open_rgb,
+                             resize_image, resize_info, scale_boxes, to_tensor, unscale_boxes)
 
 
 def _white_box_image(width: int, height: int, box: tuple[int, int, int, int]) -> Image.Image:
@@ -108,3 +112,67 @@ def test_bad_mode_and_size_raise():
         resize_info(10, 10, 20, "crop")  # type: ignore[arg-type]
     with pytest.raises(ValueError, match="0x10"):
         resize_info(0, 10, 20, "stretch")
+
+
+# --------------------------------------------------------------------------------------------
+# Decoding
+
+
+def _photo(mode: str = "RGB", size: tuple[int, int] = (37, 23)) -> Image.Image:
+    """Noise with structure (a gradient plus random pixels), in ``mode``."""
+    rng = np.random.default_rng(0)
+    pixels = rng.integers(0, 256, (size[1], size[0], 3), dtype=np.uint8)
+    pixels[..., 0] = np.linspace(0, 255, size[0], dtype=np.uint8)[None, :]
+    return Image.fromarray(pixels).convert(mode)
+
+
+def _encoded(image: Image.Image, fmt: str) -> bytes:
+    buf = io.BytesIO()
+    image.save(buf, format=fmt, **({"quality": 90} if fmt == "JPEG" else {}))
+    return buf.getvalue()
+
+
+@pytest.mark.parametrize("mode", ["RGB", "L", "RGBA", "P"])
+def test_decode_png_matches_pil_exactly(mode):
+    """PNG bytes (what ``prepare`` writes by default) decode to PIL's own RGB pixels, exactly,
+    as float32 (3, H, W) in [0, 1], whatever the PNG's colour type."""
+    image = _photo(mode)
+    data = _encoded(image, "PNG")
+    tensor = decode(data)
+    assert tensor.shape == (3, 23, 37) and tensor.dtype == torch.float32
+    expected = np.asarray(Image.open(io.BytesIO(data)).convert("RGB"), dtype=np.float32) / 255
+    assert torch.equal(tensor, torch.from_numpy(expected).permute(2, 0, 1))
+    assert float(tensor.min()) >= 0.0 and float(tensor.max()) <= 1.0
+
+
+def test_decode_jpeg_is_within_a_few_grey_levels_of_pil():
+    data = _encoded(_photo(), "JPEG")
+    expected = np.asarray(Image.open(io.BytesIO(data)).convert("RGB"), dtype=np.float32)
+    got = decode(data).permute(1, 2, 0).numpy() * 255
+    assert got.shape == expected.shape and np.abs(got - expected).max() <= 3
+
+
+def test_to_tensor_matches_decode_of_the_same_pixels():
+    for mode in ("RGB", "L"):
+        image = _photo(mode)
+        tensor = to_tensor(image)
+        assert tensor.shape == (3, 23, 37) and tensor.dtype == torch.float32
+        assert torch.equal(tensor, decode(_encoded(image, "PNG")))
+
+
+def test_decode_refuses_bytes_that_are_no_image():
+    with pytest.raises(RuntimeError):
+        decode(b"not an image at all")
+
+
+def test_open_rgb_decodes_fully_and_refuses_truncated_files(tmp_path):
+    path = tmp_path / "a.png"
+    _photo("L").save(path)
+    image = open_rgb(path)
+    assert image.mode == "RGB" and image.size == (37, 23)
+    truncated = tmp_path / "cut.png"
+    truncated.write_bytes(path.read_bytes()[:200])
+    with pytest.raises(READ_ERRORS):
+        open_rgb(truncated)
+    with pytest.raises(READ_ERRORS):
+        open_rgb(tmp_path / "missing.png")

@@ -13,7 +13,7 @@ from torch import nn
 
 from pipeline import predict as P
 from pipeline.cli import main
-from pipeline.datasets.resize import resize_image, scale_boxes
+from pipeline.images import resize_image, scale_boxes
 
 
 class FixedDetector(nn.Module):

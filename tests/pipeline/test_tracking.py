@@ -6,10 +6,10 @@ import socket
 from pathlib import Path
 
 import pytest
-from mlflow.tracking import MlflowClient
 
 from pipeline import tracking
 from pipeline.config import Config
+from tests.support import mlflow_store
 
 
 @pytest.fixture(scope="module")
@@ -27,7 +27,7 @@ def cfg(store, request, monkeypatch) -> Config:
 
 
 def _run(cfg: Config, run_id: str):
-    return MlflowClient(tracking.resolve_uri(cfg.tracking.uri)).get_run(run_id)
+    return mlflow_store.client(tracking.resolve_uri(cfg.tracking.uri)).get_run(run_id)
 
 
 def test_resolve_uri_makes_sqlite_absolute_and_env_wins(tmp_path, monkeypatch):
@@ -59,7 +59,7 @@ def test_stage_run_logs_params_tags_config_and_finishes(cfg, store):
     assert set(cfg.flat()) <= set(got.data.params)
     tags = got.data.tags
     assert tags["dvc_stage"] == "prepare" and tags["extra"] == "1" and tags["git_commit"]
-    client = MlflowClient(run.tracking_uri)
+    client = mlflow_store.client(run.tracking_uri)
     assert [m.value for m in client.get_metric_history(run.run_id, "loss")] == [1.5, 1.0]
     assert "config/params.yaml" in [a.path for a in client.list_artifacts(run.run_id, "config")]
     # artifacts beside the database
@@ -87,15 +87,15 @@ def test_interrupted_stage_ends_killed(cfg):
 def test_reopened_run_keeps_its_params_and_metrics(cfg):
     with pytest.raises(KeyboardInterrupt):
         with tracking.stage_run(cfg, "train_rpn") as first:
-            tracking.MetricLogger(first.tracking_uri, first.run_id).log({"loss": 2.0}, step=1)
+            tracking.open_run(first.tracking_uri, first.run_id).log_metrics({"loss": 2.0}, step=1)
             raise KeyboardInterrupt
     changed = cfg.replace({"eval.batch_size": 7})  # a parameter the run key ignores
     with tracking.stage_run(changed, "train_rpn", run_id=first.run_id) as second:
-        tracking.MetricLogger(second.tracking_uri, second.run_id).log({"loss": 1.0}, step=2)
+        tracking.open_run(second.tracking_uri, second.run_id).log_metrics({"loss": 1.0}, step=2)
     assert second.run_id == first.run_id
     got = _run(cfg, first.run_id)
     assert got.info.status == "FINISHED" and got.data.params["eval.batch_size"] == "2"
-    history = MlflowClient(second.tracking_uri).get_metric_history(first.run_id, "loss")
+    history = mlflow_store.client(second.tracking_uri).get_metric_history(first.run_id, "loss")
     assert [(m.step, m.value) for m in history] == [(1, 2.0), (2, 1.0)]
 
 
@@ -109,32 +109,57 @@ def test_git_commit_outside_a_repository(tmp_path: Path):
     assert tracking.git_commit(tmp_path) == "unknown"
 
 
-def test_redact_survives_a_variable_deleted_by_another_thread(monkeypatch) -> None:
-    """MLflow's telemetry thread deletes its session variable while the stage logs its
-    parameters; a name listed but gone by the time it is read is skipped, not a KeyError."""
-    from collections.abc import MutableMapping
+def test_metric_names_are_made_valid_for_mlflow():
+    from mlflow.utils.validation import _validate_metric_name
 
-    class Vanishing(MutableMapping):
-        def __init__(self, data: dict[str, str]) -> None:
-            self.data = data
+    names = tracking.flatten_metrics({"recall@0.5/300": 0.5, "AP@0.5/red+cell": 1.0,
+                                      "val": {"AR@300": 0.25}})
+    assert names == {"recall@0.5/300": 0.5, "AP@0.5/red+cell": 1.0, "val/AR@300": 0.25}
+    valid = {tracking.metric_name(k): v for k, v in names.items()}
+    assert valid == {"recall_at_0.5/300": 0.5, "AP_at_0.5/red_cell": 1.0, "val/AR_at_300": 0.25}
+    for name in valid:
+        _validate_metric_name(name)
 
-        def __getitem__(self, name: str) -> str:
-            return self.data[name]
 
-        def __iter__(self):
-            return iter([*self.data, "_MLFLOW_TELEMETRY_SESSION_ID"])  # listed, then gone
+def test_run_handle_redacts_what_it_writes_and_keeps_first_params(cfg, monkeypatch, tmp_path):
+    monkeypatch.setenv("SERVICE_API_KEY", "sk-live-0123456789")
+    with tracking.stage_run(cfg, "prepare") as run:
+        run.log_params({"note": "key sk-live-0123456789", "rpn.pos_iou": 0.1})  # logged already
+        run.set_tags({"where": "s3://KEY:SECRET@bucket/x"})
+        run.log_metrics({"AR@300": 0.5, "flag": True})                       # booleans skipped
+        run.log_text("uri http://u:p@host", "notes/uri.txt")
+        (tmp_path / "table.csv").write_text("a,sk-live-0123456789\n")
+        run.log_artifact(tmp_path / "table.csv", "files")
+    got = _run(cfg, run.run_id)
+    assert got.data.params["note"] == "key ***SERVICE_API_KEY***"
+    assert got.data.params["rpn.pos_iou"] == "0.7"  # the config's, logged first
+    assert got.data.tags["where"] == "s3://***@bucket/x"
+    assert got.data.metrics == {"AR_at_300": 0.5}
+    client = mlflow_store.client(run.tracking_uri)
+    folder = tmp_path / "downloaded"
+    folder.mkdir()
+    text = client.download_artifacts(run.run_id, "files/table.csv", str(folder))
+    assert Path(text).read_text() == "a,***SERVICE_API_KEY***\n"
+    note = client.download_artifacts(run.run_id, "notes/uri.txt", str(folder))
+    assert Path(note).read_text() == "uri http://***@host"
 
-        def __len__(self) -> int:
-            return len(self.data) + 1
 
-        def __setitem__(self, name: str, value: str) -> None:  # pytest sets its own variables
-            self.data[name] = value
-
-        def __delitem__(self, name: str) -> None:
-            del self.data[name]
-
-    monkeypatch.setattr(tracking.os, "environ", Vanishing({"DB_PASSWORD": "hunter2-hunter2"}))
-    assert tracking.redact("uri with hunter2-hunter2") == "uri with ***DB_PASSWORD***"
+def test_child_runs_are_found_again_and_ended_with_their_trial_status(cfg):
+    with tracking.stage_run(cfg, "sweep") as parent:
+        first = tracking.child_run(parent, "t1", params={"sampled.train.lr": 0.01},
+                                   tags={"sweep": "s"})
+        second = tracking.child_run(parent, "t2", params={}, tags={})
+        first.end(tracking.FAILED, "boom")
+        again = tracking.child_run(parent, "t1", params={"sampled.train.lr": 0.5}, tags={})
+        assert again.run_id == first.run_id and _run(cfg, first.run_id).info.status == "RUNNING"
+        tracking.end_children(parent, {"t1": (tracking.FINISHED, "finished", None),
+                                       "t2": (tracking.KILLED, "stopped early", "stopped")})
+    one, two = _run(cfg, first.run_id), _run(cfg, second.run_id)
+    assert one.data.tags["mlflow.parentRunId"] == parent.run_id and one.data.tags["sweep"] == "s"
+    assert one.data.params["sampled.train.lr"] == "0.01"  # the first value stays
+    assert (one.info.status, one.data.tags["trial_status"]) == ("FINISHED", "finished")
+    assert (two.info.status, two.data.tags["trial_status"]) == ("KILLED", "stopped early")
+    assert two.data.tags["error"] == "stopped"
 
 
 @pytest.mark.parametrize("preset,expected", [(None, "disabled"), ("false", "enabled")])

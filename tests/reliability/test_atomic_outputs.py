@@ -2,17 +2,15 @@
 
 Fault: ``frcnn prepare`` SIGKILLed while it writes its tables; a write that fails in the middle
 (disk full) of a model file (``save_model``), a Parquet / JSON / text / PNG output
-(:mod:`pipeline.io`), a checkpoint folder, and the evaluate stage's reports.
+(:mod:`pipeline.files`), a checkpoint folder, and the evaluate stage's reports.
 Must survive: the target is the previous complete version (byte for byte) or absent, never a
 half-written file; no temporary file is left beside it after a failure the process survives.
 """
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import json
-import os
 import shutil
 import signal
 import subprocess
@@ -27,12 +25,12 @@ import yaml
 from PIL import Image
 
 from detector.serialization import load_model, save_model
-from pipeline import checkpoints, io, plots
+from pipeline import files, plots
 from pipeline.config import Config
-from pipeline.prepare import prepare_dataset
-from pipeline.train_loop import build_model
-from tests.pipeline.test_train import _session_pids
-from tests.pipeline.test_train_loop import tiny_cfg
+from pipeline.modeling import build_model
+from pipeline.prepare.stage import prepare_dataset
+from pipeline.training import checkpoints
+from tests.support.procs import kill_session, subprocess_env
 
 
 class DiskFull(OSError):
@@ -68,8 +66,7 @@ def test_prepare_killed_mid_write_leaves_the_previous_output(tmp_path):
     bigger = cfg.replace({"data.synthetic_images": 2000, "data.image_size": 256,
                           "data.num_workers": 1, "data.out_dir": "data/prepared"})
     (tmp_path / "params.yaml").write_text(yaml.safe_dump(bigger.to_dict()))
-    env = dict(os.environ, MLFLOW_TRACKING_URI=f"sqlite:///{tmp_path / 'mlflow.db'}",
-               PYTHONUNBUFFERED="1")
+    env = subprocess_env(MLFLOW_TRACKING_URI=f"sqlite:///{tmp_path / 'mlflow.db'}")
     proc = subprocess.Popen([sys.executable, "-m", "pipeline", "prepare"], cwd=tmp_path, env=env,
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
                             start_new_session=True)
@@ -84,10 +81,7 @@ def test_prepare_killed_mid_write_leaves_the_previous_output(tmp_path):
             time.sleep(0.05)
         assert partial is not None and proc.poll() is None, "prepare was not caught mid-write"
     finally:
-        for pid in _session_pids(proc.pid):
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(pid, signal.SIGKILL)
-        proc.wait(timeout=60)
+        kill_session(proc)
     assert proc.returncode == -signal.SIGKILL
     assert _tree(out) == before  # the previous output, untouched
     assert json.loads((out / "classes.json").read_text())["images"]["train"] < 10
@@ -117,26 +111,26 @@ def _half_then_fail(real_write):
     return write
 
 
-def test_save_model_failing_mid_write_keeps_the_previous_model(tmp_path, monkeypatch):
-    model = build_model(tiny_cfg(), num_classes=2, stage="rpn")
+def test_save_model_failing_mid_write_keeps_the_previous_model(tmp_path, monkeypatch, tiny_cfg):
+    model = build_model(tiny_cfg, num_classes=2, stage="rpn")
     path = save_model(tmp_path / "models" / "rpn.pt", model, classes=["a", "b"])
     before = path.read_bytes()
     monkeypatch.setattr(torch, "save", _half_then_fail(torch.save))
     with pytest.raises(DiskFull):
-        save_model(path, build_model(tiny_cfg(), num_classes=3, stage="rpn"), classes=["x"])
+        save_model(path, build_model(tiny_cfg, num_classes=3, stage="rpn"), classes=["x"])
     monkeypatch.undo()
     assert path.read_bytes() == before and _leftovers(path.parent) == []
     assert load_model(path)[1]["classes"] == ["a", "b"]
 
 
 @pytest.mark.parametrize("kind", ["parquet", "json", "text", "png"])
-def test_io_writers_failing_mid_write_keep_the_previous_file(tmp_path, monkeypatch, kind):
+def test_file_writers_failing_mid_write_keep_the_previous_file(tmp_path, monkeypatch, kind):
     old, new = pd.DataFrame({"x": [1, 2]}), pd.DataFrame({"x": list(range(10_000))})
     path = tmp_path / f"out.{kind}"
     writers = {
-        "parquet": (lambda v: io.write_parquet(path, v), pd.DataFrame, "to_parquet"),
-        "json": (lambda v: io.write_json(path, {"rows": v["x"].tolist()}), Path, "write_text"),
-        "text": (lambda v: io.write_text(path, v.to_csv()), Path, "write_text"),
+        "parquet": (lambda v: files.write_parquet(path, v), pd.DataFrame, "to_parquet"),
+        "json": (lambda v: files.write_json(path, {"rows": v["x"].tolist()}), Path, "write_text"),
+        "text": (lambda v: files.write_text(path, v.to_csv()), Path, "write_text"),
         "png": (lambda v: plots.save_image(Image.new("RGB", (len(v), 8)), path), Image.Image,
                 "save"),
     }
@@ -152,9 +146,9 @@ def test_io_writers_failing_mid_write_keep_the_previous_file(tmp_path, monkeypat
 
 def test_atomic_dir_failing_mid_fill_keeps_the_previous_folder(tmp_path):
     target = tmp_path / "pictures"
-    with io.atomic_dir(target) as tmp:
+    with files.atomic_dir(target) as tmp:
         (tmp / "a.png").write_bytes(b"old a")
-    with pytest.raises(DiskFull), io.atomic_dir(target) as tmp:
+    with pytest.raises(DiskFull), files.atomic_dir(target) as tmp:
         (tmp / "a.png").write_bytes(b"new a")
         raise DiskFull(28, "No space left on device")
     assert _tree(target) == {"a.png": hashlib.sha256(b"old a").hexdigest()}
@@ -184,22 +178,28 @@ def test_checkpoint_copy_failing_keeps_the_complete_ones(tmp_path, monkeypatch):
 def test_evaluate_reports_failing_half_way_are_each_old_or_new(tmp_path, monkeypatch):
     """The evaluate stage's outputs, written a second time with a failure after the tables and
     the curves (while drawing the pictures): every file is a complete old or new version."""
-    from pipeline import evaluate as E
-    from tests.pipeline.test_evaluate import CLASSES, SIZE, _perfect_model, make_prepared
+    from pipeline.evaluation.core import evaluate_model
+    from pipeline.evaluation.metrics import metrics
+    from pipeline.evaluation.outputs import OutputPaths, write_outputs
+    from pipeline.prepared import read_ground_truth
+    from tests.support.factories import write_prepared
+    from tests.support.fakes import perfect_model
 
-    prepared = make_prepared(tmp_path / "prepared", {"test": 4, "val": 3})
-    splits = [E.read_split(prepared / f"{s}.parquet", s) for s in ("test", "val")]
-    paths = E.OutputPaths(tmp_path / "reports", tmp_path / "metrics" / "evaluate.json")
+    classes = ["cat", "dog"]
+    prepared = write_prepared(tmp_path / "prepared", splits={"test": 4, "val": 3},
+                              classes=classes, content="noise")
+    splits = [read_ground_truth(prepared / f"{s}.parquet", s) for s in ("test", "val")]
+    paths = OutputPaths(tmp_path / "reports", tmp_path / "metrics" / "evaluate.json")
 
     def outputs(num_pictures: int, budgets: tuple[int, ...]):
-        model = _perfect_model(splits)  # one object is both: it answers what it just proposed
-        res = E.evaluate_model(rpn_model=model, detector=model, splits=splits, budgets=budgets,
-                               num_classes=2, image_size=SIZE, batch_size=2,
-                               num_pictures=num_pictures, progress=False)
-        return res, E.metrics(res, ["test", "val"], budgets, CLASSES)
+        model = perfect_model(splits)  # one object is both: it answers what it just proposed
+        res = evaluate_model(rpn_model=model, detector=model, splits=splits, budgets=budgets,
+                             num_classes=2, image_size=64, batch_size=2,
+                             num_pictures=num_pictures, progress=False)
+        return res, metrics(res, ["test", "val"], budgets, classes)
 
     old_res, old_values = outputs(2, (50, 300))
-    E.write_outputs(old_res, old_values, paths, "test", CLASSES)
+    write_outputs(old_res, old_values, paths, "test", classes)
     before = _tree(tmp_path / "reports") | {"metrics": paths.metrics.read_text()}
 
     new_res, new_values = outputs(3, (10, 50, 300))
@@ -213,7 +213,7 @@ def test_evaluate_reports_failing_half_way_are_each_old_or_new(tmp_path, monkeyp
     real_save = plots.save_image
     monkeypatch.setattr(plots, "save_image", fail_on_second)
     with pytest.raises(DiskFull):
-        E.write_outputs(new_res, new_values, paths, "test", CLASSES)
+        write_outputs(new_res, new_values, paths, "test", classes)
     monkeypatch.undo()
 
     after = _tree(tmp_path / "reports")
@@ -228,3 +228,4 @@ def test_evaluate_reports_failing_half_way_are_each_old_or_new(tmp_path, monkeyp
             img.load()
     for folder in (paths.reports, paths.plots, paths.metrics.parent):
         assert _leftovers(folder) == []
+

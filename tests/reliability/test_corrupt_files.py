@@ -3,7 +3,7 @@
 Fault: a model or checkpoint file cut in half (a copy interrupted, a full disk), random bytes,
 an empty file, or a pickle that would run code when loaded without ``weights_only``.
 Must survive: every reader (``detector.serialization.load_model``, the training checkpoint reader
-``pipeline.checkpoints.read_state`` / ``read_progress``, the train driver's resume and RPN
+``pipeline.training.checkpoints.read_state`` / ``read_progress``, the train driver's resume and RPN
 checks, ``frcnn evaluate`` and ``frcnn predict``) reports the file by name with a clear error
 (``ValueError``; exit code 1 and no traceback on the command line), never loads half a file and
 never executes what a pickle asks for. Every ``torch.load`` in ``detector/`` and ``pipeline/``
@@ -23,12 +23,11 @@ import torch
 from PIL import Image
 
 from detector.serialization import load_model, save_model
-from pipeline import checkpoints, train
 from pipeline.cli import main
-from pipeline.train_loop import build_model
-from tests.conftest import ROOT
-from tests.pipeline.test_data import write_prepared
-from tests.pipeline.test_train_loop import tiny_cfg
+from pipeline.modeling import build_model
+from pipeline.training import checkpoints, resume
+from tests.support import ROOT
+from tests.support.factories import RAY_PARAMS, tiny_cfg, write_params, write_prepared
 
 
 class _Exploit:
@@ -125,14 +124,14 @@ def test_train_driver_names_a_corrupt_resume_state_before_ray(tmp_path):
     (run / "checkpoint_e000_s0000002").mkdir(parents=True)
     (run / "checkpoint_manager_snapshot.json").write_text('{"latest_checkpoint_result": {"chec')
     with pytest.raises(ValueError, match="truncated or corrupt.*delete .*train_rpn-abc"):
-        train.latest_checkpoint(str(tmp_path), "train_rpn-abc")
+        resume.latest_checkpoint(str(tmp_path), "train_rpn-abc")
     (run / "checkpoint_manager_snapshot.json").write_text(json.dumps(
         {"latest_checkpoint_result": {"checkpoint_dir_name": "checkpoint_e000_s0000002"}}))
     (run / "checkpoint_e000_s0000002" / checkpoints.PROGRESS).write_text("{")
     with pytest.raises(ValueError, match=checkpoints.PROGRESS):
-        train.latest_checkpoint(str(tmp_path), "train_rpn-abc")
-    (run / train.RUN_STATE).write_text('{"mlflow_run_id": "12')
-    assert train._read_run_state(str(tmp_path), "train_rpn-abc") == {}
+        resume.latest_checkpoint(str(tmp_path), "train_rpn-abc")
+    (run / resume.RUN_STATE).write_text('{"mlflow_run_id": "12')
+    assert resume.read_run_state(str(tmp_path), "train_rpn-abc") == {}
 
 
 def _project(tmp_path: Path) -> Path:
@@ -178,16 +177,13 @@ def test_train_names_a_corrupt_checkpoint_to_resume_from_before_ray(tmp_path, mo
                                                                    capsys):
     """A killed run left a checkpoint whose train_state.pt is cut short: the rerun names it
     (and how to start afresh) instead of failing in every worker of every Ray restart."""
-    import yaml
-
     from pipeline.config import Config
-    from tests.pipeline.test_train import RAY_PARAMS
 
     project = _project(tmp_path)
     cfg = Config().replace(RAY_PARAMS)
-    (project / "params.yaml").write_text(yaml.safe_dump(cfg.to_dict()))
-    key = train.run_key(cfg, "rpn", (project / "data" / "prepared" / "train.parquet").resolve(),
-                        None)
+    write_params(project / "params.yaml", RAY_PARAMS)
+    key = resume.run_key(cfg, "rpn", (project / "data" / "prepared" / "train.parquet").resolve(),
+                         None)
     run = project / "checkpoints" / f"train_rpn-{key}"
     folder = run / "checkpoint_e000_s0000002"
     checkpoints.write(folder, {"model": {"w": torch.ones(1000)}, "step": 2}, {"epoch": 0, "step": 2})

@@ -8,7 +8,7 @@ or key) or a documented skip (a :class:`Problem` that rejects the image), never 
 exception, never a hang (each case is timed), and never a file opened outside the dataset folder
 (every ``open`` is recorded through Python's audit hook).
 
-Each test counts its examples in :data:`tests.reliability.conftest.FUZZ_CASES`; the totals are
+Each test counts its examples in :data:`tests.support.fuzz.FUZZ_CASES`; the totals are
 printed at the end of the run.
 """
 
@@ -31,11 +31,11 @@ from hypothesis import strategies as st
 from PIL import Image
 
 from pipeline.config import Config, ConfigError, load_config, parse_override
-from pipeline.datasets.coco import read_coco
-from pipeline.datasets.process import process_item
-from pipeline.datasets.records import DataError, Problem
-from pipeline.datasets.voc import read_voc
-from tests.reliability.conftest import FUZZ_CASES, FUZZ_OUTCOMES, opened_outside, watch_opens
+from pipeline.prepare.coco import read_coco
+from pipeline.prepare.process import process_item
+from pipeline.prepare.records import DataError, Problem
+from pipeline.prepare.voc import read_voc
+from tests.support.fuzz import FUZZ_CASES, FUZZ_OUTCOMES, opened_outside, watch_opens
 
 FUZZ = settings(max_examples=400, deadline=None, derandomize=True, database=None,
                 suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large,

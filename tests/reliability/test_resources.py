@@ -11,25 +11,19 @@
 
 from __future__ import annotations
 
-import json
 import re
 import socket
 import time
-from pathlib import Path
 
-import pandas as pd
 import pytest
 import torch
-import yaml
-from mlflow.tracking import MlflowClient
 from torch import nn
 
-from pipeline import memory, train_loop
 from pipeline.cli import main
-from pipeline.config import Config
-from tests.pipeline.test_data import write_prepared
-from tests.pipeline.test_train import RAY_PARAMS
-from tests.pipeline.test_train_loop import tiny_cfg
+from pipeline.training import loop, memory
+from tests.support import mlflow_store
+from tests.support.factories import (RAY_PARAMS, tiny_cfg, write_params, write_prepared,
+                                     write_ray_project)
 
 
 def _closed_port() -> int:
@@ -43,28 +37,17 @@ def _ray_started() -> bool:
     return ray.is_initialized()
 
 
-def _big_prepared(folder: Path, *, rows: int, image_size: int) -> Path:
-    """A prepared set whose table *says* it has ``rows`` images of ``image_size`` (the images
-    themselves are empty: the driver's memory check reads only the table's metadata)."""
-    folder.mkdir(parents=True)
-    frame = pd.DataFrame({"image_id": [f"i{i:05d}" for i in range(rows)], "image": [b""] * rows,
-                          "boxes": [[[0.0, 0.0, 8.0, 8.0]]] * rows, "labels": [[1]] * rows,
-                          "difficult": [[False]] * rows})
-    for split in ("train", "val", "test"):
-        frame.to_parquet(folder / f"{split}.parquet", index=False)
-    (folder / "classes.json").write_text(json.dumps({"classes": ["a"], "image_size": image_size}))
-    return folder
-
-
 def test_absurd_batch_size_fails_before_ray_and_marks_the_run_failed(tmp_path, monkeypatch,
                                                                       capsys):
     """Fault: train.batch_size=10^6 on 2000 images of 1024 x 1024 (1000 per worker per step:
     over a terabyte of activations). Survives: a clear error naming the batch size and the
     memory, the MLflow run FAILED with it, no Ray started, nothing written."""
-    _big_prepared(tmp_path / "data" / "prepared", rows=2000, image_size=1024)
-    cfg = Config().replace({**RAY_PARAMS, "data.image_size": 1024,
-                            "tracking.uri": f"sqlite:///{tmp_path / 'mlflow.db'}"})
-    (tmp_path / "params.yaml").write_text(yaml.safe_dump(cfg.to_dict()))
+    # a table that *says* it has 2000 images of 1024 x 1024 (the driver's memory check reads
+    # only the table's metadata): the images themselves are empty
+    write_prepared(tmp_path / "data" / "prepared", num_images=2000, num_eval=0, size=1024,
+                   classes=["a"], content="blank")
+    write_params(tmp_path / "params.yaml", {**RAY_PARAMS, "data.image_size": 1024,
+                                            "tracking.uri": f"sqlite:///{tmp_path / 'mlflow.db'}"})
     monkeypatch.chdir(tmp_path)
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
 
@@ -77,8 +60,7 @@ def test_absurd_batch_size_fails_before_ray_and_marks_the_run_failed(tmp_path, m
     assert not _ray_started()
     assert not (tmp_path / "models").exists() and not (tmp_path / "metrics").exists()
 
-    client = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
-    (run,) = client.search_runs([client.get_experiment_by_name("frcnn").experiment_id])
+    (run,) = mlflow_store.runs(tmp_path / "mlflow.db")
     assert run.info.run_name == "train_rpn" and run.info.status == "FAILED"
     assert run.data.tags["error"].startswith("InsufficientMemoryError: train.batch_size=1000000")
     assert "GiB available of" in run.data.tags["error"]
@@ -107,19 +89,14 @@ class _Raising(nn.Module):
         raise self.error
 
 
-@pytest.fixture(scope="module")
-def prepared(tmp_path_factory) -> Path:
-    return write_prepared(tmp_path_factory.mktemp("data") / "prepared", size=64, num_images=6)
-
-
 def test_allocator_failure_in_a_step_names_batch_size_and_memory(prepared):
     """Fault: the allocator refuses a step's memory (a real 2^60-byte request on CPU, and the
     CUDA error text). Survives: InsufficientMemoryError naming train.batch_size, the step, the
     bytes requested and the device's available / total memory; not a 30-line allocator trace."""
     cfg = tiny_cfg(train__batch_size=2)
     with pytest.raises(memory.InsufficientMemoryError) as caught:
-        train_loop.train(cfg, stage="rpn", train_path=prepared / "train.parquet", num_classes=2,
-                         model_fn=lambda: _Allocating(2**60))
+        loop.train(cfg, stage="rpn", train_path=prepared / "train.parquet", num_classes=2,
+                   model_fn=lambda: _Allocating(2**60))
     message = str(caught.value)
     assert message.startswith("train.batch_size=2: out of memory at step 1 with 2 image(s)")
     assert "requested 2147483648.00 GiB" in message
@@ -128,12 +105,12 @@ def test_allocator_failure_in_a_step_names_batch_size_and_memory(prepared):
     cuda = torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 20.00 GiB. GPU 0 has a "
                                   "total capacity of 79.19 GiB of which 1.00 GiB is free.")
     with pytest.raises(memory.InsufficientMemoryError, match="requested 20.00 GiB"):
-        train_loop.train(cfg, stage="rpn", train_path=prepared / "train.parquet", num_classes=2,
-                         model_fn=lambda: _Raising(cuda))
+        loop.train(cfg, stage="rpn", train_path=prepared / "train.parquet", num_classes=2,
+                   model_fn=lambda: _Raising(cuda))
     # other runtime errors are not memory errors: they pass through untouched
     with pytest.raises(RuntimeError, match="shape mismatch") as other:
-        train_loop.train(cfg, stage="rpn", train_path=prepared / "train.parquet", num_classes=2,
-                         model_fn=lambda: _Raising(RuntimeError("shape mismatch")))
+        loop.train(cfg, stage="rpn", train_path=prepared / "train.parquet", num_classes=2,
+                   model_fn=lambda: _Raising(RuntimeError("shape mismatch")))
     assert not isinstance(other.value, MemoryError)
 
 
@@ -144,9 +121,9 @@ def test_the_worker_checks_its_memory_before_the_first_step(prepared, monkeypatc
                         lambda device: (2**20, 16 * 2**30, "GPU cuda:0"))
     built = []
     with pytest.raises(memory.InsufficientMemoryError) as caught:
-        train_loop.train(tiny_cfg(train__batch_size=4), stage="rpn",
-                         train_path=prepared / "train.parquet", num_classes=2,
-                         model_fn=lambda: built.append(1) or _Allocating(0))
+        loop.train(tiny_cfg(train__batch_size=4), stage="rpn",
+                   train_path=prepared / "train.parquet", num_classes=2,
+                   model_fn=lambda: built.append(1) or _Allocating(0))
     assert str(caught.value).startswith("train.batch_size=4: 4 image(s) of 64x64 per step need")
     assert "GPU cuda:0 has 0.00 GiB available of 16.00 GiB" in str(caught.value)
     assert built == []
@@ -155,9 +132,9 @@ def test_the_worker_checks_its_memory_before_the_first_step(prepared, monkeypatc
 def test_batch_larger_than_the_shard_is_one_step_per_epoch(prepared):
     """Fault: train.batch_size (100) larger than the shard (6 images). Survives: each epoch is one
     step over the whole shard; training does not silently do zero steps."""
-    result = train_loop.train(tiny_cfg(train__batch_size=100, train__rpn_epochs=2), stage="rpn",
-                              train_path=prepared / "train.parquet", num_classes=2,
-                              model_fn=lambda: _Allocating(0))
+    result = loop.train(tiny_cfg(train__batch_size=100, train__rpn_epochs=2), stage="rpn",
+                        train_path=prepared / "train.parquet", num_classes=2,
+                        model_fn=lambda: _Allocating(0))
     assert result.steps == result.total_steps == 2
     assert result.images == 12 and [h["steps"] for h in result.history] == [1, 1]
 
@@ -170,9 +147,7 @@ def test_unreachable_tracking_server_fails_fast_naming_the_uri(tmp_path, monkeyp
     """Fault: tracking.uri names a server that does not answer. Survives: `frcnn train` stops
     in under 10 s, before Ray and before any training, naming the URI (credentials masked)."""
     uri = uri.format(port=_closed_port())
-    write_prepared(tmp_path / "data" / "prepared", size=64, num_images=6)
-    cfg = Config().replace({**RAY_PARAMS, "tracking.uri": uri})
-    (tmp_path / "params.yaml").write_text(yaml.safe_dump(cfg.to_dict()))
+    write_ray_project(tmp_path, {"tracking.uri": uri})
     monkeypatch.chdir(tmp_path)
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
 

@@ -24,8 +24,10 @@ from pathlib import Path
 
 import pytest
 
-from pipeline import train
-from tests.pipeline.test_train import _env, _mlflow_runs, _project, _session_pids
+from pipeline.training import resume
+from tests.support import mlflow_store
+from tests.support.factories import write_ray_project
+from tests.support.procs import kill_session, session_pids, subprocess_env
 
 EPOCHS, STEPS_PER_EPOCH = 3, 3  # 6 images, 2 workers, batch 1
 
@@ -48,7 +50,7 @@ def _ppid(pid: int) -> int:
 def _train_workers(session: int) -> list[int]:
     """PIDs of the Ray Train worker actors started by the command (``ray::RayTrainWorker...``),
     not their DataLoader processes (forked children with the same title)."""
-    titled = {pid for pid in _session_pids(session) if "RayTrainWorker" in _cmdline(pid)}
+    titled = {pid for pid in session_pids(session) if "RayTrainWorker" in _cmdline(pid)}
     return sorted(pid for pid in titled if _ppid(pid) not in titled)
 
 
@@ -57,7 +59,7 @@ def _latest(storage: str) -> dict | None:
     if not runs:
         return None
     with contextlib.suppress(ValueError, OSError):  # Ray may be writing its snapshot
-        found = train.latest_checkpoint(storage, runs[0].name)
+        found = resume.latest_checkpoint(storage, runs[0].name)
         return found[1] if found else None
     return None
 
@@ -66,13 +68,14 @@ def _latest(storage: str) -> dict | None:
 @pytest.mark.timeout(600)
 def test_killed_worker_restarts_from_checkpoint_and_the_run_finishes(tmp_path):
     # a checkpoint at each epoch's end (every step would write 3 x 120 MB of VGG-16 state)
-    project = _project(tmp_path, **{"train.rpn_epochs": EPOCHS, "train.checkpoint_every": 0,
-                                    "train.max_failures": 2, "train.loader_workers": 0})
+    project = write_ray_project(tmp_path, {"train.rpn_epochs": EPOCHS,
+                                           "train.checkpoint_every": 0, "train.max_failures": 2,
+                                           "train.loader_workers": 0})
     storage = str(project / "checkpoints")
     log = (project / "out.log").open("w")
     proc = subprocess.Popen([sys.executable, "-m", "pipeline", "train", "--stage", "rpn"],
-                            cwd=project, env=_env(), stdout=log, stderr=subprocess.STDOUT,
-                            text=True, start_new_session=True)
+                            cwd=project, env=subprocess_env(), stdout=log,
+                            stderr=subprocess.STDOUT, text=True, start_new_session=True)
     killed = None
     try:
         deadline = time.monotonic() + 300
@@ -88,10 +91,7 @@ def test_killed_worker_restarts_from_checkpoint_and_the_run_finishes(tmp_path):
         proc.wait(timeout=420)
     finally:
         if proc.poll() is None:
-            for pid in _session_pids(proc.pid):
-                with contextlib.suppress(ProcessLookupError):
-                    os.kill(pid, signal.SIGKILL)
-            proc.wait(timeout=60)
+            kill_session(proc)
         log.close()
     out = (project / "out.log").read_text()
     assert proc.returncode == 0, out[-4000:]
@@ -110,17 +110,18 @@ def test_killed_worker_restarts_from_checkpoint_and_the_run_finishes(tmp_path):
     assert [int(r["steps"]) for r in rows] == [STEPS_PER_EPOCH] * EPOCHS
 
     # one MLflow run, FINISHED, with the restart recorded
-    client, runs = _mlflow_runs(project, "train_rpn")
-    (run,) = runs
+    db = project / "mlflow.db"
+    run = mlflow_store.only_run(db, "train_rpn")
     assert run.info.status == "FINISHED"
     assert run.data.tags["restarts"] == "1"
     assert run.data.tags["last_restart"].startswith("worker rank(s) [")
-    assert [m.value for m in client.get_metric_history(run.info.run_id, "restarts")] == [1.0]
+    restarts = mlflow_store.client(db).get_metric_history(run.info.run_id, "restarts")
+    assert [m.value for m in restarts] == [1.0]
     # step metrics: every step logged; the steps redone after the restart are logged again
-    steps = [m.step for m in client.get_metric_history(run.info.run_id, "loss")]
+    steps = mlflow_store.metric_steps(db, run.info.run_id, "loss")
     assert set(steps) == set(range(1, EPOCHS * STEPS_PER_EPOCH + 1))
     # epoch metrics likewise: an epoch that ended (and was logged) just before the kill, but
     # whose checkpoint Ray had not yet registered, is redone and logged again; MLflow keeps both
     # points (the lost attempt and the redo) and shows the latest
-    epochs = [m.step for m in client.get_metric_history(run.info.run_id, "epoch/loss")]
+    epochs = mlflow_store.metric_steps(db, run.info.run_id, "epoch/loss")
     assert sorted(set(epochs)) == [1, 2, 3] and len(epochs) <= 4

@@ -9,37 +9,8 @@ import pandas as pd
 import pytest
 import torch
 
-from pipeline import recall as R
-
-
-def random_boxes(gen: torch.Generator, n: int, size: float = 200.0) -> torch.Tensor:
-    xy = torch.rand(n, 2, generator=gen) * size
-    wh = torch.rand(n, 2, generator=gen) * size / 2 + 1.0
-    return torch.cat([xy, xy + wh], dim=1)
-
-
-def iou_loop(a, b) -> float:
-    """IoU of two boxes, written out."""
-    ix1, iy1 = max(a[0], b[0]), max(a[1], b[1])
-    ix2, iy2 = min(a[2], b[2]), min(a[3], b[3])
-    inter = max(0.0, ix2 - ix1) * max(0.0, iy2 - iy1)
-    union = (a[2] - a[0]) * (a[3] - a[1]) + (b[2] - b[0]) * (b[3] - b[1]) - inter
-    return inter / union
-
-
-def best_iou_reference(gt, proposals, budgets):
-    """For each box and budget: max IoU over the first min(N, P) proposals, by loops."""
-    gt, proposals = gt.tolist(), proposals.tolist()
-    out = []
-    for g in gt:
-        row = []
-        for n in budgets:
-            best = 0.0
-            for p in proposals[:n]:
-                best = max(best, iou_loop(g, p))
-            row.append(best)
-        out.append(row)
-    return torch.tensor(out, dtype=torch.float64).reshape(len(gt), len(budgets))
+from pipeline.evaluation import recall as R
+from tests.support.references import best_iou_reference, random_boxes
 
 
 @pytest.mark.parametrize("seed, num_gt, num_props", [(0, 7, 60), (1, 1, 5), (2, 12, 33),

@@ -4,11 +4,11 @@ from __future__ import annotations
 
 import math
 
-import numpy as np
 import pytest
 import torch
 
-from pipeline.voc_ap import evaluate_detections, mean_ap, voc_ap
+from pipeline.evaluation.voc_ap import evaluate_detections, mean_ap, voc_ap
+from tests.support.references import voc_eval_reference
 
 
 def det(boxes, scores, labels):
@@ -97,64 +97,7 @@ def test_bad_inputs_are_named():
 
 
 # --------------------------------------------------------------------------------------------
-# Independent references
-
-
-def iou_loop(a, b) -> float:
-    ix = max(0.0, min(a[2], b[2]) - max(a[0], b[0]))
-    iy = max(0.0, min(a[3], b[3]) - max(a[1], b[1]))
-    inter = ix * iy
-    return inter / ((a[2] - a[0]) * (a[3] - a[1]) + (b[2] - b[0]) * (b[3] - b[1]) - inter)
-
-
-def voc_eval_reference(dets, gts, num_classes, thresh=0.5):
-    """py-faster-rcnn's voc_eval, by loops: per class, sort by score, take the best box."""
-    out = {}
-    for k in range(1, num_classes + 1):
-        records, npos = {}, 0
-        for i, g in enumerate(gts):
-            boxes = [b for b, lab in zip(g["boxes"].tolist(), g["labels"].tolist()) if lab == k]
-            diff = [bool(d) for d, lab in zip(g["difficult"].tolist(), g["labels"].tolist())
-                    if lab == k]
-            records[i] = {"boxes": boxes, "difficult": diff, "det": [False] * len(boxes)}
-            npos += sum(not d for d in diff)
-        items = []
-        for i, d in enumerate(dets):
-            for b, s, lab in zip(d["boxes"].tolist(), d["scores"].tolist(), d["labels"].tolist()):
-                if lab == k:
-                    items.append((s, i, b))
-        items.sort(key=lambda x: -x[0])
-        tp, fp = [], []
-        for _, i, b in items:
-            rec = records[i]
-            ovmax, jmax = -1.0, -1
-            for j, g in enumerate(rec["boxes"]):
-                o = iou_loop(b, g)
-                if o > ovmax:
-                    ovmax, jmax = o, j
-            if ovmax >= thresh:
-                if rec["difficult"][jmax]:
-                    continue
-                if not rec["det"][jmax]:
-                    rec["det"][jmax] = True
-                    tp.append(1), fp.append(0)
-                else:
-                    tp.append(0), fp.append(1)
-            else:
-                tp.append(0), fp.append(1)
-        if npos == 0:
-            out[k] = math.nan
-            continue
-        ctp, cfp = np.cumsum(tp), np.cumsum(fp)
-        rec = ctp / npos
-        prec = ctp / np.maximum(ctp + cfp, np.finfo(np.float64).eps)
-        mrec = np.concatenate(([0.0], rec, [1.0]))
-        mpre = np.concatenate(([0.0], prec, [0.0]))
-        for i in range(mpre.size - 1, 0, -1):
-            mpre[i - 1] = max(mpre[i - 1], mpre[i])
-        i = np.where(mrec[1:] != mrec[:-1])[0]
-        out[k] = float(np.sum((mrec[i + 1] - mrec[i]) * mpre[i + 1]))
-    return out
+# Against the devkit's loops (tests.support.references) and torchmetrics
 
 
 def random_scene(gen, num_images, num_classes, *, overlapping=True, difficult_rate=0.15):

@@ -1,47 +1,19 @@
 """COCO reader: bbox conversion, iscrowd, categories, image_root, and malformed input.
 
-:func:`write_coco` builds small COCO files; :mod:`tests.pipeline.test_prepare` reuses it.
+:func:`tests.support.datasets.write_coco` builds the small COCO files.
 """
 
 from __future__ import annotations
 
 import copy
 import json
-from pathlib import Path
-from typing import Any
 
 import numpy as np
 import pytest
-from PIL import Image
 
-from pipeline.datasets.coco import read_coco
-from pipeline.datasets.records import DataError
-
-
-def coco_doc() -> dict[str, Any]:
-    return {
-        "images": [{"id": 1, "file_name": "one.png", "width": 80, "height": 40},
-                   {"id": 2, "file_name": "two.png", "width": 80, "height": 40},
-                   {"id": 3, "file_name": "three.png", "width": 80, "height": 40}],
-        "annotations": [
-            {"id": 10, "image_id": 1, "category_id": 7, "bbox": [10, 5, 20, 10], "iscrowd": 0},
-            {"id": 11, "image_id": 1, "category_id": 3, "bbox": [0.5, 1.5, 30, 20], "iscrowd": 1},
-            {"id": 12, "image_id": 2, "category_id": 3, "bbox": [40, 10, 35, 25]},
-        ],
-        "categories": [{"id": 7, "name": "zebra"}, {"id": 3, "name": "apple"}],
-    }
-
-
-def write_coco(folder: Path, doc: dict[str, Any] | None = None, *, images_dir: str = "images") -> Path:
-    """``folder/annotations.json`` plus a PNG per image entry in ``folder/<images_dir>``."""
-    doc = coco_doc() if doc is None else doc
-    (folder / images_dir).mkdir(parents=True, exist_ok=True)
-    for entry in doc["images"]:
-        Image.new("RGB", (entry["width"], entry["height"]), (90, 60, 30)).save(
-            folder / images_dir / entry["file_name"])
-    path = folder / "annotations.json"
-    path.write_text(json.dumps(doc), encoding="utf-8")
-    return path
+from pipeline.prepare.coco import read_coco
+from pipeline.prepare.records import DataError
+from tests.support.datasets import coco_doc, write_coco
 
 
 def test_reads_boxes_as_x1y1x2y2_with_iscrowd_flagged(tmp_path):

@@ -1,4 +1,5 @@
-"""``frcnn prepare`` end to end on small generated datasets: tables, splits, bad input, atomicity."""
+"""pipeline.prepare.stage (``frcnn prepare``) end to end on small generated datasets: tables,
+splits, bad input, atomicity."""
 
 from __future__ import annotations
 
@@ -13,14 +14,15 @@ import pytest
 from PIL import Image
 
 from pipeline.config import Config, from_dict
-from pipeline.datasets.records import DataError
-from pipeline.datasets.resize import PAD_COLOUR, unscale_boxes
-from pipeline.datasets.splits import assign_splits
-from pipeline.datasets.synthetic import boxes_and_labels, layout
-from pipeline.datasets.table import SCHEMA, load_split, row_resize_info
-from pipeline.prepare import prepare_dataset, run
-from tests.pipeline.test_datasets_coco import write_coco
-from tests.pipeline.test_datasets_voc import voc_xml, write_voc
+from pipeline.errors import DataError
+from pipeline.images import PAD_COLOUR, unscale_boxes
+from pipeline.prepare import run
+from pipeline.prepare.splits import assign_splits
+from pipeline.prepare.stage import prepare_dataset
+from pipeline.prepare.synthetic import boxes_and_labels, layout
+from pipeline.prepared import SCHEMA, load_split, row_resize_info
+from tests.support import ROOT, mlflow_store
+from tests.support.datasets import voc_xml, write_coco, write_voc
 
 SPLITS = ("train", "val", "test")
 
@@ -111,20 +113,7 @@ def test_jpeg_format_and_letterbox(tmp_path):
 
 
 # --------------------------------------------------------------------------------------------
-# Splits
-
-
-def test_assign_splits_is_seeded_exact_and_order_free():
-    ids = [f"im{i:03d}" for i in range(100)]
-    splits = assign_splits(ids, val_fraction=0.15, test_fraction=0.1, seed=0)
-    counts = {s: sum(v == s for v in splits.values()) for s in SPLITS}
-    assert counts == {"train": 75, "val": 15, "test": 10}
-    assert assign_splits(list(reversed(ids)), val_fraction=0.15, test_fraction=0.1, seed=0) == splits
-    assert assign_splits(ids, val_fraction=0.15, test_fraction=0.1, seed=1) != splits
-    tiny = assign_splits(["a", "b", "c"], val_fraction=0.01, test_fraction=0.0, seed=0)
-    assert sorted(tiny.values()) == ["train", "train", "val"]  # a non-zero fraction gets one
-    with pytest.raises(DataError, match="non-empty train split"):
-        assign_splits(["a", "b"], val_fraction=0.1, test_fraction=0.1, seed=0)
+# Splits (assignment itself: test_splits.py)
 
 
 def test_imagesets_split_is_kept(tmp_path):
@@ -280,17 +269,35 @@ def test_failed_run_keeps_the_previous_output(tmp_path):
 
 
 def test_run_reports_to_the_console_and_mlflow(tmp_path, capsys, monkeypatch):
-    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")
+    db = tmp_path / "mlflow.db"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{db}")
     assert run(make_cfg(tmp_path / "ok", synthetic_images=3, val_fraction=0.0, test_fraction=0.0)) == 0
     captured = capsys.readouterr()
     assert "prepared 3 images (train 3, val 0, test 0)" in captured.out and "images/s" in captured.out
-    from mlflow.tracking import MlflowClient
-
-    client = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
-    (logged,) = client.search_runs([client.get_experiment_by_name("frcnn").experiment_id])
+    (logged,) = mlflow_store.runs(db)
     assert logged.info.run_name == "prepare" and logged.info.status == "FINISHED"
     assert logged.data.metrics["images_train"] == 3.0 and logged.data.metrics["images_per_second"] > 0
+    assert logged.data.tags["classes"] == "rectangle,ellipse,triangle,diamond"
+    assert set(mlflow_store.artifacts(db, logged.info.run_id, "prepared")) == {
+        "prepared/classes.json"}  # no rejected.csv with on_invalid: error
+    # a failure: raised for the command line to report, the run FAILED with it, nothing printed
     root = write_voc(tmp_path / "voc", {"a": [("cat", (5, 5, 5, 9), False)]})
-    assert run(make_cfg(tmp_path / "bad", source=f"voc:{root}")) == 1
+    with pytest.raises(DataError) as caught:
+        run(make_cfg(tmp_path / "bad", source=f"voc:{root}"))
+    assert str(caught.value).startswith(f"{root / 'Annotations' / 'a.xml'}: object 0: zero-area box")
+    assert capsys.readouterr().out == ""
+    failed = [r for r in mlflow_store.runs(db) if r.info.status == "FAILED"]
+    assert len(failed) == 1 and failed[0].data.tags["error"].startswith("DataError: ")
+
+
+def test_the_command_line_reports_a_failure_on_one_line(tmp_path, capsys, monkeypatch):
+    from pipeline.cli import main
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")
+    root = write_voc(tmp_path / "voc", {"a": [("cat", (5, 5, 5, 9), False)]})
+    assert main(["prepare", "--params", str(ROOT / "params.yaml"), "--set", f"data.source=voc:{root}",
+                 "--set", f"data.out_dir={tmp_path / 'bad'}"]) == 1
     err = capsys.readouterr().err
-    assert err.startswith(f"frcnn prepare: {root / 'Annotations' / 'a.xml'}: object 0: zero-area box")
+    assert f"frcnn prepare: {root / 'Annotations' / 'a.xml'}: object 0: zero-area box" in err
+    assert "Traceback" not in err

@@ -1,4 +1,5 @@
-"""``frcnn prepare`` on the real BCCD dataset (../shared/data/bccd, PASCAL VOC layout).
+"""pipeline.prepare.stage (``frcnn prepare``) on the real BCCD dataset (../shared/data/bccd,
+PASCAL VOC layout).
 
 Counts, classes and box scaling are checked against the XML files, read here independently.
 Skipped, with a message, when the dataset folder is absent (the ``bccd_dir`` fixture).
@@ -20,8 +21,8 @@ import pytest
 from PIL import Image
 
 from pipeline.cli import main
-from pipeline.datasets.table import load_split
-from tests.conftest import ROOT
+from pipeline.prepared import load_split
+from tests.support import ROOT
 
 PARAMS = str(ROOT / "params.yaml")
 BROKEN = {"BloodImage_00338": 12, "BloodImage_00343": 3}   # image -> index of its zero-area box

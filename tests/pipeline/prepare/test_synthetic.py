@@ -5,9 +5,9 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from pipeline.datasets import synthetic
-from pipeline.datasets.synthetic import (CANVAS, MAX_OBJECTS, SHAPES, boxes_and_labels,
-                                         class_names, layout, read_synthetic, render)
+from pipeline.prepare import synthetic
+from pipeline.prepare.synthetic import (CANVAS, MAX_OBJECTS, SHAPES, boxes_and_labels,
+                                        class_names, layout, read_synthetic, render)
 
 
 def test_same_seed_same_pixels_and_boxes():

@@ -1,52 +1,17 @@
 """PASCAL VOC reader: boxes, difficult, classes, ImageSets, and every malformed-input case.
 
-:func:`write_voc` builds small VOC folders; :mod:`tests.pipeline.test_prepare` reuses it.
+:func:`tests.support.datasets.write_voc` builds the small VOC folders.
 """
 
 from __future__ import annotations
 
-from pathlib import Path
-from typing import Sequence
 
 import numpy as np
 import pytest
-from PIL import Image
 
-from pipeline.datasets.records import DataError
-from pipeline.datasets.voc import MAX_XML_BYTES, read_imagesets, read_voc
-
-Obj = tuple  # (name, (xmin, ymin, xmax, ymax), difficult)
-
-
-def voc_xml(filename: str, size: tuple[int, int] | None, objects: Sequence[Obj]) -> str:
-    parts = [f"<annotation><folder>JPEGImages</folder><filename>{filename}</filename>"]
-    if size is not None:
-        parts.append(f"<size><width>{size[0]}</width><height>{size[1]}</height><depth>3</depth></size>")
-    for name, box, difficult in objects:
-        parts.append(
-            f"<object><name>{name}</name><pose>Unspecified</pose><truncated>0</truncated>"
-            f"<difficult>{int(difficult)}</difficult><bndbox><xmin>{box[0]}</xmin>"
-            f"<ymin>{box[1]}</ymin><xmax>{box[2]}</xmax><ymax>{box[3]}</ymax></bndbox></object>")
-    parts.append("</annotation>")
-    return "\n".join(parts)
-
-
-def write_voc(root: Path, images: dict[str, Sequence[Obj]], *, size: tuple[int, int] = (64, 48),
-              imagesets: dict[str, Sequence[str]] | None = None) -> Path:
-    """A VOC folder with one ``size`` JPEG (a distinct flat colour) per entry of ``images``."""
-    (root / "Annotations").mkdir(parents=True, exist_ok=True)
-    (root / "JPEGImages").mkdir(parents=True, exist_ok=True)
-    for i, (image_id, objects) in enumerate(sorted(images.items())):
-        Image.new("RGB", size, (20 * i % 256, 100, 150)).save(root / "JPEGImages" / f"{image_id}.jpg")
-        (root / "Annotations" / f"{image_id}.xml").write_text(
-            voc_xml(f"{image_id}.jpg", size, objects), encoding="utf-8")
-    if imagesets is not None:
-        main = root / "ImageSets" / "Main"
-        main.mkdir(parents=True, exist_ok=True)
-        for split, ids in imagesets.items():
-            (main / f"{split}.txt").write_text("".join(f"{i}\n" for i in ids), encoding="utf-8")
-    return root
-
+from pipeline.prepare.records import DataError
+from pipeline.prepare.voc import MAX_XML_BYTES, read_imagesets, read_voc
+from tests.support.datasets import voc_xml, write_voc
 
 GOOD = {
     "a": [("cat", (1, 2, 30, 40), False), ("dog", (10, 10, 60, 45), True)],

@@ -1,4 +1,5 @@
-"""``frcnn sweep`` for real: Ray Tune trials that each fit a Ray Train worker group, on the CPU.
+"""pipeline.sweep.driver: where a sweep lives and when it resumes; ``frcnn sweep`` for real (Ray
+Tune trials that each fit a Ray Train worker group, on the CPU).
 
 - :func:`test_tiny_sweep_on_a_local_ray`: 4 trials at 64 x 64, 2 at a time, 2 epochs, ASHA on;
   the outputs and the MLflow parent / child runs (about 100 s on 2 cores).
@@ -14,11 +15,10 @@ a few seconds.
 
 from __future__ import annotations
 
+import argparse
 import contextlib
 import json
-import os
 import shutil
-import signal
 import socket
 import subprocess
 import sys
@@ -29,62 +29,84 @@ from pathlib import Path
 
 import pandas as pd
 import pytest
-import yaml
-from mlflow.tracking import MlflowClient
 
-from pipeline.config import load_config
-from tests.conftest import ROOT
-from tests.pipeline.test_data import write_prepared
+from pipeline.config import Config, load_config
+from pipeline.errors import DataError
+from pipeline.sweep import run
+from pipeline.sweep.driver import experiment_path
+from tests.support import BIN, ROOT, mlflow_store
+from tests.support.factories import TINY_SWEEP, write_params, write_prepared
+from tests.support.procs import kill_session, subprocess_env
 
-BIN = Path(sys.executable).parent
-
-#: Data prepared at 128 x 128, trials at 64 x 64 (anchor scales halve with the size: the
-#: space's [2, 4] means 32 and 64 pixel anchors at 128, 16 and 32 at 64).
-TINY_SWEEP = {
-    "data.image_size": 128, "rpn.min_size": 4.0, "roi.hidden_dim": 32, "roi.pool_size": 2,
-    "train.batch_size": 2, "train.loader_workers": 0, "train.warmup_steps": 1,
-    "eval.batch_size": 2,
-    "sweep.image_size": 64, "sweep.max_train_images": 4, "sweep.cpus_per_trial": 1.0,
-    "sweep.space": {
-        "anchors.scales": {"choice": [[2, 4], [1, 2, 4]]},
-        "anchors.ratios": {"choice": [[0.5, 1.0, 2.0], [1.0]]},
-        "rpn.pos_iou": {"uniform": [0.6, 0.8]},
-        "rpn.neg_iou": {"uniform": [0.2, 0.4]},
-        "rpn.num_samples": {"choice": [32, 64]},
-        "rpn.pos_fraction": {"uniform": [0.25, 0.75]},
-        "rpn.pre_nms_top_n_train": {"choice": [100, 200]},
-        "rpn.post_nms_top_n_train": {"choice": [50, 100]},
-        "train.lr": {"loguniform": [0.001, 0.02]},
-    },
-}
 SPACE_KEYS = list(TINY_SWEEP["sweep.space"])
 
 
-def _write_params(path: Path, overrides: dict) -> Path:
-    tree = load_config([ROOT / "params.yaml"]).to_dict()
-    for key, value in overrides.items():
-        section, leaf = key.split(".", 1)
-        tree[section][leaf] = value
-    path.write_text(yaml.safe_dump(tree, sort_keys=False))
-    return path
+# --------------------------------------------------------------------------------------------
+# Before Ray: where the sweep lives, what --resume needs
 
 
-def _env() -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items()
-           if k not in ("MLFLOW_TRACKING_URI", "DVC_STAGE", "RAY_ADDRESS")}
-    env.update(RAY_AUTH_MODE="disabled", RAY_USAGE_STATS_ENABLED="0", PYTHONUNBUFFERED="1",
-               PATH=f"{BIN}{os.pathsep}{env.get('PATH', '')}")
-    return env
+def test_experiment_path(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    assert experiment_path(Config()) == f"{tmp_path.resolve()}/ray_results/anchor_sweep"
+    cfg = Config().replace({"sweep.storage_path": "s3://bucket/sweeps/", "sweep.name": "s1"})
+    assert experiment_path(cfg) == "s3://bucket/sweeps/s1"
 
 
-def _mlflow(db: Path) -> tuple[MlflowClient, list, list]:
-    """``(client, [parent sweep runs], [child runs])`` of the store."""
-    client = MlflowClient(f"sqlite:///{db}")
-    experiment = client.get_experiment_by_name("frcnn")
-    runs = client.search_runs([experiment.experiment_id])
-    parents = [r for r in runs if r.info.run_name == "sweep"]
-    children = [r for r in runs if "mlflow.parentRunId" in r.data.tags]
-    return client, parents, children
+@pytest.fixture()
+def project(tmp_path, monkeypatch):
+    """A project folder with 6 training images prepared at 128 x 128."""
+    write_prepared(tmp_path / "data" / "prepared", size=128, num_images=6)
+    monkeypatch.chdir(tmp_path)
+    return tmp_path
+
+
+def _cfg(**overrides) -> Config:
+    return load_config([ROOT / "params.yaml"]).replace({
+        "data.image_size": 128, "sweep.image_size": 64, "sweep.max_train_images": 4,
+        **overrides})
+
+
+def test_resume_without_a_sweep_is_an_error_before_ray_starts(project):
+    import ray
+
+    with pytest.raises(DataError, match="no sweep to resume; run `frcnn sweep` without "
+                                        "--resume"):
+        run(_cfg(), argparse.Namespace(resume=True))
+    assert not ray.is_initialized()
+
+
+@pytest.mark.parametrize("state, restorable, resume, expected", [
+    ({"inputs_key": "k"}, True, True, True),                       # --resume, same inputs
+    ({"inputs_key": "k"}, True, False, True),                      # interrupted: picked up
+    ({"inputs_key": "k", "finished": True}, True, False, False),   # finished: afresh
+    ({"inputs_key": "other"}, True, False, False),                 # other inputs: afresh
+    ({}, False, False, False),                                     # no state: afresh
+])
+def test_decide_resume(tmp_path, monkeypatch, state, restorable, resume, expected):
+    from ray import tune
+
+    from pipeline.sweep import driver
+
+    monkeypatch.setattr(tune.Tuner, "can_restore", staticmethod(lambda path: restorable))
+    experiment = tmp_path / "anchor_sweep"
+    (experiment / "trials").mkdir(parents=True)
+    assert driver._decide_resume(str(experiment), "k", state, resume) is expected
+    assert experiment.exists() == expected  # what is not resumed is removed
+
+
+def test_decide_resume_refuses_changed_inputs(tmp_path, monkeypatch):
+    from ray import tune
+
+    from pipeline.sweep import driver
+
+    monkeypatch.setattr(tune.Tuner, "can_restore", staticmethod(lambda path: True))
+    with pytest.raises(DataError, match="parameters or data changed since this sweep started"):
+        driver._decide_resume(str(tmp_path), "new", {"inputs_key": "old"}, resume=True)
+    assert tmp_path.exists()
+
+
+# --------------------------------------------------------------------------------------------
+# With Ray, for real
 
 
 def _check_outputs(out: Path, *, trials: int, epochs: int) -> pd.DataFrame:
@@ -108,7 +130,8 @@ def _check_outputs(out: Path, *, trials: int, epochs: int) -> pd.DataFrame:
 
 
 def _check_mlflow(out: Path, table: pd.DataFrame, *, epochs: int) -> tuple:
-    client, parents, children = _mlflow(out / "mlflow.db")
+    db = out / "mlflow.db"
+    parents, children = mlflow_store.sweep_runs(db)
     (parent,) = parents
     assert parent.info.status == "FINISHED"
     assert parent.data.metrics["best/AR_at_300"] == pytest.approx(table["final_AR@300"].max())
@@ -123,9 +146,9 @@ def _check_mlflow(out: Path, table: pd.DataFrame, *, epochs: int) -> tuple:
         assert float(child.data.params["sampled.train.lr"]) == pytest.approx(row["train.lr"])
         assert child.data.params["data.image_size"] == "64"  # what the trial trained at
         # per-epoch recall (a stopped trial's workers may log part of one more epoch)
-        history = client.get_metric_history(child.info.run_id, "epoch/AR_at_300")
-        assert [m.step for m in history][:row["epochs"]] == list(range(1, row["epochs"] + 1))
-    return client, parent, by_trial
+        steps = mlflow_store.metric_steps(db, child.info.run_id, "epoch/AR_at_300")
+        assert steps[:row["epochs"]] == list(range(1, row["epochs"] + 1))
+    return parent, by_trial
 
 
 def _print_table(title: str, table: pd.DataFrame, seconds: float) -> None:
@@ -141,12 +164,12 @@ def _print_table(title: str, table: pd.DataFrame, seconds: float) -> None:
 def test_tiny_sweep_on_a_local_ray(tmp_path):
     # 8 validation images, so that the trials' recall can tell them apart
     write_prepared(tmp_path / "data" / "prepared", size=128, num_images=6, num_eval=8)
-    _write_params(tmp_path / "params.yaml", {
+    write_params(tmp_path / "params.yaml", project_params=True, overrides={
         **TINY_SWEEP, "sweep.num_samples": 4, "sweep.max_concurrent_trials": 2,
         "sweep.epochs": 2})
     started = time.perf_counter()
-    done = subprocess.run([sys.executable, "-m", "pipeline", "sweep"], cwd=tmp_path, env=_env(),
-                          capture_output=True, text=True, timeout=480)
+    done = subprocess.run([sys.executable, "-m", "pipeline", "sweep"], cwd=tmp_path,
+                          env=subprocess_env(), capture_output=True, text=True, timeout=480)
     seconds = time.perf_counter() - started
     assert done.returncode == 0, done.stdout[-4000:] + done.stderr[-4000:]
     table = _check_outputs(tmp_path, trials=4, epochs=2)
@@ -173,15 +196,6 @@ def _free_ports(n: int) -> list[int]:
             s.close()
 
 
-def _session_pids(sid: int) -> list[int]:
-    pids = []
-    for stat in Path("/proc").glob("[0-9]*/stat"):
-        with contextlib.suppress(OSError, IndexError, ValueError):
-            if int(stat.read_text().rsplit(")", 1)[1].split()[3]) == sid:
-                pids.append(int(stat.parent.name))
-    return pids
-
-
 @contextlib.contextmanager
 def _ray_cluster(temp_dir: Path):
     """``ray start --head --block`` in its own session; yields the dashboard URL. Stopped by
@@ -196,7 +210,7 @@ def _ray_cluster(temp_dir: Path):
            "--num-cpus=2", "--resources", json.dumps({"trial_slot": 1}),
            f"--temp-dir={temp_dir}", "--disable-usage-stats"]
     log = open(temp_dir.parent / "ray_start.log", "w")
-    proc = subprocess.Popen(cmd, env=_env(), stdout=log, stderr=subprocess.STDOUT,
+    proc = subprocess.Popen(cmd, env=subprocess_env(), stdout=log, stderr=subprocess.STDOUT,
                             start_new_session=True)
     url = f"http://127.0.0.1:{dash}"
     try:
@@ -212,18 +226,7 @@ def _ray_cluster(temp_dir: Path):
     finally:
         # every process of the session this test started: `ray start`, GCS, raylet, dashboard,
         # workers (a job's driver has its own session; the jobs are stopped before this)
-        for sig, grace in ((signal.SIGTERM, 10.0), (signal.SIGKILL, 5.0)):
-            for pid in _session_pids(proc.pid):
-                with contextlib.suppress(ProcessLookupError):
-                    os.kill(pid, sig)
-            deadline = time.monotonic() + grace
-            while time.monotonic() < deadline:
-                proc.poll()  # reap `ray start` itself
-                if not _session_pids(proc.pid):
-                    break
-                time.sleep(0.2)
-        with contextlib.suppress(subprocess.TimeoutExpired):
-            proc.wait(timeout=5)
+        kill_session(proc, grace=10.0)
         log.close()
 
 
@@ -231,7 +234,7 @@ def _submit(url: str, job_dir: Path, submission_id: str, *args: str) -> None:
     cmd = [str(BIN / "ray"), "job", "submit", "--address", url, "--working-dir", str(job_dir),
            "--submission-id", submission_id, "--no-wait", "--",
            str(BIN / "frcnn"), "sweep", "--params", "params.yaml", *args]
-    done = subprocess.run(cmd, env=_env(), capture_output=True, text=True, timeout=120)
+    done = subprocess.run(cmd, env=subprocess_env(), capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
 
 
@@ -254,7 +257,7 @@ def test_sweep_job_on_a_local_cluster_is_stopped_and_resumed(tmp_path):
     write_prepared(out / "data" / "prepared", size=128, num_images=6)
     job_dir.mkdir()
     # absolute paths: the job runs in a copy of job_dir that Ray unpacks elsewhere
-    _write_params(job_dir / "params.yaml", {
+    write_params(job_dir / "params.yaml", project_params=True, overrides={
         **TINY_SWEEP, "sweep.num_samples": 2, "sweep.max_concurrent_trials": 1,
         "sweep.epochs": 1, "data.out_dir": str(out / "data" / "prepared"),
         "sweep.storage_path": str(out / "ray_results"),
@@ -283,8 +286,8 @@ def test_sweep_job_on_a_local_cluster_is_stopped_and_resumed(tmp_path):
                 client.stop_job("sweep-1")
                 _wait(client, "sweep-1", lambda s: "STOPPED" in s or "FAILED" in s, 60)
                 assert not (out / "reports" / "sweep.parquet").exists()  # interrupted
-                _, parents, children = _mlflow(out / "mlflow.db")
-                assert parents[0].info.status in ("KILLED", "RUNNING")  # RUNNING: no time
+                (parent,) = mlflow_store.sweep_runs(out / "mlflow.db")[0]
+                assert parent.info.status in ("KILLED", "RUNNING")  # RUNNING: no time
 
                 print(f"T stopped {time.perf_counter() - started:.0f}")
                 _submit(url, job_dir, "sweep-2", "--resume")
@@ -302,10 +305,10 @@ def test_sweep_job_on_a_local_cluster_is_stopped_and_resumed(tmp_path):
         assert "sweep: resuming" in logs
         table = _check_outputs(out, trials=2, epochs=1)
         assert list(table["status"]) == ["finished", "finished"]
-        mlflow, parent, by_trial = _check_mlflow(out, table, epochs=1)
+        parent, by_trial = _check_mlflow(out, table, epochs=1)
         assert parent.data.tags["resumed"] == "true"
         # the trial finished before the stop was not trained again: one loss point per step
-        steps = [m.step for m in mlflow.get_metric_history(by_trial[first].info.run_id, "loss")]
+        steps = mlflow_store.metric_steps(out / "mlflow.db", by_trial[first].info.run_id, "loss")
         assert sorted(steps) == [1, 2]
         _print_table("sweep via ray job submit, stopped and resumed", table, seconds)
     finally:

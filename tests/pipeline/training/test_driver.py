@@ -1,15 +1,13 @@
-"""The ``train`` stage: run key, resume detection, and `frcnn train` for real on Ray.
+"""The training stages' driver (``frcnn train``): inputs checked before Ray, and for real on Ray.
 
 The two ``slow`` tests start a local Ray with 2 CPU workers (gloo DDP) at 64 x 64; each start
-costs about 25-40 s on a 2-core machine.
+costs about 25-40 s on a 2-core machine. (The run key and resume point:
+:mod:`tests.pipeline.training.test_resume`; the loop itself: ``test_loop.py``.)
 """
 
 from __future__ import annotations
 
-import contextlib
 import json
-import os
-import signal
 import subprocess
 import sys
 import time
@@ -17,98 +15,85 @@ from pathlib import Path
 
 import pytest
 import torch
-import yaml
-from mlflow.tracking import MlflowClient
 
 from detector import load_model
-from pipeline import checkpoints, train
 from pipeline.cli import main
-from pipeline.config import Config
-from tests.pipeline.test_data import write_prepared
-from tests.pipeline.test_train_loop import TINY
-
-RAY_PARAMS = {
-    **TINY,
-    "train.num_workers": 2, "train.cpus_per_worker": 0.5, "train.batch_size": 1,
-    "train.loader_workers": 1, "train.use_gpu": "false",
-}
+from pipeline.training import checkpoints, resume
+from tests.support import mlflow_store
+from tests.support.factories import RAY_PARAMS, write_ray_project
+from tests.support.procs import kill_session, subprocess_env
 
 
 def _project(tmp_path: Path, **overrides) -> Path:
-    """A project folder: prepared data (6 train images at 64 x 64) and a params.yaml."""
-    write_prepared(tmp_path / "data" / "prepared", size=64, num_images=6)
-    cfg = Config().replace({**RAY_PARAMS, **overrides})
-    (tmp_path / "params.yaml").write_text(yaml.safe_dump(cfg.to_dict()))
-    return tmp_path
-
-
-def _env() -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items() if k not in ("MLFLOW_TRACKING_URI", "DVC_STAGE")}
-    env.update(RAY_AUTH_MODE="disabled", RAY_USAGE_STATS_ENABLED="0", PYTHONUNBUFFERED="1")
-    return env
+    return write_ray_project(tmp_path, overrides)
 
 
 def _frcnn(project: Path, *args: str, timeout: float = 420) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-m", "pipeline", "train", *args], cwd=project,
-                          env=_env(), capture_output=True, text=True, timeout=timeout)
-
-
-def _mlflow_runs(project: Path, name: str):
-    client = MlflowClient(f"sqlite:///{project / 'mlflow.db'}")
-    experiment = client.get_experiment_by_name("frcnn")
-    runs = client.search_runs([experiment.experiment_id], f"attributes.run_name = '{name}'")
-    return client, runs
-
-
-def _artifacts(client: MlflowClient, run_id: str, path: str | None = None) -> list[str]:
-    out = []
-    for item in client.list_artifacts(run_id, path):
-        out += _artifacts(client, run_id, item.path) if item.is_dir else [item.path]
-    return out
+                          env=subprocess_env(), capture_output=True, text=True, timeout=timeout)
 
 
 # --------------------------------------------------------------------------------------------
 # Without Ray
 
 
-def test_run_key_follows_training_inputs_only(tmp_path):
-    project = _project(tmp_path)
-    data = project / "data" / "prepared" / "train.parquet"
-    cfg = Config().replace(RAY_PARAMS)
-    key = train.run_key(cfg, "rpn", data, None)
-    assert key == train.run_key(cfg.replace({"eval.batch_size": 9, "train.log_every": 5,
-                                             "train.use_gpu": "auto",
-                                             "train.checkpoint_every": 3}), "rpn", data, None)
-    assert key != train.run_key(cfg.replace({"train.lr": 0.02}), "rpn", data, None)
-    assert key != train.run_key(cfg.replace({"rpn.pos_iou": 0.6}), "rpn", data, None)
-    assert key != train.run_key(cfg, "frcnn", data, None)
-    other = write_prepared(tmp_path / "other", size=64, num_images=6, seed=1) / "train.parquet"
-    assert key != train.run_key(cfg, "rpn", other, None)
-
-
-def test_latest_checkpoint_reads_rays_snapshot(tmp_path):
-    run = tmp_path / "train_rpn-abc"
-    assert train.latest_checkpoint(str(tmp_path), "train_rpn-abc") is None
-    (run / "checkpoint_e000_s0000002").mkdir(parents=True)
-    (run / "checkpoint_e000_s0000002" / checkpoints.PROGRESS).write_text(
-        json.dumps({"epoch": 0, "step": 2}))
-    (run / "checkpoint_manager_snapshot.json").write_text(json.dumps(
-        {"latest_checkpoint_result": {"checkpoint_dir_name": "checkpoint_e000_s0000002"}}))
-    path, progress = train.latest_checkpoint(str(tmp_path), "train_rpn-abc")
-    assert path == str(run / "checkpoint_e000_s0000002") and progress["step"] == 2
-
-
 def test_missing_prepared_data_fails_before_ray(tmp_path, monkeypatch, capsys):
+    import ray
+
     monkeypatch.chdir(tmp_path)
     assert main(["train", "--stage", "rpn"]) == 1
-    assert "run `frcnn prepare` first" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert "frcnn train --stage rpn: data/prepared/classes.json: not found; run `frcnn prepare` " \
+        "first" in err
+    assert not ray.is_initialized()
 
 
 def test_frcnn_stage_needs_the_rpn_model(tmp_path, monkeypatch, capsys):
     project = _project(tmp_path)
     monkeypatch.chdir(project)
     assert main(["train", "--stage", "frcnn"]) == 1
-    assert "frcnn train --stage rpn` first" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert err.startswith(f"frcnn train --stage frcnn: {project.resolve() / 'models' / 'rpn.pt'}: ")
+    assert "frcnn train --stage rpn` first" in err
+
+
+def test_stage_inputs_name_paths_and_refuse_data_of_another_size(tmp_path, monkeypatch):
+    from pipeline.config import Config
+    from pipeline.errors import DataError
+    from pipeline.training.driver import stage_inputs
+
+    project = _project(tmp_path)
+    monkeypatch.chdir(project)
+    cfg = Config().replace(RAY_PARAMS)
+    inputs = stage_inputs(cfg, "rpn")
+    assert inputs.name == "train_rpn" and inputs.classes == ["class1", "class2"]
+    assert inputs.train_path == (project / "data" / "prepared" / "train.parquet").resolve()
+    assert inputs.init_model is None and inputs.model_path == Path("models/rpn.pt")
+    with pytest.raises(DataError, match="prepared at image_size 64 but data.image_size is 128"):
+        stage_inputs(cfg.replace({"data.image_size": 128}), "rpn")
+
+
+def test_restart_recorder_counts_the_restarts_ray_will_make(tmp_path, monkeypatch, capsys):
+    """Ray Train's callback on a worker-group failure: each retried failure is counted in the
+    stage's MLflow run (tag and metric ``restarts``, tag ``last_restart``); the one after
+    ``max_failures`` (Ray gives up) is not."""
+    from pipeline import tracking
+    from pipeline.config import Config
+    from pipeline.training.driver import restart_recorder
+
+    monkeypatch.delenv(tracking.ENV_URI, raising=False)
+    cfg = Config().replace({"tracking.uri": f"sqlite:///{tmp_path / 'mlflow.db'}"})
+    with tracking.stage_run(cfg, "train_rpn") as run:
+        recorder = restart_recorder("train_rpn", run.tracking_uri, run.run_id, max_failures=1)
+        recorder.after_exception(None, {1: RuntimeError("worker died\nmore")})
+        recorder.after_exception(None, {0: RuntimeError("again")})
+    assert "train_rpn: worker rank(s) [1] failed (RuntimeError: worker died); Ray Train " \
+        "restarts the worker group from the last checkpoint (failure 1 of at most 1)" \
+        in capsys.readouterr().out
+    got = mlflow_store.only_run(tmp_path / "mlflow.db", "train_rpn")
+    assert got.data.tags["restarts"] == "1"
+    assert got.data.tags["last_restart"] == "worker rank(s) [1] failed (RuntimeError: worker died)"
+    assert mlflow_store.metric_steps(tmp_path / "mlflow.db", run.run_id, "restarts") == [1]
 
 
 # --------------------------------------------------------------------------------------------
@@ -147,31 +132,18 @@ def test_train_rpn_on_two_ray_workers(tmp_path):
     assert (last / checkpoints.MODEL).read_bytes() == (project / "models" / "rpn.pt").read_bytes()
 
     # one FINISHED MLflow run with params, tags, step metrics and artifacts
-    client, runs = _mlflow_runs(project, "train_rpn")
-    (run,) = runs
+    db = project / "mlflow.db"
+    run = mlflow_store.only_run(db, "train_rpn")
     assert run.info.status == "FINISHED"
     assert run.data.params["train.num_workers"] == "2"
     assert run.data.params["data.image_size"] == "64"
     assert {"git_commit", "dvc_stage", "ray_job_id"} <= set(run.data.tags)
-    history = client.get_metric_history(run.info.run_id, "loss")
-    assert [m.step for m in history] == [1, 2, 3, 4, 5, 6]
-    assert len(client.get_metric_history(run.info.run_id, "lr")) == 6
+    assert mlflow_store.metric_steps(db, run.info.run_id, "loss") == [1, 2, 3, 4, 5, 6]
+    assert len(mlflow_store.metric_steps(db, run.info.run_id, "lr")) == 6
     assert {"rpn_cls", "rpn_reg", "images_per_s", "epoch/loss"} <= set(run.data.metrics)
-    assert set(_artifacts(client, run.info.run_id)) == {
+    assert set(mlflow_store.artifacts(db, run.info.run_id)) == {
         "config/params.yaml", "model/rpn.pt", "metrics/train_rpn.json",
         "metrics/train_rpn_epochs.csv"}
-
-
-def _session_pids(sid: int) -> list[int]:
-    pids = []
-    for stat in Path("/proc").glob("[0-9]*/stat"):
-        try:
-            fields = stat.read_text().rsplit(")", 1)[1].split()
-        except OSError:
-            continue
-        if int(fields[3]) == sid:  # fields after "(comm)": state ppid pgrp session ...
-            pids.append(int(stat.parent.name))
-    return pids
 
 
 @pytest.mark.slow
@@ -179,14 +151,14 @@ def test_killed_run_resumes_from_its_checkpoint(tmp_path):
     project = _project(tmp_path, **{"train.rpn_epochs": 3, "train.checkpoint_every": 1})
     storage = str(project / "checkpoints")
     proc = subprocess.Popen([sys.executable, "-m", "pipeline", "train", "--stage", "rpn"],
-                            cwd=project, env=_env(), stdout=subprocess.PIPE,
+                            cwd=project, env=subprocess_env(), stdout=subprocess.PIPE,
                             stderr=subprocess.STDOUT, text=True, start_new_session=True)
     try:
         deadline = time.monotonic() + 300
         found = None
         while time.monotonic() < deadline and proc.poll() is None:
             runs = list(Path(storage).glob("train_rpn-*"))
-            found = runs and train.latest_checkpoint(storage, runs[0].name)
+            found = runs and resume.latest_checkpoint(storage, runs[0].name)
             if found and found[1]["step"] >= 2:
                 break
             time.sleep(0.5)
@@ -194,12 +166,9 @@ def test_killed_run_resumes_from_its_checkpoint(tmp_path):
         assert proc.poll() is None, "the run finished before it could be killed"
     finally:
         # kill -9 the command and everything it started (Ray's processes share its session)
-        for pid in _session_pids(proc.pid):
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(pid, signal.SIGKILL)
-        proc.communicate(timeout=60)
-    client, runs = _mlflow_runs(project, "train_rpn")
-    (killed,) = runs
+        kill_session(proc)
+    db = project / "mlflow.db"
+    killed = mlflow_store.only_run(db, "train_rpn")
     assert killed.info.status == "RUNNING"  # a killed process cannot end its run
 
     done = _frcnn(project, "--stage", "rpn")
@@ -213,9 +182,7 @@ def test_killed_run_resumes_from_its_checkpoint(tmp_path):
     metrics = json.loads((project / "metrics" / "train_rpn.json").read_text())
     assert metrics["resumed"] and metrics["steps"] == 9 and metrics["epochs"] == 3
     # the same MLflow run, reopened and finished, its loss history continued
-    _, runs = _mlflow_runs(project, "train_rpn")
-    (run,) = runs
+    run = mlflow_store.only_run(db, "train_rpn")
     assert run.info.run_id == killed.info.run_id and run.info.status == "FINISHED"
-    steps = {m.step for m in client.get_metric_history(run.info.run_id, "loss")}
-    assert steps == set(range(1, 10))
+    assert set(mlflow_store.metric_steps(db, run.info.run_id, "loss")) == set(range(1, 10))
     assert not list(Path(storage).glob("train_rpn-*"))  # finished: checkpoints removed

@@ -1,0 +1,69 @@
+"""pipeline.sweep.data: the trials' tables (first images, resized with their boxes) and the key
+of a sweep's inputs."""
+
+from __future__ import annotations
+
+import io
+
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+from PIL import Image
+
+from pipeline.config import Config, load_config
+from pipeline.sweep.data import inputs_key, trial_tables
+from tests.support import ROOT
+from tests.support.factories import write_prepared
+
+
+@pytest.fixture()
+def project(tmp_path, monkeypatch):
+    """A project folder with 6 training images prepared at 128 x 128."""
+    write_prepared(tmp_path / "data" / "prepared", size=128, num_images=6)
+    monkeypatch.chdir(tmp_path)
+    return tmp_path
+
+
+def _cfg(**overrides) -> Config:
+    return load_config([ROOT / "params.yaml"]).replace({
+        "data.image_size": 128, "sweep.image_size": 64, "sweep.max_train_images": 4,
+        **overrides})
+
+
+def test_trial_tables_take_the_first_images_resized_with_their_boxes(project):
+    tables = trial_tables(_cfg())
+    train = pq.read_table(io.BytesIO(tables["train"])).to_pylist()
+    source = pq.read_table(project / "data" / "prepared" / "train.parquet").to_pylist()
+    assert [r["image_id"] for r in train] == [r["image_id"] for r in source[:4]]
+    for small, big in zip(train, source):
+        assert Image.open(io.BytesIO(small["image"])).size == (64, 64)
+        assert np.allclose(np.asarray(small["boxes"]), np.asarray(big["boxes"]) / 2)
+        assert small["labels"] == big["labels"]
+    val = pq.read_table(io.BytesIO(tables["eval"])).column("image_id").to_pylist()
+    assert val == ["val_000", "val_001"]  # the whole sweep.split
+    # at the prepared size the bytes of the images are kept
+    same = trial_tables(_cfg(**{"sweep.image_size": 0, "sweep.max_train_images": 0}))
+    assert pq.read_table(io.BytesIO(same["train"])).column("image").to_pylist() == \
+        [r["image"] for r in source]
+
+
+def test_trial_tables_refuse_data_prepared_at_another_size(project):
+    with pytest.raises(ValueError, match="prepared at image_size 128"):
+        trial_tables(_cfg(**{"data.image_size": 256}))
+
+
+def test_trial_tables_refuse_an_empty_split(project):
+    write_prepared(project / "data" / "prepared", size=128, num_images=6, num_eval=0)
+    with pytest.raises(ValueError, match="val.parquet: no images: a sweep needs val images"):
+        trial_tables(_cfg())
+
+
+def test_inputs_key_follows_parameters_and_data_not_locations(project):
+    cfg = _cfg()
+    tables = trial_tables(cfg)
+    key = inputs_key(cfg, tables)
+    moved = cfg.replace({"tracking.uri": "sqlite:////elsewhere.db", "sweep.storage_path": "/x",
+                         "sweep.table_path": "t.parquet", "train.ray_address": "auto"})
+    assert inputs_key(moved, tables) == key
+    assert inputs_key(cfg.replace({"sweep.epochs": 3}), tables) != key
+    assert inputs_key(cfg, {**tables, "eval": tables["train"]}) != key

@@ -1,0 +1,108 @@
+"""pipeline.prepared: the prepared-set contract (classes.json, the tables) and its readers."""
+
+from __future__ import annotations
+
+import json
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+import torch
+
+from pipeline.errors import DataError, MissingInputError
+from pipeline.prepared import (CLASSES_FILE, MODEL_COLUMNS, SCHEMA, load_split, open_table,
+                               read_classes, read_ground_truth, row_resize_info, split_path)
+from tests.support.factories import write_prepared
+
+
+def test_read_classes(prepared):
+    info = read_classes(prepared)
+    assert info["classes"] == ["class1", "class2"] and info["image_size"] == 64
+    assert info["background"] == 0 and info["ids"] == {"class1": 1, "class2": 2}
+    assert read_classes(prepared, image_size=64) == info
+
+
+def test_read_classes_names_what_is_wrong(prepared, tmp_path):
+    with pytest.raises(MissingInputError, match="run `frcnn prepare` first") as caught:
+        read_classes(tmp_path / "nothing")
+    assert str(tmp_path / "nothing" / CLASSES_FILE) in str(caught.value)
+    assert isinstance(caught.value, FileNotFoundError)  # what callers catching it expect
+    path = prepared / CLASSES_FILE
+    for text, fragment in [('{"classes": ["a"', "not valid JSON"),
+                           ('["a", "b"]', "expected a non-empty 'classes' list, got ['a', 'b']"),
+                           ('{"classes": [], "image_size": 64}', "non-empty 'classes' list"),
+                           ('{"classes": ["a"]}', "expected an integer 'image_size', got None"),
+                           ('{"classes": ["a"], "image_size": "64"}', "got '64'")]:
+        path.write_text(text)
+        with pytest.raises(DataError) as caught:
+            read_classes(prepared)
+        assert str(caught.value).startswith(f"{path}: ") and fragment in str(caught.value), text
+
+
+def test_read_classes_checks_the_image_size(prepared):
+    with pytest.raises(DataError, match=r"prepared at image_size 64 but data.image_size is 640; "
+                                        r"run `frcnn prepare`"):
+        read_classes(prepared, image_size=640)
+
+
+def test_tables_follow_the_schema(prepared):
+    for split in ("train", "val", "test"):
+        assert pq.read_schema(split_path(prepared, split)).equals(SCHEMA, check_metadata=False)
+    frame = load_split(prepared, "train", columns=["image_id"])
+    assert list(frame.columns) == ["image_id"] and len(frame) == 6
+
+
+def test_open_table_names_a_missing_table_or_column(prepared, tmp_path):
+    assert open_table(split_path(prepared, "train")).metadata.num_rows == 6
+    with pytest.raises(MissingInputError, match="prepared table not found; run `frcnn prepare`"):
+        open_table(tmp_path / "nowhere.parquet")
+    table = pq.read_table(split_path(prepared, "train")).drop_columns(["labels", "difficult"])
+    pq.write_table(table, tmp_path / "old.parquet")
+    with pytest.raises(DataError, match=r"old.parquet: missing column\(s\) labels, difficult; "
+                                        r"expected " + ", ".join(MODEL_COLUMNS)):
+        open_table(tmp_path / "old.parquet")
+    assert open_table(tmp_path / "old.parquet", columns=["image_id", "boxes"]) is not None
+
+
+def test_read_ground_truth_image_by_image(tmp_path):
+    folder = write_prepared(tmp_path / "p", splits={"test": 6}, content="noise")
+    truth = read_ground_truth(split_path(folder, "test"), "test")
+    assert truth.name == "test" and len(truth) == 6
+    assert truth.image_ids == [f"test_{i:03d}" for i in range(6)]
+    rows = pq.read_table(split_path(folder, "test")).to_pylist()
+    for i, row in enumerate(rows):
+        g = i % 5  # the noise factory: i % 5 boxes, the third one difficult
+        assert truth.boxes[i].shape == (g, 4) and truth.boxes[i].dtype == torch.float32
+        assert truth.labels[i].tolist() == row["labels"] and truth.labels[i].dtype == torch.int64
+        assert truth.difficult[i].tolist() == [j == 2 for j in range(g)]
+        assert torch.equal(truth.boxes[i], torch.tensor(row["boxes"]).reshape(-1, 4))
+
+
+def test_read_ground_truth_refuses_boxes_and_labels_that_disagree(tmp_path):
+    folder = write_prepared(tmp_path / "p", splits={"test": 2})
+    table = pq.read_table(split_path(folder, "test")).to_pylist()
+    table[1]["labels"] = table[1]["labels"] + [1]
+    pq.write_table(pa.Table.from_pylist(table, schema=SCHEMA), split_path(folder, "test"))
+    n = len(table[1]["boxes"])
+    with pytest.raises(DataError, match=f"image 'test_001' has {n} boxes, {n + 1} labels, "
+                                        f"{n} flags"):
+        read_ground_truth(split_path(folder, "test"), "test")
+
+
+def test_row_resize_info_maps_back_to_the_original(prepared):
+    row = load_split(prepared, "train").iloc[0]
+    info = row_resize_info(row, 64)
+    assert (info.orig_width, info.orig_height, info.size) == (64, 64, 64)
+    assert (info.scale_x, info.scale_y, info.pad_x, info.pad_y) == (1.0, 1.0, 0.0, 0.0)
+
+
+def test_classes_json_is_written_with_its_conventions(tmp_path):
+    from pipeline.prepared import write_classes
+
+    path = write_classes(tmp_path, classes=["a", "b"], image_size=32, resize="letterbox",
+                         image_format="jpeg", source="voc:s3://KEY:SECRET@bucket/voc",
+                         split="random", images={"train": 3}, rejected_problems=1)
+    info = json.loads(path.read_text())
+    assert info["ids"] == {"a": 1, "b": 2} and info["num_classes"] == 2
+    assert info["source"] == "voc:s3://***@bucket/voc"  # credentials masked
+    assert read_classes(tmp_path, image_size=32)["resize"] == "letterbox"
