@@ -1,6 +1,6 @@
 """Images per second of the project's own training loop, in one process, without Ray.
 
-What ``frcnn train`` runs on every Ray Train worker, :func:`pipeline.train_loop.train`, here
+What ``frcnn train`` runs on every Ray Train worker, :func:`pipeline.training.loop.train`, here
 alone: the loader (Parquet -> PNG decode in ``--loader-workers`` processes -> flip), the model,
 SGD, the LR schedule and autocast, on synthetic images that ``frcnn prepare`` makes. Set against
 ``bench_detector.py``'s training images/s (the model alone on tensors already on the device),
@@ -30,8 +30,8 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from pipeline.config import Config  # noqa: E402
-from pipeline.prepare import prepare_dataset  # noqa: E402
-from pipeline.train_loop import train  # noqa: E402
+from pipeline.prepare.stage import prepare_dataset  # noqa: E402
+from pipeline.training.loop import train  # noqa: E402
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
