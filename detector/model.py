@@ -110,16 +110,7 @@ class FasterRCNN(nn.Module):
             config.pop(name, None)
         self.config: dict[str, Any] = {k: tuple(v) if isinstance(v, list) else v
                                        for k, v in config.items()}
-        if num_classes < 1:
-            raise ValueError(f"num_classes must be >= 1 (dataset classes without background), "
-                             f"got {num_classes}")
-        if image_size < VGG16Backbone.stride:
-            raise ValueError(f"image_size must be >= {VGG16Backbone.stride}, got {image_size}")
-        if anchor_stride != VGG16Backbone.stride:
-            raise ValueError(
-                f"anchor_stride={anchor_stride}: anchors are centred on the cells of the VGG-16 "
-                f"feature map, whose stride is {VGG16Backbone.stride}; change anchor_scales to "
-                f"change the anchor sizes")
+        _check_config(self.config)
         self.num_classes = int(num_classes)
         self.image_size = int(image_size)
         self.rpn_only = bool(rpn_only)
@@ -129,33 +120,9 @@ class FasterRCNN(nn.Module):
         self.register_buffer("pixel_std", torch.tensor(IMAGENET_STD).view(1, 3, 1, 1),
                              persistent=False)
         self.backbone = VGG16Backbone()
-        channels = VGG16Backbone.out_channels
-        self.rpn = RegionProposalNetwork(
-            anchor_generator=AnchorGenerator(stride=anchor_stride, scales=anchor_scales,
-                                             ratios=anchor_ratios),
-            in_channels=channels,
-            matching=AnchorMatching(pos_iou=rpn_pos_iou, neg_iou=rpn_neg_iou,
-                                    num_samples=rpn_num_samples, pos_fraction=rpn_pos_fraction,
-                                    allow_border=rpn_allow_border),
-            proposals=ProposalSettings(
-                min_size=rpn_min_size, nms_iou=rpn_nms_iou,
-                pre_nms_top_n_train=rpn_pre_nms_top_n_train,
-                post_nms_top_n_train=rpn_post_nms_top_n_train,
-                pre_nms_top_n_test=rpn_pre_nms_top_n_test,
-                post_nms_top_n_test=rpn_post_nms_top_n_test),
-            reg_weight=rpn_reg_weight,
-        )
+        self.rpn = _build_rpn(self.config)
         _warn_if_no_trainable_anchors(self.rpn.anchor_generator, image_size, rpn_allow_border)
-        self.roi_heads = RoIHeads(
-            in_channels=channels, num_classes=num_classes, pool=roi_pool,
-            pool_size=roi_pool_size, hidden_dim=roi_hidden_dim,
-            spatial_scale=1.0 / VGG16Backbone.stride, reg_weight=roi_reg_weight,
-            sampling=RoISampling(num_samples=roi_num_samples, fg_fraction=roi_fg_fraction,
-                                 fg_iou=roi_fg_iou, bg_iou_low=roi_bg_iou_low,
-                                 bg_iou_high=roi_bg_iou_high),
-            detection=DetectionSettings(score_thresh=roi_score_thresh, nms_iou=roi_nms_iou,
-                                        detections_per_image=roi_detections_per_image),
-        )
+        self.roi_heads = _build_roi_heads(self.config)
         state = load_vgg16_state_dict(backbone_weights)
         if state is not None:
             apply_vgg16_weights(state, backbone_weights, self.backbone.features,
@@ -240,6 +207,55 @@ class FasterRCNN(nn.Module):
         features = self._features(images)
         proposals, _ = self.rpn(features, (self.image_size, self.image_size))
         return proposals.unpad()
+
+
+def _check_config(c: dict[str, Any]) -> None:
+    """Raise ValueError for a constructor value that no sub-module checks itself."""
+    if c["num_classes"] < 1:
+        raise ValueError(f"num_classes must be >= 1 (dataset classes without background), "
+                         f"got {c['num_classes']}")
+    if c["image_size"] < VGG16Backbone.stride:
+        raise ValueError(f"image_size must be >= {VGG16Backbone.stride}, got {c['image_size']}")
+    if c["anchor_stride"] != VGG16Backbone.stride:
+        raise ValueError(
+            f"anchor_stride={c['anchor_stride']}: anchors are centred on the cells of the VGG-16 "
+            f"feature map, whose stride is {VGG16Backbone.stride}; change anchor_scales to "
+            f"change the anchor sizes")
+
+
+def _build_rpn(c: dict[str, Any]) -> RegionProposalNetwork:
+    """The RPN of a :class:`FasterRCNN` config (its ``anchor_*`` and ``rpn_*`` keywords)."""
+    return RegionProposalNetwork(
+        anchor_generator=AnchorGenerator(stride=c["anchor_stride"], scales=c["anchor_scales"],
+                                         ratios=c["anchor_ratios"]),
+        in_channels=VGG16Backbone.out_channels,
+        matching=AnchorMatching(pos_iou=c["rpn_pos_iou"], neg_iou=c["rpn_neg_iou"],
+                                num_samples=c["rpn_num_samples"],
+                                pos_fraction=c["rpn_pos_fraction"],
+                                allow_border=c["rpn_allow_border"]),
+        proposals=ProposalSettings(
+            min_size=c["rpn_min_size"], nms_iou=c["rpn_nms_iou"],
+            pre_nms_top_n_train=c["rpn_pre_nms_top_n_train"],
+            post_nms_top_n_train=c["rpn_post_nms_top_n_train"],
+            pre_nms_top_n_test=c["rpn_pre_nms_top_n_test"],
+            post_nms_top_n_test=c["rpn_post_nms_top_n_test"]),
+        reg_weight=c["rpn_reg_weight"],
+    )
+
+
+def _build_roi_heads(c: dict[str, Any]) -> RoIHeads:
+    """The Fast R-CNN head of a :class:`FasterRCNN` config (its ``roi_*`` keywords)."""
+    return RoIHeads(
+        in_channels=VGG16Backbone.out_channels, num_classes=c["num_classes"],
+        pool=c["roi_pool"], pool_size=c["roi_pool_size"], hidden_dim=c["roi_hidden_dim"],
+        spatial_scale=1.0 / VGG16Backbone.stride, reg_weight=c["roi_reg_weight"],
+        sampling=RoISampling(num_samples=c["roi_num_samples"], fg_fraction=c["roi_fg_fraction"],
+                             fg_iou=c["roi_fg_iou"], bg_iou_low=c["roi_bg_iou_low"],
+                             bg_iou_high=c["roi_bg_iou_high"]),
+        detection=DetectionSettings(score_thresh=c["roi_score_thresh"],
+                                    nms_iou=c["roi_nms_iou"],
+                                    detections_per_image=c["roi_detections_per_image"]),
+    )
 
 
 def _check_finite(losses: dict[str, Tensor]) -> None:
