@@ -16,12 +16,12 @@ from typing import Any, Sequence
 import torch
 from torch import Tensor, nn
 
-from detector.anchors import AnchorGenerator
+from detector.anchors import AnchorGenerator, inside_image
 from detector.backbone import (IMAGENET_MEAN, IMAGENET_STD, VGG16Backbone, apply_vgg16_weights,
                                load_vgg16_state_dict)
 from detector.boxes import pad_boxes
 from detector.roi_heads import DetectionSettings, RoIHeads, RoISampling
-from detector.rpn import AnchorMatching, ProposalSettings, RegionProposalNetwork, inside_image
+from detector.rpn import AnchorMatching, ProposalSettings, RegionProposalNetwork
 
 __all__ = ["FasterRCNN", "NonFiniteLossError"]
 

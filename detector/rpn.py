@@ -27,7 +27,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torchvision.ops import box_iou, nms
 
-from detector.anchors import AnchorGenerator
+from detector.anchors import AnchorGenerator, inside_image
 from detector.boxes import clip, decode, encode, large_enough, pad_boxes
 from detector.matcher import label_anchors
 from detector.sampler import sample_labels
@@ -126,16 +126,6 @@ def _as_hw(image_size: int | Sequence[int]) -> tuple[int, int]:
         return image_size, image_size
     h, w = image_size
     return int(h), int(w)
-
-
-def inside_image(anchors: Tensor, image_size: tuple[int, int], allow_border: float) -> Tensor:
-    """``(A, 4)`` -> ``(A,)`` bool: anchors inside the image widened by ``allow_border`` pixels
-    on every side; all true when ``allow_border < 0`` (keep border-crossing anchors)."""
-    if allow_border < 0:
-        return torch.ones(anchors.shape[0], dtype=torch.bool, device=anchors.device)
-    h, w = image_size
-    return ((anchors[:, 0] >= -allow_border) & (anchors[:, 1] >= -allow_border)
-            & (anchors[:, 2] <= w + allow_border) & (anchors[:, 3] <= h + allow_border))
 
 
 def assign_targets(
