@@ -16,7 +16,7 @@ from typing import Any, Sequence
 import torch
 from torch import Tensor, nn
 
-from detector.anchors import AnchorGenerator, inside_image
+from detector.anchors import AnchorGenerator, untrained_anchor_types
 from detector.backbone import (IMAGENET_MEAN, IMAGENET_STD, VGG16Backbone, apply_vgg16_weights,
                                load_vgg16_state_dict)
 from detector.boxes import pad_boxes
@@ -45,7 +45,10 @@ class FasterRCNN(nn.Module):
             everything.
         anchor_*: :class:`detector.anchors.AnchorGenerator` (the stride must be the
             backbone's, 16).
-        rpn_pos_iou .. rpn_allow_border: :class:`detector.rpn.AnchorMatching`.
+        rpn_pos_iou .. rpn_allow_border: :class:`detector.rpn.AnchorMatching`;
+            ``rpn_allow_border=-1`` (the default) trains border-crossing anchors too. An anchor
+            type that never lies inside the image (with ``allow_border >= 0``) is never trained:
+            a warning names such types, and :attr:`untrained_anchor_types` lists them.
         rpn_reg_weight: lambda of the RPN regression loss.
         rpn_min_size .. rpn_post_nms_top_n_test: :class:`detector.rpn.ProposalSettings`.
         roi_num_samples .. roi_bg_iou_high: :class:`detector.roi_heads.RoISampling`.
@@ -83,7 +86,7 @@ class FasterRCNN(nn.Module):
         rpn_neg_iou: float = 0.3,
         rpn_num_samples: int = 256,
         rpn_pos_fraction: float = 0.5,
-        rpn_allow_border: float = 0.0,
+        rpn_allow_border: float = -1.0,
         rpn_reg_weight: float = 1.0,
         rpn_min_size: float = 16.0,
         rpn_nms_iou: float = 0.7,
@@ -121,12 +124,21 @@ class FasterRCNN(nn.Module):
                              persistent=False)
         self.backbone = VGG16Backbone()
         self.rpn = _build_rpn(self.config)
-        _warn_if_no_trainable_anchors(self.rpn.anchor_generator, image_size, rpn_allow_border)
         self.roi_heads = _build_roi_heads(self.config)
         state = load_vgg16_state_dict(backbone_weights)
         if state is not None:
             apply_vgg16_weights(state, backbone_weights, self.backbone.features,
                                 self.roi_heads.fc6, self.roi_heads.fc7)
+        _warn_if_untrained_anchor_types(self.untrained_anchor_types, self.config)
+
+    @property
+    def untrained_anchor_types(self) -> list[tuple[float, float]]:
+        """The ``(ratio, scale)`` anchor types that never lie inside the image, with the RPN's
+        ``allow_border``: the RPN never trains them (their head channels get no gradient).
+        Empty when every type trains (always with ``rpn_allow_border=-1``). See
+        :func:`detector.anchors.untrained_anchor_types`."""
+        return untrained_anchor_types(self.rpn.anchor_generator, self.image_size,
+                                      self.rpn.matching.allow_border)
 
     # -- inputs ------------------------------------------------------------------------------
 
@@ -266,16 +278,17 @@ def _check_finite(losses: dict[str, Tensor]) -> None:
         raise NonFiniteLossError(f"non-finite training loss: {bad}")
 
 
-def _warn_if_no_trainable_anchors(generator: AnchorGenerator, image_size: int,
-                                  allow_border: float) -> None:
-    """Warn when every anchor crosses the image border: the RPN would then sample nothing and
-    its loss would be exactly zero (e.g. 128 x 128 images with the 128-512 pixel anchors)."""
-    cells = image_size // VGG16Backbone.stride
-    anchors = generator((cells, cells), device=torch.device("cpu"))
-    if allow_border >= 0 and not inside_image(anchors, (image_size, image_size),
-                                              allow_border).any():
-        warnings.warn(
-            f"no anchor lies inside a {image_size}x{image_size} image (largest side "
-            f"{float((anchors[:, 2] - anchors[:, 0]).max()):.0f} px, rpn_allow_border="
-            f"{allow_border}): the RPN has nothing to train on. Use smaller anchor_scales or "
-            f"rpn_allow_border=-1 (keep border-crossing anchors)", stacklevel=3)
+def _warn_if_untrained_anchor_types(types: list[tuple[float, float]], c: dict[str, Any]) -> None:
+    """Warn, naming them, when some anchor types never lie inside the image: the RPN never
+    labels them, so their head channels get no gradient, and at inference their proposals keep
+    untrained scores that can outrank every trained proposal (trained background falls)."""
+    if not types:
+        return
+    stride, size = c["anchor_stride"], c["image_size"]
+    named = ", ".join(f"(ratio {r:g}, scale {s:g}: {s * stride / math.sqrt(r):.0f}x"
+                      f"{s * stride * math.sqrt(r):.0f} px)" for r, s in types)
+    warnings.warn(
+        f"{len(types)} anchor type(s) never lie inside a {size}x{size} image with "
+        f"rpn_allow_border={c['rpn_allow_border']}, so the RPN never trains them: {named}. "
+        f"Use rpn_allow_border=-1 (keep border-crossing anchors), a larger rpn_allow_border or "
+        f"smaller anchor_scales", stacklevel=3)

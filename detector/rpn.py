@@ -50,13 +50,18 @@ RPN_SMOOTH_L1_BETA = 1.0 / 9.0
 
 @dataclass(frozen=True)
 class AnchorMatching:
-    """How anchors are labelled and sampled for the RPN loss (see :func:`assign_targets`)."""
+    """How anchors are labelled and sampled for the RPN loss (see :func:`assign_targets`).
+
+    ``allow_border``: anchors crossing the image border by more than this many pixels are
+    ignored; negative (the default, as torchvision and detectron2) keeps every anchor, so every
+    anchor type trains whatever its size (see :func:`detector.anchors.untrained_anchor_types`).
+    """
 
     pos_iou: float = 0.7
     neg_iou: float = 0.3
     num_samples: int = 256
     pos_fraction: float = 0.5
-    allow_border: float = 0.0
+    allow_border: float = -1.0
 
 
 @dataclass(frozen=True)
@@ -137,7 +142,7 @@ def assign_targets(
     neg_iou: float = 0.3,
     num_samples: int = 256,
     pos_fraction: float = 0.5,
-    allow_border: float = 0.0,
+    allow_border: float = -1.0,
     generator: torch.Generator | None = None,
     gt_valid: Tensor | None = None,
 ) -> tuple[Tensor, Tensor]:
@@ -155,7 +160,8 @@ def assign_targets(
             ``gt_valid``); or a list of ``B`` tensors ``(G_i, 4)``. ``G`` may be 0.
         image_size: ``(height, width)`` or one int for a square image.
         pos_iou, neg_iou, num_samples, pos_fraction, allow_border: see above (``allow_border``
-            negative keeps border-crossing anchors).
+            negative, the default, keeps border-crossing anchors: they are matched by the IoU
+            of the whole, unclipped anchor, as in torchvision).
         generator: random source of the sampling (default: the global RNG).
         gt_valid: ``(B, G)`` bool, for a padded batch: which boxes are real (default: all).
 

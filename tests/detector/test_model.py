@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import inspect
+import warnings
 from typing import Iterator
 
 import pytest
@@ -159,6 +160,24 @@ def test_bad_inputs_are_refused(small_model: FasterRCNN) -> None:
     bad = [{"boxes": torch.tensor([[5.0, 0.0, 5.0, 10.0]]), "labels": torch.tensor([1])}]
     with pytest.raises(ValueError, match="x2 > x1"):
         model(torch.rand(1, 3, 64, 64), bad)
+
+
+def test_untrained_anchor_types_are_named_in_a_warning_and_listed_on_the_model() -> None:
+    with pytest.warns(UserWarning, match=r"2 anchor type\(s\) never lie inside a 640x640 image "
+                      r"with rpn_allow_border=0.0.*\(ratio 0.5, scale 32: 724x362 px\), "
+                      r"\(ratio 2, scale 32: 362x724 px\)") as record:
+        model = FasterRCNN(2, rpn_allow_border=0.0, roi_hidden_dim=8)
+    assert record[0].filename == __file__  # points at the caller
+    assert model.untrained_anchor_types == [(0.5, 32.0), (2.0, 32.0)]
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        default = FasterRCNN(2, roi_hidden_dim=8)
+        wider = FasterRCNN(2, rpn_allow_border=64.0, roi_hidden_dim=8)
+    assert default.config["rpn_allow_border"] == -1.0 and default.rpn.matching.allow_border == -1.0
+    assert default.untrained_anchor_types == [] and wider.untrained_anchor_types == []
+    with pytest.warns(UserWarning, match="9 anchor type"):  # 128..512 px anchors, 64 px images
+        tiny = FasterRCNN(2, image_size=64, rpn_allow_border=0.0, roi_hidden_dim=8)
+    assert len(tiny.untrained_anchor_types) == 9
 
 
 @pytest.mark.parametrize("kwargs,match", [

@@ -172,7 +172,8 @@ def test_box_below_pos_iou_still_gets_its_best_anchor() -> None:
     gt = torch.tensor([[40.0, 40.0, 52.0, 47.0]])  # small: IoU with every anchor < 0.7
     iou = box_iou(ANCHORS, gt)[:, 0].masked_fill(~inside_mask(ANCHORS, IMAGE, 0.0), -1)
     assert iou.max() < 0.7
-    labels, _ = assign_targets(ANCHORS, gt, IMAGE, generator=torch.Generator().manual_seed(0))
+    labels, _ = assign_targets(ANCHORS, gt, IMAGE, allow_border=0.0,
+                               generator=torch.Generator().manual_seed(0))
     assert (labels == 1).nonzero().squeeze(1).tolist() == (iou == iou.max()).nonzero().squeeze(1).tolist()
 
 
@@ -195,13 +196,15 @@ def test_more_positives_than_allowed_keeps_a_random_128() -> None:
     assert torch.equal(labels, same)
 
 
-def test_allow_border_minus_one_keeps_border_anchors() -> None:
+def test_border_anchors_are_kept_by_default_and_dropped_with_allow_border_zero() -> None:
     outside = (~inside_mask(ANCHORS, IMAGE, 0.0)).nonzero().squeeze(1)
     i = int(outside[0])
     gt = ANCHORS[i : i + 1].clamp(0, IMAGE)
-    dropped, _ = assign_targets(ANCHORS, gt, IMAGE)
-    kept, _ = assign_targets(ANCHORS, gt, IMAGE, allow_border=-1.0)
-    assert dropped[i] == -1
+    dropped, _ = assign_targets(ANCHORS, gt, IMAGE, allow_border=0.0)
+    kept, _ = assign_targets(ANCHORS, gt, IMAGE)  # default: allow_border=-1, as AnchorMatching
+    assert AnchorMatching().allow_border == -1.0
+    assert dropped[i] == -1 and (dropped[outside] == -1).all()
+    assert kept[i] == 1  # its own clipped box: the best anchor of that box
     assert (kept[outside] != -1).any()
 
 
