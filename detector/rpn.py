@@ -81,12 +81,14 @@ class Proposals(NamedTuple):
 
     ``boxes (B, N, 4)`` float32, ``scores (B, N)`` float32 objectness probabilities, ``valid
     (B, N)`` bool: the first ``n_b`` entries of row ``b`` are real, the rest padding (zero boxes,
-    score 0).
+    score 0); ``anchor_index (B, N)`` int64: the anchor each proposal was decoded from (a row of
+    the ``(A, 4)`` anchors, so its type is ``anchor_index % a``), ``-1`` in padding.
     """
 
     boxes: Tensor
     scores: Tensor
     valid: Tensor
+    anchor_index: Tensor
 
     def unpad(self) -> list[tuple[Tensor, Tensor]]:
         """Per image ``(boxes (n_b, 4), scores (n_b,))``, best first (one host sync)."""
@@ -208,7 +210,8 @@ def proposal_layer(
     1. decode every anchor's offsets into a box; 2. clip it to the image; 3. drop boxes with
     width or height below ``min_size``; 4. keep the ``pre_nms_top_n`` best by objectness per
     image; 5. NMS at ``nms_iou`` within each image; 6. keep the ``post_nms_top_n`` best per
-    image.
+    image. A box whose score or coordinates are not finite (a diverged model) is dropped like a
+    small one: it ranks after every real proposal and comes back as padding.
 
     Args:
         anchors: ``(A, 4)``.
@@ -225,8 +228,12 @@ def proposal_layer(
     scores = logits.float().softmax(dim=-1)[..., 1]  # (B, A) object probability
     # (A, 4) anchors broadcast over the batch: (1, A, 4) with (B, A, 4) -> (B, A, 4)
     boxes = clip(decode(anchors[None], deltas, RPN_BOX_WEIGHTS), hw)
-    # Dropped boxes get score -1 (probabilities are >= 0), so top-k and NMS take them last.
-    scores = scores.masked_fill(~large_enough(boxes, min_size), -1.0)
+    usable = (large_enough(boxes, min_size) & torch.isfinite(scores)
+              & torch.isfinite(boxes).all(dim=-1))  # (B, A)
+    # Dropped boxes get score -1 (probabilities are >= 0), so top-k and NMS take them last; a
+    # NaN score would rank first in topk. Their boxes become 0 so no NaN reaches NMS.
+    scores = torch.where(usable, scores, -1.0)
+    boxes = torch.where(usable[..., None], boxes, 0.0)
     k = min(pre_nms_top_n, a)
     top_scores, top_idx = scores.topk(k, dim=1)  # (B, k), best first
     # (B, k) -> (B, k, 4) index to gather the boxes
@@ -238,8 +245,10 @@ def proposal_layer(
     # A dropped box can survive NMS (it suppresses nothing: it comes after every kept box);
     # it is padding like the empty slots.
     valid = keep.valid & (kept_scores >= 0)
+    anchor_index = top_idx.gather(1, keep.index)  # (B, n) into A
     return Proposals(kept_boxes.masked_fill(~valid[..., None], 0.0),
-                     kept_scores.masked_fill(~valid, 0.0), valid)
+                     kept_scores.masked_fill(~valid, 0.0), valid,
+                     anchor_index.masked_fill(~valid, -1))
 
 
 class _Kept(NamedTuple):

@@ -2,13 +2,21 @@
 
 At 640 x 640 with scales 8 / 16 / 32 and ratios 0.5 / 1 / 2, the 724 x 362 and 362 x 724 anchors
 (ratio 0.5 and 2 at scale 32) never lie inside the image. With ``rpn_allow_border = 0`` they are
-never labelled, so their RPN head channels get exactly zero gradient. The default (``-1``, as
-torchvision and detectron2) trains them. Checked on ground truth drawn like the synthetic set's
-(sides log-uniform in 24..560 pixels, aspect ratios in [1/2, 2]), with a narrow RPN head on random
-features (the channel layout is what matters, not the width)."""
+never labelled, so their RPN head channels get exactly zero gradient, and a trained model still
+ranks their proposals above every trained one. The default (``-1``, as torchvision and
+detectron2) trains them.
+
+- the labels and gradients at 640, on ground truth drawn like the synthetic set's (sides
+  log-uniform in 24..560 pixels, aspect ratios in [1/2, 2]), with a narrow RPN head on random
+  features (the channel layout is what matters, not the width);
+- a short RPN training at 160 x 160 with scales 2 / 4 / 8 (the same geometry as 640 with
+  8 / 16 / 32: the large types are 181 x 90.5, wider than the image) on fixed backbone features,
+  with the top-300 budget scaled to the image area (300 -> 19, pre-NMS 6,000 -> 375).
+"""
 
 from __future__ import annotations
 
+import copy
 import math
 from dataclasses import asdict
 from typing import Iterator
@@ -16,6 +24,7 @@ from typing import Iterator
 import pytest
 import torch
 
+from detector import FasterRCNN
 from detector.anchors import AnchorGenerator, untrained_anchor_types
 from detector.boxes import encode, pad_boxes
 from detector.rpn import AnchorMatching, RPNHead, assign_targets, flatten_head_output, rpn_loss
@@ -78,3 +87,88 @@ def test_which_anchor_types_get_labels_and_gradient_at_640(allow_border, untrain
     assert (~positive).nonzero().flatten().tolist() == expected_dead
     assert (cls_grad.abs().sum(1) == 0).nonzero().flatten().tolist() == expected_dead
     assert (reg_grad.abs().sum(1) == 0).nonzero().flatten().tolist() == expected_dead
+
+
+# -- a briefly trained RPN's top proposals ------------------------------------------------------
+
+SIZE = 160
+SCALES = (2.0, 4.0, 8.0)  # x 16 px: 32 / 64 / 128 at ratio 1, 181 x 90.5 at ratio 0.5
+TOP = round(300 * (SIZE / 640) ** 2)  # 19
+SMALL_LARGE_TYPES = [(0.5, 8.0), (2.0, 8.0)]
+
+
+def planted_images(n: int, seed: int) -> tuple[torch.Tensor, list[torch.Tensor]]:
+    """Dark noise with one bright rectangle of 24..72 px a side each (96..288 px at 640)."""
+    g = torch.Generator().manual_seed(seed)
+    images = torch.rand(n, 3, SIZE, SIZE, generator=g) * 0.2
+    boxes = []
+    for i in range(n):
+        w, h = (int(v) for v in torch.randint(24, 72, (2,), generator=g))
+        x0 = int(torch.randint(0, SIZE - w, (1,), generator=g))
+        y0 = int(torch.randint(0, SIZE - h, (1,), generator=g))
+        images[i, :, y0 : y0 + h, x0 : x0 + w] = torch.rand(3, 1, 1, generator=g) * 0.8 + 0.2
+        boxes.append(torch.tensor([[x0, y0, x0 + w, y0 + h]], dtype=torch.float32))
+    return images, boxes
+
+
+def type_channels(head: RPNHead, j: int) -> torch.Tensor:
+    """The weights and biases of anchor type ``j``'s 2 cls and 4 reg channels, flattened."""
+    return torch.cat([head.cls.weight[2 * j : 2 * j + 2].flatten(), head.cls.bias[2 * j : 2 * j + 2],
+                      head.reg.weight[4 * j : 4 * j + 4].flatten(), head.reg.bias[4 * j : 4 * j + 4]])
+
+
+@pytest.fixture(scope="module")
+def untrained_model_and_features() -> tuple[FasterRCNN, torch.Tensor, torch.Tensor]:
+    """A random model at 160 (allow_border 0), backbone features of two images, padded boxes."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    torch.manual_seed(0)
+    with pytest.warns(UserWarning, match="2 anchor type"):
+        model = FasterRCNN(1, image_size=SIZE, anchor_scales=SCALES, rpn_allow_border=0.0,
+                           rpn_only=True, rpn_min_size=4.0, rpn_pre_nms_top_n_test=375,
+                           rpn_post_nms_top_n_test=TOP, roi_hidden_dim=8)
+    images, boxes = planted_images(2, seed=0)
+    with torch.no_grad():
+        features = model._features(images)  # fixed: only the RPN trains below
+    torch.set_num_threads(threads)
+    return model, features, pad_boxes(boxes)[:2]
+
+
+@pytest.mark.parametrize("allow_border", [0.0, -1.0])
+def test_trained_rpn_top_proposals_hold_no_untrained_types(untrained_model_and_features,
+                                                           allow_border: float) -> None:
+    """20 Adam steps of the RPN; "untrained" types are those whose 6 head channels are still
+    bit for bit their initial values. ``allow_border = 0``: the two large types, and their
+    proposals lead every image's top 19 (the trained types' background scores fell, theirs did
+    not). Default ``-1``: no type is untrained, and the large ones, trained as background (the
+    objects are far smaller), lead no image's top 19."""
+    base, features, (gt, gt_valid) = untrained_model_and_features
+    model = copy.deepcopy(base)
+    model.rpn.matching = AnchorMatching(allow_border=allow_border)
+    head = model.rpn.head
+    before = [type_channels(head, j).detach().clone() for j in range(9)]
+    optimiser = torch.optim.Adam(model.rpn.parameters(), lr=1e-3)
+    model.train()
+    for _ in range(20):
+        _, losses = model.rpn(features, (SIZE, SIZE), gt, gt_valid, need_proposals=False)
+        optimiser.zero_grad()
+        sum(losses.values()).backward()
+        optimiser.step()
+    model.eval()
+    with torch.no_grad():
+        proposals, _ = model.rpn(features, (SIZE, SIZE))
+
+    types = list(model.rpn.anchor_generator.types)
+    large = torch.tensor([types.index(t) for t in SMALL_LARGE_TYPES])  # 2 and 8
+    unchanged = [j for j in range(9) if torch.equal(type_channels(head, j), before[j])]
+    assert [types.index(t) for t in model.untrained_anchor_types] == unchanged
+    assert proposals.valid.sum(dim=1).tolist() == [TOP, TOP]
+    top_types = proposals.anchor_index % 9  # (B, TOP) anchor type of each proposal, best first
+    from_untrained = torch.isin(top_types, torch.tensor(unchanged, dtype=torch.int64)).sum(dim=1)
+    led_by_large = torch.isin(top_types[:, 0], large)  # (B,)
+    if allow_border == 0:
+        assert unchanged == large.tolist()
+        assert (from_untrained > 0).all() and led_by_large.all(), top_types
+    else:
+        assert unchanged == []
+        assert (from_untrained == 0).all() and not led_by_large.any(), top_types

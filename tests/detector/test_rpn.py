@@ -271,6 +271,15 @@ def test_proposal_layer_properties() -> None:
         iou = box_iou(boxes, boxes).fill_diagonal_(0)
         assert iou.max() <= 0.6 + 1e-6  # NMS
     assert (props.boxes[~props.valid] == 0).all() and (props.scores[~props.valid] == 0).all()
+    # Each proposal is its anchor's decoded, clipped box with its score; padding has index -1.
+    assert props.anchor_index.dtype == torch.int64 and (props.anchor_index[~props.valid] == -1).all()
+    coder = BoxCoder((1.0, 1.0, 1.0, 1.0))
+    for b in range(2):
+        idx = props.anchor_index[b][props.valid[b]]
+        assert idx.unique().numel() == idx.numel()
+        boxes = clip_boxes_to_image(coder.decode_single(deltas[b, idx], anchors[idx]), (160, 160))
+        torch.testing.assert_close(props.boxes[b][props.valid[b]], boxes)
+        torch.testing.assert_close(props.scores[b][props.valid[b]], logits[b, idx].softmax(-1)[:, 1])
 
 
 def test_proposal_layer_boxes_below_min_size_never_fill_a_slot() -> None:
@@ -288,6 +297,37 @@ def test_proposal_layer_boxes_below_min_size_never_fill_a_slot() -> None:
         assert 0 < n == rb.shape[0] < 300
         assert valid[:n].all() and not valid[n:].any()
         assert ((row[:n, 2:] - row[:n, :2]) >= 56).all() and (row[n:] == 0).all()
+
+
+@pytest.mark.parametrize("planted", ["nan logit", "inf logit", "nan delta", "inf delta"])
+def test_non_finite_anchor_is_dropped_and_real_proposals_stay_first(planted: str) -> None:
+    """A NaN / inf objectness logit (or offset) at image 0's best anchor: that anchor is dropped
+    (a NaN score would rank first in topk and take a slot as padding), the proposals are exactly
+    the reference's without that anchor, and unpad() returns only real ones."""
+    g = torch.Generator().manual_seed(3)
+    anchors = generate_anchors((10, 10), 16, (1, 2, 4), (0.5, 1.0, 2.0))  # 900 anchors
+    logits = torch.randn(2, 900, 2, generator=g)
+    deltas = torch.randn(2, 900, 4, generator=g) * 0.3
+    kw = dict(min_size=16.0, nms_iou=0.7, pre_nms_top_n=900, post_nms_top_n=900)
+    i = int(proposal_layer(anchors, logits, deltas, 160, **kw).anchor_index[0, 0])  # the best
+    value = float("nan") if planted.startswith("nan") else float("inf")
+    bad_logits, bad_deltas = logits.clone(), deltas.clone()
+    if planted.endswith("logit"):
+        bad_logits[0, i, 1] = value
+    else:
+        bad_deltas[0, i, 0] = value
+    props = proposal_layer(anchors, bad_logits, bad_deltas, 160, **kw)
+    others = torch.arange(900) != i
+    ref = [*reference_proposals(anchors[others], logits[:1, others], deltas[:1, others], 160,
+                                16.0, 0.7, 900, 900),
+           *reference_proposals(anchors, logits[1:], deltas[1:], 160, 16.0, 0.7, 900, 900)]
+    for (boxes, scores), (rb, rs), valid in zip(props.unpad(), ref, props.valid):
+        n = int(valid.sum())
+        assert valid[:n].all() and not valid[n:].any() and n < 900  # packed, with padding
+        assert boxes.shape[0] == n and torch.isfinite(boxes).all() and (scores > 0).all()
+        torch.testing.assert_close(boxes, rb)
+        torch.testing.assert_close(scores, rs)
+    assert not (props.anchor_index[0] == i).any()
 
 
 def test_rpn_uses_train_and_test_top_n() -> None:
@@ -321,3 +361,4 @@ def test_rpn_loss_normalisation() -> None:
     targets[...] = float("inf")
     _, reg = rpn_loss(logits, deltas, labels.clamp(max=0), targets)
     assert reg == 0
+
