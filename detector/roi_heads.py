@@ -225,18 +225,23 @@ class RoIHeads(nn.Module):
 
         Returns:
             ``{"roi_cls", "roi_reg"}`` float32 scalars, divided by the number of sampled RoIs.
+            Values the loss does not use (empty slots; for the regression, background RoIs and
+            other classes' offsets) do not count even when inf or NaN, and get a zero gradient.
         """
         sampled = labels >= 0
         fg = labels > 0
         num_sampled = sampled.sum().clamp(min=1)
-        ce = F.cross_entropy(logits.float(), labels.clamp(min=0), reduction="none")
-        cls_loss = (ce * sampled).sum() / num_sampled
+        # Masked by torch.where before and after the loss, never by multiplying: inf * 0 = NaN
+        # (as in :func:`detector.rpn.rpn_loss`).
+        logits = torch.where(sampled[:, None], logits.float(), 0.0)
+        ce = F.cross_entropy(logits, labels.clamp(min=0), reduction="none")
+        cls_loss = torch.where(sampled, ce, 0.0).sum() / num_sampled
         # (R, K+1, 4) -> (R, 1, 4) -> (R, 4): the offsets predicted for the true class
         index = labels.clamp(min=0)[:, None, None].expand(-1, 1, 4)
-        pred = deltas.float().gather(1, index).squeeze(1)
+        pred = torch.where(fg[:, None], deltas.float().gather(1, index).squeeze(1), 0.0)
         targets = torch.where(fg[:, None], reg_targets, 0.0)
         reg = F.smooth_l1_loss(pred, targets, beta=ROI_SMOOTH_L1_BETA, reduction="none").sum(-1)
-        reg_loss = (reg * fg).sum() / num_sampled
+        reg_loss = torch.where(fg, reg, 0.0).sum() / num_sampled
         return {"roi_cls": cls_loss, "roi_reg": self.reg_weight * reg_loss}
 
     def postprocess(self, logits: Tensor, deltas: Tensor, proposals: Tensor,

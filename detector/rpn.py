@@ -307,18 +307,23 @@ def rpn_loss(
 
     Returns:
         ``(cls_loss, reg_loss)`` float32 scalars, both divided by the number of sampled anchors
-        (at least 1).
+        (at least 1). Values the loss does not use (unsampled anchors; for the regression,
+        all but the positives) do not count even when inf or NaN, and get a zero gradient.
     """
     sampled = labels >= 0
     positive = labels == 1
     num_sampled = sampled.sum().clamp(min=1)
-    # (B, A, 2) -> (B*A, 2): cross-entropy of every anchor, then masked (no boolean indexing).
-    ce = F.cross_entropy(logits.float().reshape(-1, 2), labels.clamp(min=0).reshape(-1),
-                         reduction="none")
-    cls_loss = (ce * sampled.reshape(-1)).sum() / num_sampled
+    # Masked by torch.where, never by multiplying (inf * 0 = NaN), and before the loss as well
+    # as after it (the backward of an inf logit's cross-entropy is NaN, even times 0). No
+    # boolean indexing: that would sync with the host.
+    logits = torch.where(sampled[..., None], logits.float(), 0.0)
+    # (B, A, 2) -> (B*A, 2): cross-entropy of every anchor, then masked.
+    ce = F.cross_entropy(logits.reshape(-1, 2), labels.clamp(min=0).reshape(-1), reduction="none")
+    cls_loss = torch.where(sampled.reshape(-1), ce, 0.0).sum() / num_sampled
+    deltas = torch.where(positive[..., None], deltas.float(), 0.0)
     targets = torch.where(positive[..., None], reg_targets, 0.0)
-    reg = F.smooth_l1_loss(deltas.float(), targets, beta=beta, reduction="none").sum(dim=-1)
-    reg_loss = (reg * positive).sum() / num_sampled
+    reg = F.smooth_l1_loss(deltas, targets, beta=beta, reduction="none").sum(dim=-1)
+    reg_loss = torch.where(positive, reg, 0.0).sum() / num_sampled
     return cls_loss, reg_weight * reg_loss
 
 

@@ -99,6 +99,35 @@ def test_head_loss_uses_foreground_true_class_only() -> None:
     torch.testing.assert_close(out["roi_reg"], reg)
 
 
+@pytest.mark.parametrize("value", [float("inf"), float("nan")])
+def test_head_loss_ignores_non_finite_values_outside_the_sample(value: float) -> None:
+    """An inf / NaN logit or offset in an empty slot, an offset of a background RoI or of a
+    foreground RoI's other classes leaves both losses and every gradient exactly as without it
+    (masking by multiplication would give NaN: inf * 0)."""
+    head = make_head()
+    g = torch.Generator().manual_seed(0)
+    logits = torch.randn(5, 4, generator=g)
+    deltas = torch.randn(5, 4, 4, generator=g)
+    labels = torch.tensor([2, 0, -1, 1, -1])
+    targets = torch.randn(5, 4, generator=g)
+    bad_logits, bad_deltas = logits.clone(), deltas.clone()
+    bad_logits[2] = value  # empty slot
+    bad_logits[4, 0] = value  # empty slot
+    bad_deltas[2] = value  # empty slot
+    bad_deltas[1, 0] = value  # background: no regression
+    bad_deltas[0, 1] = value  # foreground of class 2: class 1's offsets unused
+
+    def loss_and_grads(lg: torch.Tensor, dl: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        lg, dl = lg.clone().requires_grad_(), dl.clone().requires_grad_()
+        out = head.loss(lg, dl, labels, targets)
+        (out["roi_cls"] + out["roi_reg"]).backward()
+        return out["roi_cls"], out["roi_reg"], lg.grad, dl.grad
+
+    for clean, dirty in zip(loss_and_grads(logits, deltas), loss_and_grads(bad_logits, bad_deltas)):
+        assert torch.isfinite(dirty).all()
+        torch.testing.assert_close(dirty, clean, rtol=0, atol=0)
+
+
 def test_postprocess_threshold_nms_top_k_and_images() -> None:
     head = make_head(num_classes=2, score_thresh=0.3, nms_iou=0.3, detections_per_image=2)
     # image 0: three proposals, the first two overlapping heavily; image 1: one proposal + padding.

@@ -362,3 +362,34 @@ def test_rpn_loss_normalisation() -> None:
     _, reg = rpn_loss(logits, deltas, labels.clamp(max=0), targets)
     assert reg == 0
 
+
+def loss_and_grads(loss_fn, logits: torch.Tensor, deltas: torch.Tensor):
+    """``(loss values..., d/d logits, d/d deltas)`` of ``loss_fn(logits, deltas)``."""
+    logits = logits.clone().requires_grad_()
+    deltas = deltas.clone().requires_grad_()
+    losses = loss_fn(logits, deltas)
+    sum(losses).backward()
+    return (*losses, logits.grad, deltas.grad)
+
+
+@pytest.mark.parametrize("value", [float("inf"), float("nan")])
+def test_rpn_loss_ignores_non_finite_values_outside_the_sample(value: float) -> None:
+    """An inf / NaN logit at an ignored anchor, or offset at an ignored or negative anchor (as an
+    fp16 overflow would give), leaves both losses and every gradient exactly as without it;
+    masking by multiplication would give NaN (inf * 0)."""
+    g = torch.Generator().manual_seed(0)
+    logits = torch.randn(2, 6, 2, generator=g)
+    deltas = torch.randn(2, 6, 4, generator=g)
+    targets = torch.randn(2, 6, 4, generator=g)
+    labels = torch.tensor([[1, 0, -1, -1, 0, 0], [-1, -1, 1, 0, -1, -1]])
+    bad_logits, bad_deltas = logits.clone(), deltas.clone()
+    bad_logits[0, 2] = value  # ignored
+    bad_logits[1, 5, 1] = value  # ignored
+    bad_deltas[0, 3] = value  # ignored
+    bad_deltas[1, 3, 2] = value  # negative: classified, not regressed
+    loss = lambda lg, dl: rpn_loss(lg, dl, labels, targets, reg_weight=2.0)  # noqa: E731
+    clean = loss_and_grads(loss, logits, deltas)
+    dirty = loss_and_grads(loss, bad_logits, bad_deltas)
+    for c, d in zip(clean, dirty):
+        assert torch.isfinite(d).all()
+        torch.testing.assert_close(d, c, rtol=0, atol=0)
