@@ -29,7 +29,10 @@ Target = dict[str, Tensor]
 
 
 class NonFiniteLossError(FloatingPointError):
-    """A training loss is NaN or infinite (its name and value are in the message)."""
+    """A training loss is NaN or infinite (its name and value are in the message).
+
+    Raised by the training loop (:mod:`pipeline`), which reads the losses back for logging
+    anyway; the model itself does not check them (a second host sync per step)."""
 
 
 class FasterRCNN(nn.Module):
@@ -64,7 +67,9 @@ class FasterRCNN(nn.Module):
     Calling it:
 
     - training mode, ``model(images, targets)`` -> ``{"rpn_cls", "rpn_reg", "roi_cls",
-      "roi_reg"}`` float32 scalar losses (only the RPN's with ``rpn_only``);
+      "roi_reg"}`` float32 scalar losses (only the RPN's with ``rpn_only``), not checked for
+      NaN / inf here (the training loop reads them anyway; it raises
+      :class:`NonFiniteLossError`);
     - eval mode, ``model(images)`` -> per image ``{"boxes" (n, 4), "scores" (n,), "labels" (n,)}``;
     - :meth:`propose` -> per image the RPN proposals ``(boxes (N, 4), scores (N,))``.
 
@@ -197,7 +202,8 @@ class FasterRCNN(nn.Module):
 
     def forward(self, images: Tensor,
                 targets: Sequence[Target] | None = None) -> dict[str, Tensor] | list[Target]:
-        """Losses in training mode, detections in eval mode (see the class docstring)."""
+        """Losses in training mode (not checked for NaN / inf), detections in eval mode (see
+        the class docstring)."""
         features = self._features(images)
         image_size = (self.image_size, self.image_size)
         if not self.training:
@@ -209,7 +215,6 @@ class FasterRCNN(nn.Module):
         if not self.rpn_only:
             losses.update(self.roi_heads(features, proposals.boxes, proposals.valid, image_size,
                                          gt_boxes, gt_valid, gt_labels))
-        _check_finite(losses)
         return losses
 
     @torch.no_grad()
@@ -268,14 +273,6 @@ def _build_roi_heads(c: dict[str, Any]) -> RoIHeads:
                                     nms_iou=c["roi_nms_iou"],
                                     detections_per_image=c["roi_detections_per_image"]),
     )
-
-
-def _check_finite(losses: dict[str, Tensor]) -> None:
-    """Raise :class:`NonFiniteLossError` naming each NaN / inf loss (one host sync)."""
-    values = torch.stack([v.detach().float() for v in losses.values()])
-    if not bool(torch.isfinite(values).all()):
-        bad = {k: float(v) for k, v in zip(losses, values.tolist()) if not math.isfinite(v)}
-        raise NonFiniteLossError(f"non-finite training loss: {bad}")
 
 
 def _warn_if_untrained_anchor_types(types: list[tuple[float, float]], c: dict[str, Any]) -> None:

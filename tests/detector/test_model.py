@@ -138,12 +138,15 @@ def test_runs_under_autocast(device: str, dtype: torch.dtype) -> None:
     assert dets[0]["boxes"].dtype == torch.float32 and props[0][0].dtype == torch.float32
 
 
-def test_non_finite_loss_raises(small_model: FasterRCNN) -> None:
+def test_non_finite_losses_are_returned_for_the_training_loop_to_check() -> None:
+    """The model does not check its losses (the pipeline's loop does, naming the step): a NaN
+    comes back as a value, and NonFiniteLossError stays importable for the loop to raise."""
     model = FasterRCNN(3, **SMALL).train()
     with torch.no_grad():
         model.rpn.head.cls.bias.fill_(float("nan"))
-    with pytest.raises(NonFiniteLossError, match="rpn_cls"):
-        model(torch.rand(1, 3, 64, 64), targets()[:1])
+    losses = model(torch.rand(1, 3, 64, 64), targets()[:1])
+    assert torch.isnan(losses["rpn_cls"])
+    assert issubclass(NonFiniteLossError, FloatingPointError)
 
 
 def test_bad_inputs_are_refused(small_model: FasterRCNN) -> None:
@@ -228,18 +231,18 @@ def counted_forward(model: FasterRCNN, images: torch.Tensor, boxes_per_image: in
 def test_training_forward_is_batched_with_one_nms_per_image_as_only_growing_sync() -> None:
     """No Python loop over anchors or boxes, and per image only what NMS needs: the operator
     count does not change with the boxes per image or the number of anchors, grows by a few
-    operators per image, and the host syncs are one NMS per image plus two reads (target check
-    where the targets are, the CPU here; the non-finite loss check)."""
+    operators per image, and the host syncs are one NMS per image plus one read (the target
+    check, where the targets are: the CPU here; the losses are not read back)."""
     torch.manual_seed(0)
     kw = dict(SMALL, roi_hidden_dim=16, rpn_pre_nms_top_n_train=300, rpn_post_nms_top_n_train=50)
     model = FasterRCNN(3, **kw).train()
     base = counted_forward(model, torch.rand(1, 3, 64, 64), 1)
-    assert base.sync_names == {"aten::_local_scalar_dense": 2, "torchvision::nms": 1}
+    assert base.sync_names == {"aten::_local_scalar_dense": 1, "torchvision::nms": 1}
     more_boxes = counted_forward(model, torch.rand(1, 3, 64, 64), 12)
     assert more_boxes.by_name == base.by_name
     more_anchors = counted_forward(FasterRCNN(3, **dict(kw, image_size=128)).train(),
                                    torch.rand(1, 3, 128, 128), 1)  # 4x the anchors
     assert more_anchors.by_name == base.by_name
     batch = counted_forward(model, torch.rand(4, 3, 64, 64), 3)
-    assert batch.sync_names == {"aten::_local_scalar_dense": 2, "torchvision::nms": 4}
+    assert batch.sync_names == {"aten::_local_scalar_dense": 1, "torchvision::nms": 4}
     assert batch.total - base.total <= 3 * 20  # a few operators per image, none per box
