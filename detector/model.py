@@ -55,8 +55,9 @@ class FasterRCNN(nn.Module):
         rpn_reg_weight: lambda of the RPN regression loss.
         rpn_min_size .. rpn_post_nms_top_n_test: :class:`detector.rpn.ProposalSettings`.
         roi_num_samples .. roi_bg_iou_high: :class:`detector.roi_heads.RoISampling`.
-        roi_pool, roi_pool_size, roi_hidden_dim, roi_reg_weight: the head
-            (:class:`detector.roi_heads.RoIHeads`).
+        roi_pool, roi_pool_size, roi_hidden_dim, roi_dropout, roi_reg_weight: the head
+            (:class:`detector.roi_heads.RoIHeads`); ``roi_dropout`` after fc6 and fc7, training
+            mode only, 0 disables.
         roi_score_thresh, roi_nms_iou, roi_detections_per_image:
             :class:`detector.roi_heads.DetectionSettings`.
 
@@ -107,6 +108,7 @@ class FasterRCNN(nn.Module):
         roi_pool: str = "align",
         roi_pool_size: int = 7,
         roi_hidden_dim: int = 4096,
+        roi_dropout: float = 0.5,
         roi_reg_weight: float = 1.0,
         roi_score_thresh: float = 0.05,
         roi_nms_iou: float = 0.3,
@@ -265,7 +267,8 @@ def _build_roi_heads(c: dict[str, Any]) -> RoIHeads:
     return RoIHeads(
         in_channels=VGG16Backbone.out_channels, num_classes=c["num_classes"],
         pool=c["roi_pool"], pool_size=c["roi_pool_size"], hidden_dim=c["roi_hidden_dim"],
-        spatial_scale=1.0 / VGG16Backbone.stride, reg_weight=c["roi_reg_weight"],
+        dropout=c["roi_dropout"], spatial_scale=1.0 / VGG16Backbone.stride,
+        reg_weight=c["roi_reg_weight"],
         sampling=RoISampling(num_samples=c["roi_num_samples"], fg_fraction=c["roi_fg_fraction"],
                              fg_iou=c["roi_fg_iou"], bg_iou_low=c["roi_bg_iou_low"],
                              bg_iou_high=c["roi_bg_iou_high"]),

@@ -4,6 +4,9 @@ Shapes: ``B`` images, ``N`` proposals per image (padded), ``G`` padded ground-tr
 ``S`` sampled RoIs per image, ``C`` feature channels, ``p`` pooled size (7), ``D`` hidden width
 (4096), ``K`` classes without background (the classifier has ``K + 1`` outputs, 0 background).
 
+fc6 and fc7 are each followed by a ReLU and, in training mode, dropout (0.5 by default, as
+py-faster-rcnn's VGG-16 head).
+
 Box offsets use weights ``(10, 10, 5, 5)`` (torchvision / Detectron), regression is per class
 (``4 (K + 1)`` outputs, the background's unused). Losses: cross-entropy over the sampled RoIs and
 smooth L1 with ``beta = 1`` (the original Fast R-CNN) on the foreground RoIs' true-class
@@ -133,14 +136,20 @@ class RoIHeads(nn.Module):
         spatial_scale: feature cells per input pixel (1/16).
         reg_weight: weight of the regression loss.
         sampling: training RoI sampling; detection: inference post-processing.
+        dropout: probability of zeroing an fc6 / fc7 activation (after its ReLU), in training
+            mode only; 0 disables.
     """
 
     def __init__(self, *, in_channels: int, num_classes: int, pool: str, pool_size: int,
                  hidden_dim: int, spatial_scale: float, reg_weight: float,
-                 sampling: RoISampling, detection: DetectionSettings) -> None:
+                 sampling: RoISampling, detection: DetectionSettings,
+                 dropout: float = 0.5) -> None:
         super().__init__()
         if pool not in ("align", "pool"):
             raise ValueError(f"roi_pool must be 'align' or 'pool', got {pool!r}")
+        if not 0.0 <= dropout < 1.0:
+            raise ValueError(f"roi_dropout must be in [0, 1), got {dropout}")
+        self.dropout = float(dropout)
         self.num_classes = int(num_classes)
         self.pool = pool
         self.pool_size = int(pool_size)
@@ -172,10 +181,17 @@ class RoIHeads(nn.Module):
                              sampling_ratio=2, aligned=False)
         return roi_pool(features, rois, self.pool_size, self.spatial_scale)
 
+    def _drop(self, x: Tensor) -> Tensor:
+        """Dropout of ``self.dropout`` in training mode; the identity otherwise."""
+        if not self.training or self.dropout == 0.0:
+            return x
+        return F.dropout(x, self.dropout, training=True)
+
     def predict(self, pooled: Tensor) -> tuple[Tensor, Tensor]:
-        """``(R, C, p, p)`` -> ``(class logits (R, K+1), offsets (R, K+1, 4))`` via fc6 / fc7."""
-        x = F.relu(self.fc6(pooled.flatten(1)))  # (R, C*p*p) -> (R, D)
-        x = F.relu(self.fc7(x))
+        """``(R, C, p, p)`` -> ``(class logits (R, K+1), offsets (R, K+1, 4))`` via fc6 / fc7
+        (each with ReLU and, in training, dropout)."""
+        x = self._drop(F.relu(self.fc6(pooled.flatten(1))))  # (R, C*p*p) -> (R, D)
+        x = self._drop(F.relu(self.fc7(x)))
         # (R, 4(K+1)) -> (R, K+1, 4): offsets of class c in row c
         return self.cls_score(x), self.bbox_pred(x).view(x.shape[0], -1, 4)
 

@@ -185,7 +185,8 @@ def test_untrained_anchor_types_are_named_in_a_warning_and_listed_on_the_model()
 
 @pytest.mark.parametrize("kwargs,match", [
     (dict(num_classes=0), "num_classes"), (dict(anchor_stride=8), "anchor_stride"),
-    (dict(roi_pool="max"), "roi_pool"), (dict(anchor_ratios=()), "ratio")])
+    (dict(roi_pool="max"), "roi_pool"), (dict(anchor_ratios=()), "ratio"),
+    (dict(roi_dropout=1.0), "roi_dropout")])
 def test_bad_configuration_is_refused(kwargs: dict, match: str) -> None:
     kwargs = {"num_classes": 2, **SMALL, **kwargs}
     with pytest.raises(ValueError, match=match):
@@ -195,7 +196,8 @@ def test_bad_configuration_is_refused(kwargs: dict, match: str) -> None:
 def test_config_rebuilds_the_model(small_model: FasterRCNN) -> None:
     cfg = small_model.config
     assert cfg["num_classes"] == 3 and cfg["image_size"] == 64 and cfg["roi_nms_iou"] == 0.3
-    assert len(cfg) == 31  # num_classes + the 30 keywords of the constructor contract
+    assert len(cfg) == 32  # num_classes + the 31 keywords of the constructor contract
+    assert cfg["roi_dropout"] == 0.5
     rebuilt = FasterRCNN(**cfg)
     assert rebuilt.config == cfg
     assert {k: v.shape for k, v in rebuilt.state_dict().items()} == {
@@ -210,7 +212,11 @@ def test_pipeline_keywords_build_the_model() -> None:
     inspect.signature(FasterRCNN).bind(4, **kwargs)  # every name known, keyword-only
     kwargs["roi_hidden_dim"] = 16  # same architecture otherwise, cheap to build
     model = FasterRCNN(4, **kwargs)
-    assert model.config == {"num_classes": 4, "rpn_only": False, **kwargs}
+    # Keywords the pipeline does not set (yet) keep the constructor's defaults.
+    defaults = {name: p.default for name, p in inspect.signature(FasterRCNN).parameters.items()
+                if p.default is not inspect.Parameter.empty}
+    expected = {**defaults, "num_classes": 4, **kwargs}
+    assert model.config == {k: tuple(v) if isinstance(v, list) else v for k, v in expected.items()}
 
 
 def counted_forward(model: FasterRCNN, images: torch.Tensor, boxes_per_image: int):
