@@ -18,7 +18,7 @@ from torch import Tensor, nn
 
 from detector.anchors import AnchorGenerator, untrained_anchor_types
 from detector.backbone import (IMAGENET_MEAN, IMAGENET_STD, VGG16Backbone, apply_vgg16_weights,
-                               load_vgg16_state_dict)
+                               load_vgg16_state_dict, vgg16_blocks)
 from detector.boxes import pad_boxes
 from detector.roi_heads import DetectionSettings, RoIHeads, RoISampling
 from detector.rpn import AnchorMatching, ProposalSettings, RegionProposalNetwork
@@ -43,8 +43,12 @@ class FasterRCNN(nn.Module):
         image_size: side ``S`` of the square input images the model is built for; inputs of
             another size are refused.
         backbone_weights: ``"none"``, ``"imagenet"`` or a path (:mod:`detector.backbone`).
+        backbone_freeze_blocks: how many VGG-16 conv blocks (0..5) are frozen
+            (``requires_grad=False``) when starting from pretrained weights: 2, conv1 and conv2
+            (``features[:10]``), as py-faster-rcnn. No effect with ``backbone_weights="none"``:
+            random weights all train.
         rpn_only: training returns only the RPN losses and skips the proposal layer and the RoI
-            head (the RPN stage); nothing is frozen, and eval / :meth:`propose` still run
+            head (the RPN stage); nothing more is frozen, and eval / :meth:`propose` still run
             everything.
         anchor_*: :class:`detector.anchors.AnchorGenerator` (the stride must be the
             backbone's, 16).
@@ -84,6 +88,7 @@ class FasterRCNN(nn.Module):
         *,
         image_size: int = 640,
         backbone_weights: str = "none",
+        backbone_freeze_blocks: int = 2,
         rpn_only: bool = False,
         anchor_stride: int = 16,
         anchor_scales: Sequence[float] = (8.0, 16.0, 32.0),
@@ -132,11 +137,18 @@ class FasterRCNN(nn.Module):
         self.backbone = VGG16Backbone()
         self.rpn = _build_rpn(self.config)
         self.roi_heads = _build_roi_heads(self.config)
-        state = load_vgg16_state_dict(backbone_weights)
-        if state is not None:
-            apply_vgg16_weights(state, backbone_weights, self.backbone.features,
-                                self.roi_heads.fc6, self.roi_heads.fc7)
+        self._init_backbone(backbone_weights, backbone_freeze_blocks)
         _warn_if_untrained_anchor_types(self.untrained_anchor_types, self.config)
+
+    def _init_backbone(self, weights: str, freeze_blocks: int) -> None:
+        """Load pretrained ``weights`` (backbone, fc6 / fc7), then freeze the first
+        ``freeze_blocks`` conv blocks; with ``"none"`` nothing is loaded or frozen."""
+        frozen = vgg16_blocks(self.backbone.features, freeze_blocks)  # checks the range
+        state = load_vgg16_state_dict(weights)
+        if state is not None:
+            apply_vgg16_weights(state, weights, self.backbone.features,
+                                self.roi_heads.fc6, self.roi_heads.fc7)
+            frozen.requires_grad_(False)
 
     @property
     def untrained_anchor_types(self) -> list[tuple[float, float]]:

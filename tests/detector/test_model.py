@@ -186,7 +186,7 @@ def test_untrained_anchor_types_are_named_in_a_warning_and_listed_on_the_model()
 @pytest.mark.parametrize("kwargs,match", [
     (dict(num_classes=0), "num_classes"), (dict(anchor_stride=8), "anchor_stride"),
     (dict(roi_pool="max"), "roi_pool"), (dict(anchor_ratios=()), "ratio"),
-    (dict(roi_dropout=1.0), "roi_dropout")])
+    (dict(roi_dropout=1.0), "roi_dropout"), (dict(backbone_freeze_blocks=6), "backbone_freeze_blocks")])
 def test_bad_configuration_is_refused(kwargs: dict, match: str) -> None:
     kwargs = {"num_classes": 2, **SMALL, **kwargs}
     with pytest.raises(ValueError, match=match):
@@ -196,8 +196,8 @@ def test_bad_configuration_is_refused(kwargs: dict, match: str) -> None:
 def test_config_rebuilds_the_model(small_model: FasterRCNN) -> None:
     cfg = small_model.config
     assert cfg["num_classes"] == 3 and cfg["image_size"] == 64 and cfg["roi_nms_iou"] == 0.3
-    assert len(cfg) == 32  # num_classes + the 31 keywords of the constructor contract
-    assert cfg["roi_dropout"] == 0.5
+    assert len(cfg) == 33  # num_classes + the 32 keywords of the constructor contract
+    assert cfg["roi_dropout"] == 0.5 and cfg["backbone_freeze_blocks"] == 2
     rebuilt = FasterRCNN(**cfg)
     assert rebuilt.config == cfg
     assert {k: v.shape for k, v in rebuilt.state_dict().items()} == {
