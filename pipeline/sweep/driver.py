@@ -60,7 +60,7 @@ from typing import Any
 from pipeline import storage, tracking
 from pipeline.config import Config
 from pipeline.errors import DataError, RunFailedError
-from pipeline.prepared import read_classes
+from pipeline.prepared import read_classes, read_ground_truth
 from pipeline.sweep import report, space, trial
 from pipeline.sweep.data import inputs_key, trial_tables
 from pipeline.sweep.scheduler import scheduler, searcher
@@ -104,7 +104,9 @@ def sweep(cfg: Config, *, resume: bool = False) -> dict[str, Any]:
         setup = {"params": cfg.to_dict(), "tables": ray.put(tables), "classes": classes,
                  "experiment": experiment, "parent": parent, "ray_job_id": job_id}
         grid = _make_tuner(cfg, setup, experiment, resume).fit_or_stop()
-        summary = _finish(cfg, grid, experiment, parent, key)
+        split = read_ground_truth("eval.parquet", cfg.sweep.split, data=tables["eval"])
+        summary = _finish(cfg, report.collect(cfg, grid, experiment, split=split, classes=classes),
+                          experiment, parent, key)
         summary["wall_seconds"] = time.perf_counter() - wall_start
         parent.log_metrics({"wall_seconds": summary["wall_seconds"]})
         print(f"sweep: best trial {summary['best_trial']} {cfg.sweep.metric} "
@@ -188,10 +190,9 @@ def _make_tuner(cfg: Config, setup: dict[str, Any], experiment: str, resume: boo
     ))
 
 
-def _finish(cfg: Config, grid: Any, experiment: str, parent: tracking.RunHandle,
-            key: str) -> dict[str, Any]:
+def _finish(cfg: Config, records: list[report.TrialRecord], experiment: str,
+            parent: tracking.RunHandle, key: str) -> dict[str, Any]:
     """Outputs, the finished mark, the children's ends, the trials' checkpoints removed."""
-    records = report.collect(cfg, grid, experiment)
     summary = report.write_outputs(cfg, records, experiment, parent)
     storage.write_json(f"{experiment}/{STATE}", {"mlflow_run_id": parent.run_id,
                                                  "inputs_key": key, "finished": True})

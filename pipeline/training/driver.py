@@ -42,7 +42,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from pipeline import files, tracking
+from pipeline import anchors, files, tracking
 from pipeline.config import Config
 from pipeline.errors import DataError, MissingInputError, RunFailedError
 from pipeline.prepared import read_classes, split_path
@@ -114,6 +114,9 @@ def train_stage(cfg: Config, stage: str) -> dict[str, Any]:
 
     with tracking.stage_run(cfg, inputs.name, run_id=old_run) as mlrun:
         write_run_state(root, run_name, mlrun.run_id)
+        untrained = anchors.warn_untrained(cfg, inputs.name)
+        if untrained:
+            mlrun.set_tags({anchors.TAG: untrained})
         if previous is not None:
             path, progress = previous
             print(f"{inputs.name}: resuming from checkpoint {path} (epoch {progress['epoch']}, "
