@@ -165,10 +165,20 @@ class TrainConfig:
                                 doc="keep a finished run's checkpoints (a rerun then reuses it)")
     storage_path: str = _p("checkpoints")
     ray_address: str | None = _p(None)
+    worker_resources: Mapping[str, float] = field(default_factory=dict, metadata={
+        "doc": "extra Ray resources per worker, e.g. {gpu_node: 1}: custom node resources "
+               "place workers (also the sweep's trial workers)"})
     seed: int = _p(0, ge=0, le=2**32 - 1, doc="torch generators take at most 64 bits")
     rpn_model: str = _p("models/rpn.pt")
     frcnn_model: str = _p("models/frcnn.pt")
     metrics_dir: str = _p("metrics", doc="train_<stage>.json and train_<stage>_epochs.csv")
+
+    def __post_init__(self) -> None:
+        for name, amount in self.worker_resources.items():
+            if not isinstance(name, str) or isinstance(amount, bool) \
+                    or not isinstance(amount, (int, float)) or amount < 0:
+                raise ConfigError(f"train.worker_resources: {name!r}: {amount!r} must be a "
+                                  f"resource name and an amount >= 0")
 
 
 @dataclass(frozen=True)

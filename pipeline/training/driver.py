@@ -309,7 +309,7 @@ def _fit(cfg: Config, inputs: StageInputs, run_name: str, root: str,
     with ray_session(cfg.train.ray_address):
         mlrun.set_tags({"ray_job_id": ray.get_runtime_context().get_job_id()})
         use_gpu = _use_gpu(cfg)
-        resources = {"CPU": cfg.train.cpus_per_worker}
+        resources = {**cfg.train.worker_resources, "CPU": cfg.train.cpus_per_worker}
         if use_gpu:
             resources["GPU"] = cfg.train.gpus_per_worker
         trainer = TorchTrainer(
