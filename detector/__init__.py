@@ -15,7 +15,7 @@ No Ray, MLflow or DVC here: :mod:`pipeline` owns orchestration.
 """
 
 from detector import anchors, backbone, boxes, matcher, roi_heads, rpn, sampler
-from detector.anchors import generate_anchors
+from detector.anchors import generate_anchors, trainable_anchor_counts, untrained_anchor_types
 from detector.serialization import load_model, save_model
 from detector.model import FasterRCNN, NonFiniteLossError
 from detector.rpn import assign_targets
@@ -34,4 +34,6 @@ __all__ = [
     "rpn",
     "sampler",
     "save_model",
+    "trainable_anchor_counts",
+    "untrained_anchor_types",
 ]

@@ -13,6 +13,12 @@ Geometry: the centre of cell ``(y, x)`` is the centre of its ``stride x stride``
 corner, half a cell away). An anchor of scale ``s`` and ratio ``r = height / width`` has side
 ``size = s * stride`` at ratio 1 and keeps the area ``size**2`` at every ratio:
 ``width = size / sqrt(r)``, ``height = size * sqrt(r)`` (not rounded to whole pixels).
+
+Anchor types: the ``a`` (ratio, scale) pairs of a cell, in the same ratio-major order. A type
+whose anchors all cross the image border by more than ``allow_border`` pixels is never labelled
+for training (:func:`trainable_anchor_counts`, :func:`untrained_anchor_types`): its channels of
+the RPN head then get no gradient at all (e.g. ratios 0.5 and 2 at scale 32, 724 x 362 and
+362 x 724 pixels, in a 640 x 640 image with ``allow_border = 0``).
 """
 
 from __future__ import annotations
@@ -23,7 +29,14 @@ from typing import Sequence
 import torch
 from torch import Tensor, nn
 
-__all__ = ["AnchorGenerator", "cell_anchors", "generate_anchors"]
+__all__ = [
+    "AnchorGenerator",
+    "cell_anchors",
+    "generate_anchors",
+    "inside_image",
+    "trainable_anchor_counts",
+    "untrained_anchor_types",
+]
 
 
 def cell_anchors(stride: int, scales: Sequence[float], ratios: Sequence[float]) -> Tensor:
@@ -98,6 +111,12 @@ class AnchorGenerator(nn.Module):
         """``a``: anchors per feature-map cell."""
         return len(self.scales) * len(self.ratios)
 
+    @property
+    def types(self) -> tuple[tuple[float, float], ...]:
+        """The ``a`` anchor types of a cell as ``(ratio, scale)`` pairs, ratio-major (anchor
+        ``j`` of a cell has type ``types[j]``)."""
+        return tuple((r, s) for r in self.ratios for s in self.scales)
+
     def forward(self, feature_size: tuple[int, int], device: torch.device) -> Tensor:
         """``(H * W * a, 4)`` float32 anchors for a feature map of ``feature_size`` on ``device``."""
         key = (int(feature_size[0]), int(feature_size[1]), str(device))
@@ -109,3 +128,46 @@ class AnchorGenerator(nn.Module):
 
     def extra_repr(self) -> str:
         return f"stride={self.stride}, scales={self.scales}, ratios={self.ratios}"
+
+
+def inside_image(anchors: Tensor, image_size: tuple[int, int], allow_border: float) -> Tensor:
+    """``(A, 4)`` -> ``(A,)`` bool: anchors inside the ``(height, width)`` image widened by
+    ``allow_border`` pixels on every side; all true when ``allow_border < 0`` (border-crossing
+    anchors kept)."""
+    if allow_border < 0:
+        return torch.ones(anchors.shape[0], dtype=torch.bool, device=anchors.device)
+    h, w = image_size
+    return ((anchors[:, 0] >= -allow_border) & (anchors[:, 1] >= -allow_border)
+            & (anchors[:, 2] <= w + allow_border) & (anchors[:, 3] <= h + allow_border))
+
+
+def trainable_anchor_counts(generator: AnchorGenerator, image_size: int | tuple[int, int],
+                            allow_border: float) -> Tensor:
+    """How many positions of each anchor type can be labelled for training in an image.
+
+    An anchor is trainable when :func:`inside_image` keeps it. The feature map of an
+    ``H x W`` image has ``(H // stride, W // stride)`` cells (VGG-16's four floor-halving
+    max-pools).
+
+    Args:
+        generator: the anchors (stride, scales, ratios).
+        image_size: ``(height, width)`` in pixels, or one int for a square image.
+        allow_border: pixels an anchor may cross the border by; negative keeps every anchor.
+
+    Returns:
+        ``(a,)`` int64 counts in ``generator.types`` order, each in ``0 .. H*W`` cells (640 x 640
+        with the defaults and ``allow_border = 0``: ``[952, 504, 0, 1024, 576, 64, 952, 504, 0]``).
+    """
+    h, w = (image_size, image_size) if isinstance(image_size, int) else image_size
+    anchors = generator((h // generator.stride, w // generator.stride), torch.device("cpu"))
+    inside = inside_image(anchors, (int(h), int(w)), allow_border)
+    # (H*W*a,) -> (H*W, a): one row per cell, one column per anchor type -> (a,)
+    return inside.view(-1, generator.num_per_cell).sum(dim=0)
+
+
+def untrained_anchor_types(generator: AnchorGenerator, image_size: int | tuple[int, int],
+                           allow_border: float) -> list[tuple[float, float]]:
+    """The ``(ratio, scale)`` anchor types with no trainable position at all (see
+    :func:`trainable_anchor_counts`), in ``generator.types`` order; empty when every type trains."""
+    counts = trainable_anchor_counts(generator, image_size, allow_border).tolist()
+    return [t for t, n in zip(generator.types, counts) if n == 0]

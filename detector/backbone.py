@@ -15,6 +15,11 @@ Weights (``backbone_weights``):
 The convolutional weights go to :class:`VGG16Backbone`; VGG's fc6 / fc7 (``classifier.0`` and
 ``classifier.3``) go to the RoI head's ``fc6`` / ``fc7`` when their shapes fit (7 x 7 pooling,
 4096 wide), with a warning when they do not.
+
+Blocks: the five conv blocks of VGG-16, each ending after its max-pool (the fifth at conv5_3's
+ReLU): ``features[:5]``, ``[5:10]``, ``[10:17]``, ``[17:24]``, ``[24:30]``. py-faster-rcnn freezes
+the first two (``features[:10]``, conv1 and conv2) when it starts from ImageNet weights; see
+:func:`vgg16_blocks`.
 """
 
 from __future__ import annotations
@@ -35,6 +40,7 @@ __all__ = [
     "VGG16Backbone",
     "apply_vgg16_weights",
     "load_vgg16_state_dict",
+    "vgg16_blocks",
     "vgg16_features",
 ]
 
@@ -54,6 +60,21 @@ def vgg16_features() -> nn.Sequential:
             nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
             nn.init.zeros_(m.bias)
     return features
+
+
+def vgg16_blocks(features: nn.Sequential, blocks: int) -> nn.Sequential:
+    """The first ``blocks`` conv blocks of :func:`vgg16_features` (0 .. 5), sharing its modules:
+    ``features[:10]`` for 2. Freeze them with ``vgg16_blocks(features, n).requires_grad_(False)``.
+
+    Raises:
+        ValueError: ``blocks`` outside ``0 .. 5``.
+    """
+    # A block ends after each max-pool; the last one at the end of the features.
+    ends = [i + 1 for i, m in enumerate(features) if isinstance(m, nn.MaxPool2d)] + [len(features)]
+    if not 0 <= blocks <= len(ends):
+        raise ValueError(f"backbone_freeze_blocks must be in 0..{len(ends)} (VGG-16 conv blocks), "
+                         f"got {blocks}")
+    return features[:ends[blocks - 1]] if blocks else features[:0]
 
 
 class VGG16Backbone(nn.Module):

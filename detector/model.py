@@ -16,12 +16,12 @@ from typing import Any, Sequence
 import torch
 from torch import Tensor, nn
 
-from detector.anchors import AnchorGenerator
+from detector.anchors import AnchorGenerator, untrained_anchor_types
 from detector.backbone import (IMAGENET_MEAN, IMAGENET_STD, VGG16Backbone, apply_vgg16_weights,
-                               load_vgg16_state_dict)
+                               load_vgg16_state_dict, vgg16_blocks)
 from detector.boxes import pad_boxes
 from detector.roi_heads import DetectionSettings, RoIHeads, RoISampling
-from detector.rpn import AnchorMatching, ProposalSettings, RegionProposalNetwork, inside_image
+from detector.rpn import AnchorMatching, ProposalSettings, RegionProposalNetwork
 
 __all__ = ["FasterRCNN", "NonFiniteLossError"]
 
@@ -29,7 +29,10 @@ Target = dict[str, Tensor]
 
 
 class NonFiniteLossError(FloatingPointError):
-    """A training loss is NaN or infinite (its name and value are in the message)."""
+    """A training loss is NaN or infinite (its name and value are in the message).
+
+    Raised by the training loop (:mod:`pipeline`), which reads the losses back for logging
+    anyway; the model itself does not check them (a second host sync per step)."""
 
 
 class FasterRCNN(nn.Module):
@@ -40,17 +43,25 @@ class FasterRCNN(nn.Module):
         image_size: side ``S`` of the square input images the model is built for; inputs of
             another size are refused.
         backbone_weights: ``"none"``, ``"imagenet"`` or a path (:mod:`detector.backbone`).
+        backbone_freeze_blocks: how many VGG-16 conv blocks (0..5) are frozen
+            (``requires_grad=False``) when starting from pretrained weights: 2, conv1 and conv2
+            (``features[:10]``), as py-faster-rcnn. No effect with ``backbone_weights="none"``:
+            random weights all train.
         rpn_only: training returns only the RPN losses and skips the proposal layer and the RoI
-            head (the RPN stage); nothing is frozen, and eval / :meth:`propose` still run
+            head (the RPN stage); nothing more is frozen, and eval / :meth:`propose` still run
             everything.
         anchor_*: :class:`detector.anchors.AnchorGenerator` (the stride must be the
             backbone's, 16).
-        rpn_pos_iou .. rpn_allow_border: :class:`detector.rpn.AnchorMatching`.
+        rpn_pos_iou .. rpn_allow_border: :class:`detector.rpn.AnchorMatching`;
+            ``rpn_allow_border=-1`` (the default) trains border-crossing anchors too. An anchor
+            type that never lies inside the image (with ``allow_border >= 0``) is never trained:
+            a warning names such types, and :attr:`untrained_anchor_types` lists them.
         rpn_reg_weight: lambda of the RPN regression loss.
         rpn_min_size .. rpn_post_nms_top_n_test: :class:`detector.rpn.ProposalSettings`.
         roi_num_samples .. roi_bg_iou_high: :class:`detector.roi_heads.RoISampling`.
-        roi_pool, roi_pool_size, roi_hidden_dim, roi_reg_weight: the head
-            (:class:`detector.roi_heads.RoIHeads`).
+        roi_pool, roi_pool_size, roi_hidden_dim, roi_dropout, roi_reg_weight: the head
+            (:class:`detector.roi_heads.RoIHeads`); ``roi_dropout`` after fc6 and fc7, training
+            mode only, 0 disables.
         roi_score_thresh, roi_nms_iou, roi_detections_per_image:
             :class:`detector.roi_heads.DetectionSettings`.
 
@@ -61,7 +72,9 @@ class FasterRCNN(nn.Module):
     Calling it:
 
     - training mode, ``model(images, targets)`` -> ``{"rpn_cls", "rpn_reg", "roi_cls",
-      "roi_reg"}`` float32 scalar losses (only the RPN's with ``rpn_only``);
+      "roi_reg"}`` float32 scalar losses (only the RPN's with ``rpn_only``), not checked for
+      NaN / inf here (the training loop reads them anyway; it raises
+      :class:`NonFiniteLossError`);
     - eval mode, ``model(images)`` -> per image ``{"boxes" (n, 4), "scores" (n,), "labels" (n,)}``;
     - :meth:`propose` -> per image the RPN proposals ``(boxes (N, 4), scores (N,))``.
 
@@ -75,6 +88,7 @@ class FasterRCNN(nn.Module):
         *,
         image_size: int = 640,
         backbone_weights: str = "none",
+        backbone_freeze_blocks: int = 2,
         rpn_only: bool = False,
         anchor_stride: int = 16,
         anchor_scales: Sequence[float] = (8.0, 16.0, 32.0),
@@ -83,7 +97,7 @@ class FasterRCNN(nn.Module):
         rpn_neg_iou: float = 0.3,
         rpn_num_samples: int = 256,
         rpn_pos_fraction: float = 0.5,
-        rpn_allow_border: float = 0.0,
+        rpn_allow_border: float = -1.0,
         rpn_reg_weight: float = 1.0,
         rpn_min_size: float = 16.0,
         rpn_nms_iou: float = 0.7,
@@ -99,6 +113,7 @@ class FasterRCNN(nn.Module):
         roi_pool: str = "align",
         roi_pool_size: int = 7,
         roi_hidden_dim: int = 4096,
+        roi_dropout: float = 0.5,
         roi_reg_weight: float = 1.0,
         roi_score_thresh: float = 0.05,
         roi_nms_iou: float = 0.3,
@@ -110,16 +125,7 @@ class FasterRCNN(nn.Module):
             config.pop(name, None)
         self.config: dict[str, Any] = {k: tuple(v) if isinstance(v, list) else v
                                        for k, v in config.items()}
-        if num_classes < 1:
-            raise ValueError(f"num_classes must be >= 1 (dataset classes without background), "
-                             f"got {num_classes}")
-        if image_size < VGG16Backbone.stride:
-            raise ValueError(f"image_size must be >= {VGG16Backbone.stride}, got {image_size}")
-        if anchor_stride != VGG16Backbone.stride:
-            raise ValueError(
-                f"anchor_stride={anchor_stride}: anchors are centred on the cells of the VGG-16 "
-                f"feature map, whose stride is {VGG16Backbone.stride}; change anchor_scales to "
-                f"change the anchor sizes")
+        _check_config(self.config)
         self.num_classes = int(num_classes)
         self.image_size = int(image_size)
         self.rpn_only = bool(rpn_only)
@@ -129,37 +135,29 @@ class FasterRCNN(nn.Module):
         self.register_buffer("pixel_std", torch.tensor(IMAGENET_STD).view(1, 3, 1, 1),
                              persistent=False)
         self.backbone = VGG16Backbone()
-        channels = VGG16Backbone.out_channels
-        self.rpn = RegionProposalNetwork(
-            anchor_generator=AnchorGenerator(stride=anchor_stride, scales=anchor_scales,
-                                             ratios=anchor_ratios),
-            in_channels=channels,
-            matching=AnchorMatching(pos_iou=rpn_pos_iou, neg_iou=rpn_neg_iou,
-                                    num_samples=rpn_num_samples, pos_fraction=rpn_pos_fraction,
-                                    allow_border=rpn_allow_border),
-            proposals=ProposalSettings(
-                min_size=rpn_min_size, nms_iou=rpn_nms_iou,
-                pre_nms_top_n_train=rpn_pre_nms_top_n_train,
-                post_nms_top_n_train=rpn_post_nms_top_n_train,
-                pre_nms_top_n_test=rpn_pre_nms_top_n_test,
-                post_nms_top_n_test=rpn_post_nms_top_n_test),
-            reg_weight=rpn_reg_weight,
-        )
-        _warn_if_no_trainable_anchors(self.rpn.anchor_generator, image_size, rpn_allow_border)
-        self.roi_heads = RoIHeads(
-            in_channels=channels, num_classes=num_classes, pool=roi_pool,
-            pool_size=roi_pool_size, hidden_dim=roi_hidden_dim,
-            spatial_scale=1.0 / VGG16Backbone.stride, reg_weight=roi_reg_weight,
-            sampling=RoISampling(num_samples=roi_num_samples, fg_fraction=roi_fg_fraction,
-                                 fg_iou=roi_fg_iou, bg_iou_low=roi_bg_iou_low,
-                                 bg_iou_high=roi_bg_iou_high),
-            detection=DetectionSettings(score_thresh=roi_score_thresh, nms_iou=roi_nms_iou,
-                                        detections_per_image=roi_detections_per_image),
-        )
-        state = load_vgg16_state_dict(backbone_weights)
+        self.rpn = _build_rpn(self.config)
+        self.roi_heads = _build_roi_heads(self.config)
+        self._init_backbone(backbone_weights, backbone_freeze_blocks)
+        _warn_if_untrained_anchor_types(self.untrained_anchor_types, self.config)
+
+    def _init_backbone(self, weights: str, freeze_blocks: int) -> None:
+        """Load pretrained ``weights`` (backbone, fc6 / fc7), then freeze the first
+        ``freeze_blocks`` conv blocks; with ``"none"`` nothing is loaded or frozen."""
+        frozen = vgg16_blocks(self.backbone.features, freeze_blocks)  # checks the range
+        state = load_vgg16_state_dict(weights)
         if state is not None:
-            apply_vgg16_weights(state, backbone_weights, self.backbone.features,
+            apply_vgg16_weights(state, weights, self.backbone.features,
                                 self.roi_heads.fc6, self.roi_heads.fc7)
+            frozen.requires_grad_(False)
+
+    @property
+    def untrained_anchor_types(self) -> list[tuple[float, float]]:
+        """The ``(ratio, scale)`` anchor types that never lie inside the image, with the RPN's
+        ``allow_border``: the RPN never trains them (their head channels get no gradient).
+        Empty when every type trains (always with ``rpn_allow_border=-1``). See
+        :func:`detector.anchors.untrained_anchor_types`."""
+        return untrained_anchor_types(self.rpn.anchor_generator, self.image_size,
+                                      self.rpn.matching.allow_border)
 
     # -- inputs ------------------------------------------------------------------------------
 
@@ -218,7 +216,8 @@ class FasterRCNN(nn.Module):
 
     def forward(self, images: Tensor,
                 targets: Sequence[Target] | None = None) -> dict[str, Tensor] | list[Target]:
-        """Losses in training mode, detections in eval mode (see the class docstring)."""
+        """Losses in training mode (not checked for NaN / inf), detections in eval mode (see
+        the class docstring)."""
         features = self._features(images)
         image_size = (self.image_size, self.image_size)
         if not self.training:
@@ -230,7 +229,6 @@ class FasterRCNN(nn.Module):
         if not self.rpn_only:
             losses.update(self.roi_heads(features, proposals.boxes, proposals.valid, image_size,
                                          gt_boxes, gt_valid, gt_labels))
-        _check_finite(losses)
         return losses
 
     @torch.no_grad()
@@ -242,24 +240,67 @@ class FasterRCNN(nn.Module):
         return proposals.unpad()
 
 
-def _check_finite(losses: dict[str, Tensor]) -> None:
-    """Raise :class:`NonFiniteLossError` naming each NaN / inf loss (one host sync)."""
-    values = torch.stack([v.detach().float() for v in losses.values()])
-    if not bool(torch.isfinite(values).all()):
-        bad = {k: float(v) for k, v in zip(losses, values.tolist()) if not math.isfinite(v)}
-        raise NonFiniteLossError(f"non-finite training loss: {bad}")
+def _check_config(c: dict[str, Any]) -> None:
+    """Raise ValueError for a constructor value that no sub-module checks itself."""
+    if c["num_classes"] < 1:
+        raise ValueError(f"num_classes must be >= 1 (dataset classes without background), "
+                         f"got {c['num_classes']}")
+    if c["image_size"] < VGG16Backbone.stride:
+        raise ValueError(f"image_size must be >= {VGG16Backbone.stride}, got {c['image_size']}")
+    if c["anchor_stride"] != VGG16Backbone.stride:
+        raise ValueError(
+            f"anchor_stride={c['anchor_stride']}: anchors are centred on the cells of the VGG-16 "
+            f"feature map, whose stride is {VGG16Backbone.stride}; change anchor_scales to "
+            f"change the anchor sizes")
 
 
-def _warn_if_no_trainable_anchors(generator: AnchorGenerator, image_size: int,
-                                  allow_border: float) -> None:
-    """Warn when every anchor crosses the image border: the RPN would then sample nothing and
-    its loss would be exactly zero (e.g. 128 x 128 images with the 128-512 pixel anchors)."""
-    cells = image_size // VGG16Backbone.stride
-    anchors = generator((cells, cells), device=torch.device("cpu"))
-    if allow_border >= 0 and not inside_image(anchors, (image_size, image_size),
-                                              allow_border).any():
-        warnings.warn(
-            f"no anchor lies inside a {image_size}x{image_size} image (largest side "
-            f"{float((anchors[:, 2] - anchors[:, 0]).max()):.0f} px, rpn_allow_border="
-            f"{allow_border}): the RPN has nothing to train on. Use smaller anchor_scales or "
-            f"rpn_allow_border=-1 (keep border-crossing anchors)", stacklevel=3)
+def _build_rpn(c: dict[str, Any]) -> RegionProposalNetwork:
+    """The RPN of a :class:`FasterRCNN` config (its ``anchor_*`` and ``rpn_*`` keywords)."""
+    return RegionProposalNetwork(
+        anchor_generator=AnchorGenerator(stride=c["anchor_stride"], scales=c["anchor_scales"],
+                                         ratios=c["anchor_ratios"]),
+        in_channels=VGG16Backbone.out_channels,
+        matching=AnchorMatching(pos_iou=c["rpn_pos_iou"], neg_iou=c["rpn_neg_iou"],
+                                num_samples=c["rpn_num_samples"],
+                                pos_fraction=c["rpn_pos_fraction"],
+                                allow_border=c["rpn_allow_border"]),
+        proposals=ProposalSettings(
+            min_size=c["rpn_min_size"], nms_iou=c["rpn_nms_iou"],
+            pre_nms_top_n_train=c["rpn_pre_nms_top_n_train"],
+            post_nms_top_n_train=c["rpn_post_nms_top_n_train"],
+            pre_nms_top_n_test=c["rpn_pre_nms_top_n_test"],
+            post_nms_top_n_test=c["rpn_post_nms_top_n_test"]),
+        reg_weight=c["rpn_reg_weight"],
+    )
+
+
+def _build_roi_heads(c: dict[str, Any]) -> RoIHeads:
+    """The Fast R-CNN head of a :class:`FasterRCNN` config (its ``roi_*`` keywords)."""
+    return RoIHeads(
+        in_channels=VGG16Backbone.out_channels, num_classes=c["num_classes"],
+        pool=c["roi_pool"], pool_size=c["roi_pool_size"], hidden_dim=c["roi_hidden_dim"],
+        dropout=c["roi_dropout"], spatial_scale=1.0 / VGG16Backbone.stride,
+        reg_weight=c["roi_reg_weight"],
+        sampling=RoISampling(num_samples=c["roi_num_samples"], fg_fraction=c["roi_fg_fraction"],
+                             fg_iou=c["roi_fg_iou"], bg_iou_low=c["roi_bg_iou_low"],
+                             bg_iou_high=c["roi_bg_iou_high"]),
+        detection=DetectionSettings(score_thresh=c["roi_score_thresh"],
+                                    nms_iou=c["roi_nms_iou"],
+                                    detections_per_image=c["roi_detections_per_image"]),
+    )
+
+
+def _warn_if_untrained_anchor_types(types: list[tuple[float, float]], c: dict[str, Any]) -> None:
+    """Warn, naming them, when some anchor types never lie inside the image: the RPN never
+    labels them, so their head channels get no gradient, and at inference their proposals keep
+    untrained scores that can outrank every trained proposal (trained background falls)."""
+    if not types:
+        return
+    stride, size = c["anchor_stride"], c["image_size"]
+    named = ", ".join(f"(ratio {r:g}, scale {s:g}: {s * stride / math.sqrt(r):.0f}x"
+                      f"{s * stride * math.sqrt(r):.0f} px)" for r, s in types)
+    warnings.warn(
+        f"{len(types)} anchor type(s) never lie inside a {size}x{size} image with "
+        f"rpn_allow_border={c['rpn_allow_border']}, so the RPN never trains them: {named}. "
+        f"Use rpn_allow_border=-1 (keep border-crossing anchors), a larger rpn_allow_border or "
+        f"smaller anchor_scales", stacklevel=3)

@@ -4,6 +4,9 @@ Shapes: ``B`` images, ``N`` proposals per image (padded), ``G`` padded ground-tr
 ``S`` sampled RoIs per image, ``C`` feature channels, ``p`` pooled size (7), ``D`` hidden width
 (4096), ``K`` classes without background (the classifier has ``K + 1`` outputs, 0 background).
 
+fc6 and fc7 are each followed by a ReLU and, in training mode, dropout (0.5 by default, as
+py-faster-rcnn's VGG-16 head).
+
 Box offsets use weights ``(10, 10, 5, 5)`` (torchvision / Detectron), regression is per class
 (``4 (K + 1)`` outputs, the background's unused). Losses: cross-entropy over the sampled RoIs and
 smooth L1 with ``beta = 1`` (the original Fast R-CNN) on the foreground RoIs' true-class
@@ -133,14 +136,20 @@ class RoIHeads(nn.Module):
         spatial_scale: feature cells per input pixel (1/16).
         reg_weight: weight of the regression loss.
         sampling: training RoI sampling; detection: inference post-processing.
+        dropout: probability of zeroing an fc6 / fc7 activation (after its ReLU), in training
+            mode only; 0 disables.
     """
 
     def __init__(self, *, in_channels: int, num_classes: int, pool: str, pool_size: int,
                  hidden_dim: int, spatial_scale: float, reg_weight: float,
-                 sampling: RoISampling, detection: DetectionSettings) -> None:
+                 sampling: RoISampling, detection: DetectionSettings,
+                 dropout: float = 0.5) -> None:
         super().__init__()
         if pool not in ("align", "pool"):
             raise ValueError(f"roi_pool must be 'align' or 'pool', got {pool!r}")
+        if not 0.0 <= dropout < 1.0:
+            raise ValueError(f"roi_dropout must be in [0, 1), got {dropout}")
+        self.dropout = float(dropout)
         self.num_classes = int(num_classes)
         self.pool = pool
         self.pool_size = int(pool_size)
@@ -172,10 +181,17 @@ class RoIHeads(nn.Module):
                              sampling_ratio=2, aligned=False)
         return roi_pool(features, rois, self.pool_size, self.spatial_scale)
 
+    def _drop(self, x: Tensor) -> Tensor:
+        """Dropout of ``self.dropout`` in training mode; the identity otherwise."""
+        if not self.training or self.dropout == 0.0:
+            return x
+        return F.dropout(x, self.dropout, training=True)
+
     def predict(self, pooled: Tensor) -> tuple[Tensor, Tensor]:
-        """``(R, C, p, p)`` -> ``(class logits (R, K+1), offsets (R, K+1, 4))`` via fc6 / fc7."""
-        x = F.relu(self.fc6(pooled.flatten(1)))  # (R, C*p*p) -> (R, D)
-        x = F.relu(self.fc7(x))
+        """``(R, C, p, p)`` -> ``(class logits (R, K+1), offsets (R, K+1, 4))`` via fc6 / fc7
+        (each with ReLU and, in training, dropout)."""
+        x = self._drop(F.relu(self.fc6(pooled.flatten(1))))  # (R, C*p*p) -> (R, D)
+        x = self._drop(F.relu(self.fc7(x)))
         # (R, 4(K+1)) -> (R, K+1, 4): offsets of class c in row c
         return self.cls_score(x), self.bbox_pred(x).view(x.shape[0], -1, 4)
 
@@ -225,18 +241,23 @@ class RoIHeads(nn.Module):
 
         Returns:
             ``{"roi_cls", "roi_reg"}`` float32 scalars, divided by the number of sampled RoIs.
+            Values the loss does not use (empty slots; for the regression, background RoIs and
+            other classes' offsets) do not count even when inf or NaN, and get a zero gradient.
         """
         sampled = labels >= 0
         fg = labels > 0
         num_sampled = sampled.sum().clamp(min=1)
-        ce = F.cross_entropy(logits.float(), labels.clamp(min=0), reduction="none")
-        cls_loss = (ce * sampled).sum() / num_sampled
+        # Masked by torch.where before and after the loss, never by multiplying: inf * 0 = NaN
+        # (as in :func:`detector.rpn.rpn_loss`).
+        logits = torch.where(sampled[:, None], logits.float(), 0.0)
+        ce = F.cross_entropy(logits, labels.clamp(min=0), reduction="none")
+        cls_loss = torch.where(sampled, ce, 0.0).sum() / num_sampled
         # (R, K+1, 4) -> (R, 1, 4) -> (R, 4): the offsets predicted for the true class
         index = labels.clamp(min=0)[:, None, None].expand(-1, 1, 4)
-        pred = deltas.float().gather(1, index).squeeze(1)
+        pred = torch.where(fg[:, None], deltas.float().gather(1, index).squeeze(1), 0.0)
         targets = torch.where(fg[:, None], reg_targets, 0.0)
         reg = F.smooth_l1_loss(pred, targets, beta=ROI_SMOOTH_L1_BETA, reduction="none").sum(-1)
-        reg_loss = (reg * fg).sum() / num_sampled
+        reg_loss = torch.where(fg, reg, 0.0).sum() / num_sampled
         return {"roi_cls": cls_loss, "roi_reg": self.reg_weight * reg_loss}
 
     def postprocess(self, logits: Tensor, deltas: Tensor, proposals: Tensor,

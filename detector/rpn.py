@@ -27,7 +27,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torchvision.ops import box_iou, nms
 
-from detector.anchors import AnchorGenerator
+from detector.anchors import AnchorGenerator, inside_image
 from detector.boxes import clip, decode, encode, large_enough, pad_boxes
 from detector.matcher import label_anchors
 from detector.sampler import sample_labels
@@ -50,13 +50,18 @@ RPN_SMOOTH_L1_BETA = 1.0 / 9.0
 
 @dataclass(frozen=True)
 class AnchorMatching:
-    """How anchors are labelled and sampled for the RPN loss (see :func:`assign_targets`)."""
+    """How anchors are labelled and sampled for the RPN loss (see :func:`assign_targets`).
+
+    ``allow_border``: anchors crossing the image border by more than this many pixels are
+    ignored; negative (the default, as torchvision and detectron2) keeps every anchor, so every
+    anchor type trains whatever its size (see :func:`detector.anchors.untrained_anchor_types`).
+    """
 
     pos_iou: float = 0.7
     neg_iou: float = 0.3
     num_samples: int = 256
     pos_fraction: float = 0.5
-    allow_border: float = 0.0
+    allow_border: float = -1.0
 
 
 @dataclass(frozen=True)
@@ -76,12 +81,14 @@ class Proposals(NamedTuple):
 
     ``boxes (B, N, 4)`` float32, ``scores (B, N)`` float32 objectness probabilities, ``valid
     (B, N)`` bool: the first ``n_b`` entries of row ``b`` are real, the rest padding (zero boxes,
-    score 0).
+    score 0); ``anchor_index (B, N)`` int64: the anchor each proposal was decoded from (a row of
+    the ``(A, 4)`` anchors, so its type is ``anchor_index % a``), ``-1`` in padding.
     """
 
     boxes: Tensor
     scores: Tensor
     valid: Tensor
+    anchor_index: Tensor
 
     def unpad(self) -> list[tuple[Tensor, Tensor]]:
         """Per image ``(boxes (n_b, 4), scores (n_b,))``, best first (one host sync)."""
@@ -128,16 +135,6 @@ def _as_hw(image_size: int | Sequence[int]) -> tuple[int, int]:
     return int(h), int(w)
 
 
-def inside_image(anchors: Tensor, image_size: tuple[int, int], allow_border: float) -> Tensor:
-    """``(A, 4)`` -> ``(A,)`` bool: anchors inside the image widened by ``allow_border`` pixels
-    on every side; all true when ``allow_border < 0`` (keep border-crossing anchors)."""
-    if allow_border < 0:
-        return torch.ones(anchors.shape[0], dtype=torch.bool, device=anchors.device)
-    h, w = image_size
-    return ((anchors[:, 0] >= -allow_border) & (anchors[:, 1] >= -allow_border)
-            & (anchors[:, 2] <= w + allow_border) & (anchors[:, 3] <= h + allow_border))
-
-
 def assign_targets(
     anchors: Tensor,
     gt_boxes: Tensor | Sequence[Tensor],
@@ -147,7 +144,7 @@ def assign_targets(
     neg_iou: float = 0.3,
     num_samples: int = 256,
     pos_fraction: float = 0.5,
-    allow_border: float = 0.0,
+    allow_border: float = -1.0,
     generator: torch.Generator | None = None,
     gt_valid: Tensor | None = None,
 ) -> tuple[Tensor, Tensor]:
@@ -165,7 +162,8 @@ def assign_targets(
             ``gt_valid``); or a list of ``B`` tensors ``(G_i, 4)``. ``G`` may be 0.
         image_size: ``(height, width)`` or one int for a square image.
         pos_iou, neg_iou, num_samples, pos_fraction, allow_border: see above (``allow_border``
-            negative keeps border-crossing anchors).
+            negative, the default, keeps border-crossing anchors: they are matched by the IoU
+            of the whole, unclipped anchor, as in torchvision).
         generator: random source of the sampling (default: the global RNG).
         gt_valid: ``(B, G)`` bool, for a padded batch: which boxes are real (default: all).
 
@@ -212,7 +210,8 @@ def proposal_layer(
     1. decode every anchor's offsets into a box; 2. clip it to the image; 3. drop boxes with
     width or height below ``min_size``; 4. keep the ``pre_nms_top_n`` best by objectness per
     image; 5. NMS at ``nms_iou`` within each image; 6. keep the ``post_nms_top_n`` best per
-    image.
+    image. A box whose score or coordinates are not finite (a diverged model) is dropped like a
+    small one: it ranks after every real proposal and comes back as padding.
 
     Args:
         anchors: ``(A, 4)``.
@@ -229,8 +228,12 @@ def proposal_layer(
     scores = logits.float().softmax(dim=-1)[..., 1]  # (B, A) object probability
     # (A, 4) anchors broadcast over the batch: (1, A, 4) with (B, A, 4) -> (B, A, 4)
     boxes = clip(decode(anchors[None], deltas, RPN_BOX_WEIGHTS), hw)
-    # Dropped boxes get score -1 (probabilities are >= 0), so top-k and NMS take them last.
-    scores = scores.masked_fill(~large_enough(boxes, min_size), -1.0)
+    usable = (large_enough(boxes, min_size) & torch.isfinite(scores)
+              & torch.isfinite(boxes).all(dim=-1))  # (B, A)
+    # Dropped boxes get score -1 (probabilities are >= 0), so top-k and NMS take them last; a
+    # NaN score would rank first in topk. Their boxes become 0 so no NaN reaches NMS.
+    scores = torch.where(usable, scores, -1.0)
+    boxes = torch.where(usable[..., None], boxes, 0.0)
     k = min(pre_nms_top_n, a)
     top_scores, top_idx = scores.topk(k, dim=1)  # (B, k), best first
     # (B, k) -> (B, k, 4) index to gather the boxes
@@ -242,8 +245,10 @@ def proposal_layer(
     # A dropped box can survive NMS (it suppresses nothing: it comes after every kept box);
     # it is padding like the empty slots.
     valid = keep.valid & (kept_scores >= 0)
+    anchor_index = top_idx.gather(1, keep.index)  # (B, n) into A
     return Proposals(kept_boxes.masked_fill(~valid[..., None], 0.0),
-                     kept_scores.masked_fill(~valid, 0.0), valid)
+                     kept_scores.masked_fill(~valid, 0.0), valid,
+                     anchor_index.masked_fill(~valid, -1))
 
 
 class _Kept(NamedTuple):
@@ -302,18 +307,23 @@ def rpn_loss(
 
     Returns:
         ``(cls_loss, reg_loss)`` float32 scalars, both divided by the number of sampled anchors
-        (at least 1).
+        (at least 1). Values the loss does not use (unsampled anchors; for the regression,
+        all but the positives) do not count even when inf or NaN, and get a zero gradient.
     """
     sampled = labels >= 0
     positive = labels == 1
     num_sampled = sampled.sum().clamp(min=1)
-    # (B, A, 2) -> (B*A, 2): cross-entropy of every anchor, then masked (no boolean indexing).
-    ce = F.cross_entropy(logits.float().reshape(-1, 2), labels.clamp(min=0).reshape(-1),
-                         reduction="none")
-    cls_loss = (ce * sampled.reshape(-1)).sum() / num_sampled
+    # Masked by torch.where, never by multiplying (inf * 0 = NaN), and before the loss as well
+    # as after it (the backward of an inf logit's cross-entropy is NaN, even times 0). No
+    # boolean indexing: that would sync with the host.
+    logits = torch.where(sampled[..., None], logits.float(), 0.0)
+    # (B, A, 2) -> (B*A, 2): cross-entropy of every anchor, then masked.
+    ce = F.cross_entropy(logits.reshape(-1, 2), labels.clamp(min=0).reshape(-1), reduction="none")
+    cls_loss = torch.where(sampled.reshape(-1), ce, 0.0).sum() / num_sampled
+    deltas = torch.where(positive[..., None], deltas.float(), 0.0)
     targets = torch.where(positive[..., None], reg_targets, 0.0)
-    reg = F.smooth_l1_loss(deltas.float(), targets, beta=beta, reduction="none").sum(dim=-1)
-    reg_loss = (reg * positive).sum() / num_sampled
+    reg = F.smooth_l1_loss(deltas, targets, beta=beta, reduction="none").sum(dim=-1)
+    reg_loss = torch.where(positive, reg, 0.0).sum() / num_sampled
     return cls_loss, reg_weight * reg_loss
 
 

@@ -16,6 +16,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from detector.backbone import vgg16_blocks
 from detector.model import FasterRCNN
 
 __all__ = ["load_model", "save_model"]
@@ -83,8 +84,10 @@ def load_model(path: str | os.PathLike,
     """Rebuild the model saved by :func:`save_model`; returns ``(model, meta)``.
 
     The model is built with ``backbone_weights="none"`` (the saved weights replace them; nothing
-    is downloaded) while ``model.config`` keeps the saved value. It is returned in training mode
-    on ``map_location``.
+    is downloaded) while ``model.config`` keeps the saved value; when that value is not
+    ``"none"``, the first ``backbone_freeze_blocks`` conv blocks are frozen as the constructor
+    froze them. Keywords a checkpoint lacks (saved before they existed) take their defaults. It
+    is returned in training mode on ``map_location``.
 
     Raises:
         FileNotFoundError: no file at ``path``.
@@ -116,4 +119,7 @@ def load_model(path: str | os.PathLike,
     except RuntimeError as exc:
         raise ValueError(f"{path}: weights do not fit the saved config ({exc})") from exc
     model.config["backbone_weights"] = saved_weights
+    if saved_weights != "none":  # as FasterRCNN.__init__ after loading pretrained weights
+        vgg16_blocks(model.backbone.features, model.config["backbone_freeze_blocks"]
+                     ).requires_grad_(False)
     return model.to(map_location), dict(payload["meta"])

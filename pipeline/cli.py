@@ -32,6 +32,8 @@ STAGES = {
                                         "pictures"),
     "sweep": ("pipeline.sweep", "Ray Tune sweep over anchor and sampling hyperparameters"),
     "predict": ("pipeline.predict", "Run the detector on image files; print JSON or draw boxes"),
+    "anchors": ("pipeline.anchors", "Anchor coverage: trainable positions per anchor type, "
+                                    "anchor-only recall per class (no model needed)"),
 }
 
 
@@ -62,6 +64,8 @@ def build_parser() -> argparse.ArgumentParser:
     parsers["sweep"].add_argument("--resume", action="store_true",
                                   help="continue an interrupted sweep (Tune restore) without "
                                        "repeating finished trials")
+    parsers["anchors"].add_argument("--split", default="test", choices=("train", "val", "test"),
+                                    help="prepared split to measure the anchor-only recall on")
     parsers["predict"].add_argument("images", nargs="+", metavar="IMAGE", help="image files")
     parsers["predict"].add_argument("--model", default=None,
                                     help="model file (default: train.frcnn_model)")

@@ -167,8 +167,12 @@ class GroundTruth:
         return len(self.image_ids)
 
 
-def read_ground_truth(path: str | Path, name: str) -> GroundTruth:
+def read_ground_truth(path: str | Path, name: str, *, data: bytes | None = None) -> GroundTruth:
     """The boxes, labels and difficult flags of a prepared table, image by image.
+
+    Args:
+        path: the table's file; or, with ``data``, only its name in messages.
+        data: the table's Parquet bytes (a sweep's trial tables), read instead of ``path``.
 
     Raises:
         MissingInputError: naming the path (run ``frcnn prepare``).
@@ -178,7 +182,10 @@ def read_ground_truth(path: str | Path, name: str) -> GroundTruth:
 
     path = Path(path)
     columns = ["image_id", "boxes", "labels", "difficult"]
-    rows = open_table(path, columns).read(columns=columns).to_pydict()
+    if data is not None:
+        rows = pq.read_table(pa.BufferReader(data), columns=columns).to_pydict()
+    else:
+        rows = open_table(path, columns).read(columns=columns).to_pydict()
     boxes, labels, difficult = [], [], []
     for image_id, b, lab, d in zip(rows["image_id"], rows["boxes"], rows["labels"],
                                    rows["difficult"]):

@@ -5,6 +5,10 @@ either; the stages keep their own small files there (run state, trial markers, s
 with these helpers. A local path is used absolute; a URI unchanged (for S3 the endpoint and
 credentials come from the usual AWS environment variables, or from the URI itself).
 
+Training input on a cluster travels the same way (:func:`stage_file` on the driver,
+:func:`local_copy` on each node): workers on nodes without the driver's files read the copy in
+the run's storage, downloaded once per node into a local cache.
+
 Writes are atomic: the bytes go to a temporary name beside the target, which is then moved
 over it (a rename on a local disk; object stores replace a key whole anyway), so a reader never
 sees half a file. Readers still tolerate a torn or foreign file (written by an older version, or
@@ -13,11 +17,18 @@ cut short by a full disk): :func:`read_json` treats it as absent and says so on 
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import json
+import os
 import sys
+import tempfile
 import uuid
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
+
+#: Where nodes keep their copies of staged files (per user; $FRCNN_CACHE overrides).
+CACHE_ENV = "FRCNN_CACHE"
 
 
 def resolve(root: str) -> str:
@@ -96,3 +107,71 @@ def delete_dir(uri: str) -> None:
     if exists(uri):
         fs, path = fs_of(uri)
         fs.delete_dir(path)
+
+
+def stage_file(path: str | Path, root: str, digest: str) -> str:
+    """Copy the local file ``path`` to ``root/staged/<digest>/<name>`` (``digest``: of its
+    content) unless it is there already; returns that URI (or folder path)."""
+    import pyarrow.fs
+
+    path = Path(path)
+    uri = f"{root}/staged/{digest}/{path.name}"
+    fs, target = fs_of(uri)
+    info = fs.get_file_info(target)
+    if info.type == pyarrow.fs.FileType.File and info.size == path.stat().st_size:
+        return uri
+    folder = target.rpartition("/")[0]
+    fs.create_dir(folder, recursive=True)
+    tmp = f"{folder}/.{path.name}.{uuid.uuid4().hex[:8]}.tmp"
+    try:
+        pyarrow.fs.copy_files(str(path.resolve()), tmp,
+                              source_filesystem=pyarrow.fs.LocalFileSystem(),
+                              destination_filesystem=fs)
+        fs.move(tmp, target)
+    finally:
+        if fs.get_file_info(tmp).type != pyarrow.fs.FileType.NotFound:
+            fs.delete_file(tmp)
+    return uri
+
+
+def cache_dir() -> Path:
+    """This node's cache of staged files: ``$FRCNN_CACHE`` or ``<tmp>/frcnn-cache-<uid>``."""
+    return Path(os.environ.get(CACHE_ENV) or
+                Path(tempfile.gettempdir()) / f"frcnn-cache-{os.getuid()}")
+
+
+def local_copy(uri: str | Path) -> Path:
+    """A file of the run's storage on this node's disk: a local path as it is; a URI downloaded
+    once per node into :func:`cache_dir` (processes of the node wait for the one that
+    downloads; the copy appears whole, by rename)."""
+    import pyarrow.fs
+
+    uri = str(uri)
+    if "://" not in uri:
+        return Path(uri)
+    fs, path = fs_of(uri)
+    # staged paths end in <content digest>/<name>: the same path is the same content
+    target = cache_dir() / Path(*path.split("/")[-2:])
+    if target.is_file():
+        return target
+    target.parent.mkdir(parents=True, exist_ok=True)
+    with _locked(target.parent / ".lock"):
+        if not target.is_file():
+            tmp = target.with_name(f".{target.name}.{uuid.uuid4().hex[:8]}.tmp")
+            try:
+                pyarrow.fs.copy_files(path, str(tmp), source_filesystem=fs,
+                                      destination_filesystem=pyarrow.fs.LocalFileSystem())
+                os.replace(tmp, target)
+            finally:
+                tmp.unlink(missing_ok=True)
+    return target
+
+
+@contextlib.contextmanager
+def _locked(path: Path) -> Iterator[None]:
+    with open(path, "a") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)

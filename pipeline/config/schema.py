@@ -74,6 +74,9 @@ class DataConfig:
 @dataclass(frozen=True)
 class BackboneConfig:
     weights: str = _p("none", doc="none | imagenet | path to a VGG-16 state dict")
+    freeze_blocks: int = _p(2, ge=0, le=5, doc="VGG-16 conv blocks frozen when starting from "
+                                               "pretrained weights (2: conv1-conv2, as the "
+                                               "original); no effect with weights: none")
 
 
 @dataclass(frozen=True)
@@ -94,7 +97,8 @@ class RPNConfig:
     neg_iou: float = _p(0.3, ge=0.0, lt=1.0)
     num_samples: int = _p(256, ge=1)
     pos_fraction: float = _p(0.5, gt=0.0, le=1.0)
-    allow_border: float = _p(0.0, ge=-1.0)
+    allow_border: float = _p(-1.0, ge=-1.0, doc="anchors crossing the border by more than this "
+                                                 "many pixels are not trained; -1 trains all")
     reg_weight: float = _p(1.0, ge=0.0)
     min_size: float = _p(16.0, ge=0.0)
     nms_iou: float = _p(0.7, gt=0.0, le=1.0)
@@ -119,6 +123,7 @@ class RoIConfig:
     pool: Literal["align", "pool"] = _p("align")
     pool_size: int = _p(7, ge=1)
     hidden_dim: int = _p(4096, ge=1)
+    dropout: float = _p(0.5, ge=0.0, lt=1.0, doc="after fc6 and fc7 (training only); 0 disables")
     reg_weight: float = _p(1.0, ge=0.0)
     score_thresh: float = _p(0.05, ge=0.0, lt=1.0)
     nms_iou: float = _p(0.3, gt=0.0, le=1.0)
@@ -143,6 +148,7 @@ class TrainConfig:
     lr: float = _p(0.001, gt=0.0)
     momentum: float = _p(0.9, ge=0.0, lt=1.0)
     weight_decay: float = _p(0.0005, ge=0.0)
+    bias_decay: bool = _p(False, doc="weight decay on biases too (the original: none)")
     warmup_steps: int = _p(4, ge=0)
     lr_schedule: Literal["cosine", "step", "constant"] = _p("cosine")
     lr_step_epochs: tuple[int, ...] = _p((8, 11), ge=1)
@@ -159,10 +165,20 @@ class TrainConfig:
                                 doc="keep a finished run's checkpoints (a rerun then reuses it)")
     storage_path: str = _p("checkpoints")
     ray_address: str | None = _p(None)
+    worker_resources: Mapping[str, float] = field(default_factory=dict, metadata={
+        "doc": "extra Ray resources per worker, e.g. {gpu_node: 1}: custom node resources "
+               "place workers (also the sweep's trial workers)"})
     seed: int = _p(0, ge=0, le=2**32 - 1, doc="torch generators take at most 64 bits")
     rpn_model: str = _p("models/rpn.pt")
     frcnn_model: str = _p("models/frcnn.pt")
     metrics_dir: str = _p("metrics", doc="train_<stage>.json and train_<stage>_epochs.csv")
+
+    def __post_init__(self) -> None:
+        for name, amount in self.worker_resources.items():
+            if not isinstance(name, str) or isinstance(amount, bool) \
+                    or not isinstance(amount, (int, float)) or amount < 0:
+                raise ConfigError(f"train.worker_resources: {name!r}: {amount!r} must be a "
+                                  f"resource name and an amount >= 0")
 
 
 @dataclass(frozen=True)

@@ -128,7 +128,7 @@ def evaluate_model(*, rpn_model: nn.Module, detector: nn.Module | None,
                    splits: Sequence[GroundTruth], budgets: Sequence[int], num_classes: int,
                    image_size: int, batch_size: int = 2, device: torch.device | str = "cpu",
                    num_pictures: int = 0, num_workers: int = 0,
-                   progress: bool = True) -> EvalResults:
+                   progress: bool = True, class_names: Sequence[str] = ()) -> EvalResults:
     """Score proposals (and detections) of every split.
 
     Args:
@@ -141,6 +141,7 @@ def evaluate_model(*, rpn_model: nn.Module, detector: nn.Module | None,
         image_size: S of the prepared images.
         num_pictures: images of the first split to keep for drawing.
         num_workers: image-decoding processes.
+        class_names: names of labels 1..K, for the per-class rows of the summary.
 
     Returns:
         :class:`EvalResults`.
@@ -194,7 +195,8 @@ def evaluate_model(*, rpn_model: nn.Module, detector: nn.Module | None,
         if detector is not None:
             ap[split.name] = evaluate_detections(detections, truths, num_classes)
     table = R.recall_table(rows)
-    summary = R.summarize(table, image_size=image_size, num_proposals=counts)
+    summary = R.summarize(table, image_size=image_size, num_proposals=counts,
+                          class_names=class_names)
     return EvalResults(table=table, summary=summary, ap=ap, num_images=num_images,
                        pictures=pictures)
 

@@ -25,9 +25,10 @@ Choices, stated once:
 
 Tables (pandas, one row each):
 - :func:`recall_table` -> per (image, ground-truth box, budget) :data:`TABLE_COLUMNS`.
-- :func:`summarize` -> per (split, proposals, budget, size, metric, iou_threshold)
+- :func:`summarize` -> per (split, proposals, budget, size, class, metric, iou_threshold)
   :data:`SUMMARY_COLUMNS`; ``metric`` is ``"recall"`` (``iou_threshold`` set) or ``"AR"``
-  (``iou_threshold`` NaN).
+  (``iou_threshold`` NaN). Rows of every size bucket over all classes (``class_name = "all"``)
+  and of every class over all sizes (``size = "all"``).
 """
 
 from __future__ import annotations
@@ -46,12 +47,13 @@ ANCHOR_BUDGET = -1
 REFERENCE_SIZE = 640
 SMALL_AREA = 32 ** 2
 LARGE_AREA = 96 ** 2
-SIZES = ("all", "small", "medium", "large")
+ALL = "all"
+SIZES = (ALL, "small", "medium", "large")
 
 TABLE_COLUMNS = ("image_id", "gt_index", "label", "difficult", "x1", "y1", "x2", "y2", "area",
                  "budget", "best_iou", "split")
-SUMMARY_COLUMNS = ("split", "proposals", "budget", "num_proposals", "size", "num_gt", "metric",
-                   "iou_threshold", "value")
+SUMMARY_COLUMNS = ("split", "proposals", "budget", "num_proposals", "size", "class_name", "num_gt",
+                   "metric", "iou_threshold", "value")
 
 
 # --------------------------------------------------------------------------------------------
@@ -226,8 +228,10 @@ def size_bucket(area: np.ndarray | Sequence[float], image_size: int = REFERENCE_
 
 def summarize(table: pd.DataFrame, *, image_size: int = REFERENCE_SIZE,
               thresholds: Sequence[float] = IOU_THRESHOLDS,
-              num_proposals: dict[tuple[str, int], int] | None = None) -> pd.DataFrame:
-    """Recall per threshold and AR per (split, budget, size bucket) of a :func:`recall_table`.
+              num_proposals: dict[tuple[str, int], int] | None = None,
+              class_names: Sequence[str] = ()) -> pd.DataFrame:
+    """Recall per threshold and AR per (split, budget, size bucket) and per (split, budget,
+    class) of a :func:`recall_table`.
 
     Args:
         table: rows of :data:`TABLE_COLUMNS`; ``budget == ANCHOR_BUDGET`` rows are the anchor
@@ -235,48 +239,63 @@ def summarize(table: pd.DataFrame, *, image_size: int = REFERENCE_SIZE,
         image_size: the frame of the table's ``area`` (for the size buckets).
         num_proposals: optional ``{(split, budget): count}``; the mean number of proposals (or
             anchors) actually available, stored in ``num_proposals`` (NaN when not given).
+        class_names: names of labels 1..K (a label without a name is written as its number).
 
     Returns:
-        :data:`SUMMARY_COLUMNS` rows: for each (split, budget) and size in :data:`SIZES`
-        (sizes with no boxes are left out), T ``metric="recall"`` rows and one ``metric="AR"``
-        row. ``proposals`` is ``"rpn"`` or ``"anchors"``.
+        :data:`SUMMARY_COLUMNS` rows: for each (split, budget), each size in :data:`SIZES` over
+        all classes (``class_name = "all"``) and each class present over all sizes
+        (``size = "all"``); groups with no boxes are left out. Each group has T
+        ``metric="recall"`` rows and one ``metric="AR"`` row. ``proposals`` is ``"rpn"`` or
+        ``"anchors"``.
     """
     thresholds = tuple(float(t) for t in thresholds)
     if table.empty:
         return _summary_frame([])
-    sizes = pd.Series(size_bucket(table["area"].to_numpy(), image_size), index=table.index)
+    sizes = size_bucket(table["area"].to_numpy(), image_size)
+    labels = table["label"].to_numpy()
     records = []
-    for (split, budget), group in table.groupby(["split", "budget"], sort=True):
-        ious = group["best_iou"].to_numpy()
-        group_sizes = sizes.loc[group.index].to_numpy()
+    for (split, budget), index in table.groupby(["split", "budget"], sort=True).indices.items():
+        ious = table["best_iou"].to_numpy()[index]
         count = (num_proposals or {}).get((str(split), int(budget)), math.nan)
-        for size in SIZES:
-            sel = ious if size == "all" else ious[group_sizes == size]
-            if sel.size == 0:
-                continue
-            base = {"split": str(split), "budget": int(budget), "size": size,
-                    "proposals": "anchors" if int(budget) == ANCHOR_BUDGET else "rpn",
-                    "num_proposals": float(count), "num_gt": int(sel.size)}
-            rec = recall_at(sel, thresholds)
-            records += [base | {"metric": "recall", "iou_threshold": t, "value": float(r)}
-                        for t, r in zip(thresholds, rec)]
-            records.append(base | {"metric": "AR", "iou_threshold": math.nan,
-                                   "value": float(np.mean(rec))})
+        base = {"split": str(split), "budget": int(budget), "num_proposals": float(count),
+                "proposals": "anchors" if int(budget) == ANCHOR_BUDGET else "rpn"}
+        groups = [(size, ALL, ious if size == ALL else ious[sizes[index] == size])
+                  for size in SIZES]
+        groups += [(ALL, _class_name(label, class_names), ious[labels[index] == label])
+                   for label in sorted(set(labels[index].tolist()))]
+        for size, name, sel in groups:
+            if sel.size:
+                records += _group_records(base | {"size": size, "class_name": name,
+                                                  "num_gt": int(sel.size)}, sel, thresholds)
     return _summary_frame(records)
+
+
+def _class_name(label: int, class_names: Sequence[str]) -> str:
+    return str(class_names[label - 1]) if 1 <= label <= len(class_names) else str(label)
+
+
+def _group_records(base: dict, ious: np.ndarray, thresholds: tuple[float, ...]) -> list[dict]:
+    """T recall rows and one AR row of one group of boxes."""
+    rec = recall_at(ious, thresholds)
+    return [base | {"metric": "recall", "iou_threshold": t, "value": float(r)}
+            for t, r in zip(thresholds, rec)] + [
+        base | {"metric": "AR", "iou_threshold": math.nan, "value": float(np.mean(rec))}]
 
 
 def _summary_frame(records: list[dict]) -> pd.DataFrame:
     frame = pd.DataFrame.from_records(records, columns=list(SUMMARY_COLUMNS))
     return frame.astype({"split": "string", "proposals": "string", "budget": "int32",
-                         "num_proposals": "float64", "size": "string", "num_gt": "int64",
-                         "metric": "string", "iou_threshold": "float64", "value": "float64"})
+                         "num_proposals": "float64", "size": "string", "class_name": "string",
+                         "num_gt": "int64", "metric": "string", "iou_threshold": "float64",
+                         "value": "float64"})
 
 
 def lookup(summary: pd.DataFrame, *, split: str, budget: int, metric: str,
-           iou_threshold: float | None = None, size: str = "all") -> float:
+           iou_threshold: float | None = None, size: str = ALL, class_name: str = ALL) -> float:
     """One value of a :func:`summarize` frame; NaN when absent."""
     sel = ((summary["split"] == split) & (summary["budget"] == budget)
-           & (summary["size"] == size) & (summary["metric"] == metric))
+           & (summary["size"] == size) & (summary["class_name"] == class_name)
+           & (summary["metric"] == metric))
     if iou_threshold is None:
         sel &= summary["iou_threshold"].isna()
     else:
@@ -291,8 +310,8 @@ def lookup(summary: pd.DataFrame, *, split: str, budget: int, metric: str,
 
 def recall_vs_iou(summary: pd.DataFrame, split: str) -> pd.DataFrame:
     """``budget, iou, recall`` rows of one split, all boxes (anchors: ``budget == -1``)."""
-    sel = summary[(summary["split"] == split) & (summary["size"] == "all")
-                  & (summary["metric"] == "recall")]
+    sel = summary[(summary["split"] == split) & (summary["size"] == ALL)
+                  & (summary["class_name"] == ALL) & (summary["metric"] == "recall")]
     out = sel[["budget", "iou_threshold", "value"]].rename(
         columns={"iou_threshold": "iou", "value": "recall"})
     return out.sort_values(["budget", "iou"]).reset_index(drop=True)
@@ -315,8 +334,9 @@ def iou_curve_columns(curve: pd.DataFrame) -> pd.DataFrame:
 def recall_vs_proposals(summary: pd.DataFrame, split: str,
                         thresholds: Sequence[float] = (0.5, 0.7)) -> pd.DataFrame:
     """``budget, recall@0.5, recall@0.7`` rows of one split, RPN budgets only, all boxes."""
-    sel = summary[(summary["split"] == split) & (summary["size"] == "all")
-                  & (summary["metric"] == "recall") & (summary["budget"] != ANCHOR_BUDGET)]
+    sel = summary[(summary["split"] == split) & (summary["size"] == ALL)
+                  & (summary["class_name"] == ALL) & (summary["metric"] == "recall")
+                  & (summary["budget"] != ANCHOR_BUDGET)]
     budgets = sorted(int(b) for b in sel["budget"].unique())
     data: dict[str, list] = {"budget": budgets}
     for t in thresholds:

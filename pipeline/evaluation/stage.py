@@ -58,7 +58,8 @@ def evaluate_stage(cfg: Config) -> dict[str, Any]:
                                  budgets=budgets, num_classes=len(class_names),
                                  image_size=image_size, batch_size=cfg.eval.batch_size,
                                  device=device, num_pictures=cfg.eval.num_pictures,
-                                 num_workers=2 if device.type == "cuda" else 0)
+                                 num_workers=2 if device.type == "cuda" else 0,
+                                 class_names=class_names)
         values = metrics(results, list(cfg.eval.splits), budgets, class_names)
         written = write_outputs(results, values, paths, cfg.eval.splits[0], class_names)
         run.log_metrics(tracking.flatten_metrics(values))

@@ -9,13 +9,15 @@ depend on the number of workers.
 
 from __future__ import annotations
 
+import collections
 import functools
 import io
+import itertools
 import multiprocessing
 import sys
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
-from typing import Any, Iterator, Literal, Sequence
+from typing import Any, Callable, Iterator, Literal, Sequence
 
 from PIL import Image
 
@@ -26,6 +28,7 @@ from pipeline.images import READ_ERRORS, ResizeMode, open_rgb, resize_image, sca
 ImageFormat = Literal["png", "jpeg"]
 PNG_COMPRESS_LEVEL = 1   # 4x faster than the default 6 for ~20% more bytes
 JPEG_QUALITY = 95
+IN_FLIGHT_CHUNKS = 4     # per worker process: enough to keep them busy, few enough to stay small
 
 
 @dataclass(frozen=True)
@@ -102,8 +105,11 @@ def process_items(items: Sequence[ImageItem], *, image_size: int, resize: Resize
                   progress: bool = True) -> Iterator[Processed]:
     """:func:`process_item` over ``items``, yielded in input order.
 
-    ``num_workers == 1`` runs in this process. Stopping the iteration early (e.g. on the first
-    problem) cancels the work not yet started.
+    ``num_workers == 1`` runs in this process. Otherwise chunks of items go to the worker
+    processes with at most :data:`IN_FLIGHT_CHUNKS` per worker submitted at a time, so the
+    results waiting to be written stay bounded whatever the dataset's size (the prepare
+    process's memory stays flat). Stopping the iteration early (e.g. on the first problem)
+    cancels the work not yet started.
     """
     work = functools.partial(process_item, image_size=image_size, resize=resize,
                              image_format=image_format)
@@ -115,16 +121,27 @@ def process_items(items: Sequence[ImageItem], *, image_size: int, resize: Resize
                 bar.update(1)
             return
         chunksize = max(1, min(16, len(items) // (num_workers * 8)))
+        chunks = (items[i:i + chunksize] for i in range(0, len(items), chunksize))
         pool = ProcessPoolExecutor(max_workers=num_workers,
                                    mp_context=multiprocessing.get_context("spawn"))
         try:
-            for result in pool.map(work, items, chunksize=chunksize):
-                yield result
-                bar.update(1)
+            pending: collections.deque = collections.deque()
+            for chunk in itertools.chain(chunks, [None] * IN_FLIGHT_CHUNKS * num_workers):
+                if chunk is not None:
+                    pending.append(pool.submit(_process_chunk, work, chunk))
+                if len(pending) >= IN_FLIGHT_CHUNKS * num_workers or (chunk is None and pending):
+                    for result in pending.popleft().result():
+                        yield result
+                        bar.update(1)
         finally:
             pool.shutdown(wait=True, cancel_futures=True)
     finally:
         bar.close()
+
+
+def _process_chunk(work: Callable[[ImageItem], Processed], chunk: Sequence[ImageItem]
+                   ) -> list[Processed]:
+    return [work(item) for item in chunk]
 
 
 def _progress(total: int, *, enabled: bool):

@@ -21,6 +21,7 @@ def run(cfg: Config, args: argparse.Namespace) -> int:
     from pipeline.sweep.scheduler import check_search
     from pipeline.sweep.space import check
 
+    from pipeline.redaction import redact
     from pipeline.sweep.driver import experiment_path
 
     check(cfg)
@@ -29,6 +30,6 @@ def run(cfg: Config, args: argparse.Namespace) -> int:
         sweep(cfg, resume=bool(getattr(args, "resume", False)))
     except KeyboardInterrupt:
         print(f"frcnn sweep: interrupted; `frcnn sweep` (same parameters) continues it from "
-              f"{experiment_path(cfg)}", file=sys.stderr, flush=True)
+              f"{redact(experiment_path(cfg))}", file=sys.stderr, flush=True)
         raise
     return 0

@@ -60,7 +60,8 @@ from typing import Any
 from pipeline import storage, tracking
 from pipeline.config import Config
 from pipeline.errors import DataError, RunFailedError
-from pipeline.prepared import read_classes
+from pipeline.prepared import read_classes, read_ground_truth
+from pipeline.redaction import redact
 from pipeline.sweep import report, space, trial
 from pipeline.sweep.data import inputs_key, trial_tables
 from pipeline.sweep.scheduler import scheduler, searcher
@@ -104,7 +105,9 @@ def sweep(cfg: Config, *, resume: bool = False) -> dict[str, Any]:
         setup = {"params": cfg.to_dict(), "tables": ray.put(tables), "classes": classes,
                  "experiment": experiment, "parent": parent, "ray_job_id": job_id}
         grid = _make_tuner(cfg, setup, experiment, resume).fit_or_stop()
-        summary = _finish(cfg, grid, experiment, parent, key)
+        split = read_ground_truth("eval.parquet", cfg.sweep.split, data=tables["eval"])
+        summary = _finish(cfg, report.collect(cfg, grid, experiment, split=split, classes=classes),
+                          experiment, parent, key)
         summary["wall_seconds"] = time.perf_counter() - wall_start
         parent.log_metrics({"wall_seconds": summary["wall_seconds"]})
         print(f"sweep: best trial {summary['best_trial']} {cfg.sweep.metric} "
@@ -123,19 +126,19 @@ def _decide_resume(experiment: str, key: str, state: dict[str, Any], resume: boo
     restorable = tune.Tuner.can_restore(experiment)
     if resume:
         if not restorable:
-            raise DataError(f"{experiment}: no sweep to resume; run `frcnn sweep` without "
+            raise DataError(f"{redact(experiment)}: no sweep to resume; run `frcnn sweep` without "
                             f"--resume")
         if state.get("inputs_key") != key:
-            raise DataError(f"{experiment}: parameters or data changed since this sweep "
+            raise DataError(f"{redact(experiment)}: parameters or data changed since this sweep "
                             f"started; resume with the same ones, or run without --resume to "
                             f"start afresh")
         return True
     if state.get("inputs_key") == key and not state.get("finished") and restorable:
-        print(f"sweep: {experiment} holds an interrupted sweep of the same parameters and data; "
+        print(f"sweep: {redact(experiment)} holds an interrupted sweep of the same parameters and data; "
               f"resuming it (finished trials are not run again)", flush=True)
         return True
     if storage.exists(experiment):
-        print(f"sweep: starting afresh; removing the previous sweep at {experiment}", flush=True)
+        print(f"sweep: starting afresh; removing the previous sweep at {redact(experiment)}", flush=True)
         storage.delete_dir(experiment)
     return False
 
@@ -168,13 +171,13 @@ def _make_tuner(cfg: Config, setup: dict[str, Any], experiment: str, resume: boo
     trainable = tune.with_resources(tune.with_parameters(trial.trial, setup=setup),
                                     {"trial_slot": 1})
     if resume:
-        print(f"sweep: resuming {experiment}", flush=True)
+        print(f"sweep: resuming {redact(experiment)}", flush=True)
         return _Tuner(tune.Tuner.restore(experiment, trainable=trainable,
                                          resume_unfinished=True, resume_errored=True))
     print(f"sweep: {cfg.sweep.num_samples} trial(s) of {len(cfg.sweep.space)} parameter(s), "
           f"{cfg.sweep.search} search, ASHA on {cfg.sweep.metric} ({cfg.sweep.mode}); trials "
           f"at {space.trial_image_size(cfg)} px, {space.worker_resources(cfg)} x "
-          f"{cfg.sweep.workers_per_trial} worker(s) each; in {experiment}", flush=True)
+          f"{cfg.sweep.workers_per_trial} worker(s) each; in {redact(experiment)}", flush=True)
     return _Tuner(tune.Tuner(
         trainable,
         param_space=space.search_space(cfg.sweep.space),
@@ -188,10 +191,9 @@ def _make_tuner(cfg: Config, setup: dict[str, Any], experiment: str, resume: boo
     ))
 
 
-def _finish(cfg: Config, grid: Any, experiment: str, parent: tracking.RunHandle,
-            key: str) -> dict[str, Any]:
+def _finish(cfg: Config, records: list[report.TrialRecord], experiment: str,
+            parent: tracking.RunHandle, key: str) -> dict[str, Any]:
     """Outputs, the finished mark, the children's ends, the trials' checkpoints removed."""
-    records = report.collect(cfg, grid, experiment)
     summary = report.write_outputs(cfg, records, experiment, parent)
     storage.write_json(f"{experiment}/{STATE}", {"mlflow_run_id": parent.run_id,
                                                  "inputs_key": key, "finished": True})

@@ -8,7 +8,10 @@ Input: one :class:`TrialRecord` per trial (built by :func:`collect` from Tune's 
   ``sweep.metric`` (best over the trial's epochs); ``epochs`` (run); ``status``
   (:data:`STATUSES`); ``wall_seconds`` (from the trial's start to its last report, Tune's
   ``time_total_s``, or the trial's own clock when longer); ``error`` (the message of an errored
-  trial, else null).
+  trial, else null); the anchor coverage of the trial's settings on ``sweep.split``, known
+  without training (:mod:`pipeline.anchors`): ``anchors/AR``, ``anchors/recall@0.5``,
+  ``anchors/recall@0.7``, per class ``anchors/recall@0.5/<class>`` and ``anchors/AR/<class>``,
+  and ``untrained_anchor_types`` (the types that never train, empty when none).
 - :func:`best_overlay` -> ``{"anchors": {"scales": [...]}, "rpn": {...}, ...}``: the swept
   values of the trial with the best *final* ``sweep.metric`` (a trial stopped early competes
   with the value it was stopped at), in ``params.yaml``'s shape; :func:`overlay_yaml` writes it
@@ -29,8 +32,9 @@ from typing import Any, Mapping, Sequence
 import pandas as pd
 import yaml
 
-from pipeline import files, plots, storage, tracking
+from pipeline import anchors, files, plots, storage, tracking
 from pipeline.config import Config, ConfigError
+from pipeline.prepared import GroundTruth
 from pipeline.redaction import redact
 from pipeline.sweep import space
 from pipeline.sweep.trial import MARKERS
@@ -56,6 +60,7 @@ class TrialRecord:
     finished: bool = False
     error: str | None = None
     wall_seconds: float = math.nan
+    coverage: dict[str, Any] = field(default_factory=dict)
 
     @property
     def status(self) -> str:
@@ -96,9 +101,11 @@ def trial_table(records: Sequence[TrialRecord], *, space_keys: Sequence[str],
         row["status"] = rec.status
         row["wall_seconds"] = float(rec.wall_seconds)
         row["error"] = rec.error
+        row.update(rec.coverage)
         rows.append(row)
+    coverage = list(dict.fromkeys(k for rec in records for k in rec.coverage))
     columns = (["trial_id", *space_keys, *(f"final_{m}" for m in metrics), f"best_{metric}",
-                "best_epoch", "epochs", "status", "wall_seconds", "error"])
+                "best_epoch", "epochs", "status", "wall_seconds", "error", *coverage])
     frame = pd.DataFrame(rows, columns=columns)
     return frame.astype({"trial_id": "string", "best_epoch": "int64", "epochs": "int64",
                          "status": "string", "wall_seconds": "float64", "error": "string"})
@@ -153,8 +160,22 @@ def plot_trials(records: Sequence[TrialRecord], path: str | Path, *, metric: str
 # From Tune's results to the outputs
 
 
-def collect(cfg: Config, grid: Any, experiment: str) -> list[TrialRecord]:
-    """One :class:`pipeline.TrialRecord` per trial of Tune's ``ResultGrid``."""
+def trial_coverage(cfg: Config, sampled: Mapping[str, Any], split: GroundTruth,
+                   classes: Sequence[str]) -> dict[str, Any]:
+    """The anchor coverage columns of a trial's settings (empty when they are invalid)."""
+    try:
+        trial_cfg = space.trial_config(cfg, sampled)
+    except ConfigError:
+        return {}
+    untrained = anchors.untrained_types(trial_cfg)
+    return {**anchors.anchor_recall(trial_cfg, split, classes),
+            anchors.TAG: anchors.describe_types(trial_cfg, untrained)}
+
+
+def collect(cfg: Config, grid: Any, experiment: str, *, split: GroundTruth,
+            classes: Sequence[str]) -> list[TrialRecord]:
+    """One :class:`TrialRecord` per trial of Tune's ``ResultGrid``, with the anchor coverage
+    of its settings on ``split`` (the sweep's split at the trials' size)."""
     records = []
     for result in grid:
         trial_id = Path(str(result.path).rstrip("/")).name
@@ -183,7 +204,8 @@ def collect(cfg: Config, grid: Any, experiment: str) -> list[TrialRecord]:
         wall = max(clocks, default=math.nan)
         records.append(TrialRecord(
             trial_id=trial_id, sampled=sampled, history=history,
-            finished=bool(marker.get("finished")), error=error, wall_seconds=float(wall)))
+            finished=bool(marker.get("finished")), error=error, wall_seconds=float(wall),
+            coverage=trial_coverage(cfg, sampled, split, classes)))
     return records
 
 

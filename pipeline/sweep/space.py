@@ -161,9 +161,11 @@ def trial_config(base: Config, sampled: Mapping[str, Any]) -> Config:
 
 
 def worker_resources(cfg: Config) -> dict[str, float]:
-    """Ray resources of each of a trial's workers: the trial's share split evenly."""
+    """Ray resources of each of a trial's workers: the trial's share split evenly, plus
+    ``train.worker_resources``."""
     sweep = cfg.sweep
-    resources = {"CPU": sweep.cpus_per_trial / sweep.workers_per_trial}
+    resources = {**cfg.train.worker_resources,
+                 "CPU": sweep.cpus_per_trial / sweep.workers_per_trial}
     if sweep.gpus_per_trial > 0:
         resources["GPU"] = sweep.gpus_per_trial / sweep.workers_per_trial
     return resources

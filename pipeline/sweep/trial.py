@@ -98,7 +98,10 @@ def trial(config: dict[str, Any], setup: dict[str, Any]) -> None:
         run.end(tracking.FINISHED)
         return
     try:
-        result = _fit_trial(base, sampled, setup, trial_id, run)
+        cfg = space.trial_config(base, sampled)
+        tracking.log_config(run, cfg)
+        _log_anchor_coverage(run, cfg, setup, trial_id)
+        result = _fit_trial(cfg, base, setup, trial_id, run)
     except Exception as exc:
         run.end(tracking.FAILED, f"{type(exc).__name__}: {exc}")
         raise
@@ -107,7 +110,25 @@ def trial(config: dict[str, Any], setup: dict[str, Any]) -> None:
     run.end(tracking.FINISHED)
 
 
-def _fit_trial(base: Any, sampled: Mapping[str, Any], setup: Mapping[str, Any], trial_id: str,
+def _log_anchor_coverage(run: tracking.RunHandle, cfg: Any, setup: Mapping[str, Any],
+                         trial_id: str) -> None:
+    """Before any training: the trial's anchor-only recall on the sweep's split (metrics
+    ``anchors/...`` on its run) and, when its settings leave anchor types untrained, a warning
+    and the tag :data:`pipeline.anchors.TAG`."""
+    import ray
+
+    from pipeline import anchors
+    from pipeline.prepared import read_ground_truth
+
+    untrained = anchors.warn_untrained(cfg, trial_id)
+    if untrained:
+        run.set_tags({anchors.TAG: untrained})
+    split = read_ground_truth("eval.parquet", cfg.sweep.split,
+                              data=ray.get(setup["tables"])["eval"])
+    run.log_metrics(anchors.anchor_recall(cfg, split, setup["classes"]))
+
+
+def _fit_trial(cfg: Any, base: Any, setup: Mapping[str, Any], trial_id: str,
                run: tracking.RunHandle) -> Any:
     """The trial's ``TorchTrainer`` of :func:`trial_worker`, fitted; its reports reach Tune
     through ``TuneReportCallback``."""
@@ -115,8 +136,6 @@ def _fit_trial(base: Any, sampled: Mapping[str, Any], setup: Mapping[str, Any], 
     from ray.train.torch import TorchTrainer
     from ray.tune.integration.ray_train import TuneReportCallback
 
-    cfg = space.trial_config(base, sampled)
-    tracking.log_config(run, cfg)
     resources = space.worker_resources(base)
     trainer = TorchTrainer(
         trial_worker,

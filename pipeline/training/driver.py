@@ -35,6 +35,7 @@ from __future__ import annotations
 
 import csv
 import io
+import os
 import shutil
 import sys
 import time
@@ -42,11 +43,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from pipeline import files, tracking
+from pipeline import anchors, files, tracking
 from pipeline.config import Config
 from pipeline.errors import DataError, MissingInputError, RunFailedError
 from pipeline.prepared import read_classes, split_path
-from pipeline.storage import delete_dir, resolve
+from pipeline.digests import file_digest
+from pipeline.redaction import redact
+from pipeline.storage import delete_dir, local_copy, resolve, stage_file
 from pipeline.training import checkpoints, ray_worker
 from pipeline.training.resume import (latest_checkpoint, read_run_state, run_key,
                                       write_run_state)
@@ -62,6 +65,8 @@ class StageInputs:
     init_model: Path | None        # the RPN model the frcnn stage starts from
     model_path: Path
     metrics_dir: Path
+    train_digest: str              # content digests (run key, staged copies)
+    init_digest: str | None
 
     @property
     def name(self) -> str:
@@ -90,7 +95,26 @@ def stage_inputs(cfg: Config, stage: str) -> StageInputs:
                        classes=[str(c) for c in info["classes"]], init_model=init_model,
                        model_path=Path(cfg.train.rpn_model if stage == "rpn"
                                        else cfg.train.frcnn_model),
-                       metrics_dir=Path(cfg.train.metrics_dir))
+                       metrics_dir=Path(cfg.train.metrics_dir),
+                       train_digest=file_digest(train_path),
+                       init_digest=file_digest(init_model) if init_model else None)
+
+
+def worker_inputs(cfg: Config, inputs: StageInputs, root: str) -> dict[str, str | None]:
+    """``{"train_path", "init_model"}`` as the workers will open them: the driver's own files on
+    the private local Ray; on a cluster (``train.ray_address`` / ``$RAY_ADDRESS``) or with a
+    bucket as storage, copies staged in the run's storage (``root/staged/<digest>/``), which
+    every node reaches and downloads once (:func:`pipeline.storage.local_copy`)."""
+    paths = {"train_path": inputs.train_path, "init_model": inputs.init_model}
+    if not ("://" in root or cfg.train.ray_address or os.environ.get("RAY_ADDRESS")):
+        return {k: str(v) if v is not None else None for k, v in paths.items()}
+    digests = {"train_path": inputs.train_digest, "init_model": inputs.init_digest}
+    staged = {k: stage_file(v, root, digests[k]) if v is not None else None
+              for k, v in paths.items()}
+    print(f"{inputs.name}: workers read {redact(str(staged['train_path']))}"
+          + (f" and {redact(str(staged['init_model']))}" if staged["init_model"] else ""),
+          flush=True)
+    return staged
 
 
 def train_stage(cfg: Config, stage: str) -> dict[str, Any]:
@@ -104,30 +128,33 @@ def train_stage(cfg: Config, stage: str) -> dict[str, Any]:
     wall_start = time.perf_counter()
     inputs = stage_inputs(cfg, stage)
     root = resolve(cfg.train.storage_path)
-    run_name = f"{inputs.name}-{run_key(cfg, stage, inputs.train_path, inputs.init_model)}"
+    run_name = f"{inputs.name}-{run_key(cfg, stage, inputs.train_digest, inputs.init_digest)}"
     previous = latest_checkpoint(root, run_name)
     if previous is not None and "://" not in root:
         _check_torch_file(Path(previous[0]) / checkpoints.TRAIN_STATE,
-                          f"the checkpoint to resume from (delete {root}/{run_name} to start "
+                          f"the checkpoint to resume from (delete {redact(root)}/{run_name} to start "
                           f"afresh)")
     old_run = read_run_state(root, run_name).get("mlflow_run_id") if previous else None
 
     with tracking.stage_run(cfg, inputs.name, run_id=old_run) as mlrun:
         write_run_state(root, run_name, mlrun.run_id)
+        untrained = anchors.warn_untrained(cfg, inputs.name)
+        if untrained:
+            mlrun.set_tags({anchors.TAG: untrained})
         if previous is not None:
             path, progress = previous
             print(f"{inputs.name}: resuming from checkpoint {path} (epoch {progress['epoch']}, "
                   f"step {progress['step']})", flush=True)
             mlrun.set_tags({"resumed_from": path})
         else:
-            print(f"{inputs.name}: starting {run_name} (checkpoints in {root}/{run_name})",
+            print(f"{inputs.name}: starting {run_name} (checkpoints in {redact(root)}/{run_name})",
                   flush=True)
         _check_local_memory(cfg, inputs.train_path)
         try:
             result = _fit(cfg, inputs, run_name, root, mlrun)
         except (KeyboardInterrupt, SystemExit) as exc:
             # Ctrl-C: Ray Train's own SIGINT handler aborts the run, then exits the process.
-            print(f"{inputs.name}: interrupted; its checkpoints stay in {root}/{run_name}: run "
+            print(f"{inputs.name}: interrupted; its checkpoints stay in {redact(root)}/{run_name}: run "
                   f"the same command again to resume", file=sys.stderr, flush=True)
             raise KeyboardInterrupt from exc
         metrics = _write_outputs(cfg, inputs, result, mlrun, resumed=previous is not None,
@@ -185,9 +212,11 @@ def _worker(config: dict[str, Any]) -> None:
     log = None
     if worker.rank == 0:
         log = tracking.open_run(config["tracking_uri"], config["run_id"]).log_metrics
-    ray_worker.fit_on_worker(worker, stage=config["stage"], train_path=config["train_path"],
+    init_model = config["init_model"]
+    ray_worker.fit_on_worker(worker, stage=config["stage"],
+                             train_path=local_copy(config["train_path"]),
                              num_classes=config["num_classes"],
-                             init_model=config["init_model"], log=log,
+                             init_model=local_copy(init_model) if init_model else None, log=log,
                              model_meta=config["model_meta"])
 
 
@@ -280,15 +309,14 @@ def _fit(cfg: Config, inputs: StageInputs, run_name: str, root: str,
     with ray_session(cfg.train.ray_address):
         mlrun.set_tags({"ray_job_id": ray.get_runtime_context().get_job_id()})
         use_gpu = _use_gpu(cfg)
-        resources = {"CPU": cfg.train.cpus_per_worker}
+        resources = {**cfg.train.worker_resources, "CPU": cfg.train.cpus_per_worker}
         if use_gpu:
             resources["GPU"] = cfg.train.gpus_per_worker
         trainer = TorchTrainer(
             _worker,
             train_loop_config={
                 "params": cfg.to_dict(), "stage": inputs.stage,
-                "train_path": str(inputs.train_path), "num_classes": len(inputs.classes),
-                "init_model": str(inputs.init_model) if inputs.init_model else None,
+                **worker_inputs(cfg, inputs, root), "num_classes": len(inputs.classes),
                 "model_meta": {"classes": inputs.classes},
                 "tracking_uri": mlrun.tracking_uri, "run_id": mlrun.run_id,
                 "threads": max(1, int(cfg.train.cpus_per_worker)),

@@ -27,6 +27,7 @@ through an epoch (resume). Images are decoded (:func:`pipeline.images.decode`) i
 
 from __future__ import annotations
 
+import bisect
 import itertools
 from pathlib import Path
 from typing import Any, Iterator, Sequence
@@ -59,6 +60,11 @@ def flip_decision(seed: int, epoch: int, index: int, probability: float) -> bool
 class DetectionDataset(Dataset):
     """One prepared split. ``dataset[i]`` -> ``(image (3,S,S) in [0, 1], target dict, image_id)``.
 
+    The small columns (ids, boxes, labels, flags) are read once; the images are read one
+    Parquet row group at a time (the last one kept), so a split of any size is never loaded
+    into memory whole: a process holds at most one row group of image bytes
+    (:data:`pipeline.prepare.writer.ROW_GROUP_ROWS` images).
+
     Args:
         path: a prepared Parquet table.
         hflip: probability of a horizontal flip (0 for evaluation).
@@ -70,36 +76,51 @@ class DetectionDataset(Dataset):
     def __init__(self, path: str | Path, *, hflip: float = 0.0, seed: int = 0,
                  use_difficult: bool = False) -> None:
         self.path = Path(path)
-        open_table(self.path)  # exists, with the model's columns (else a clear error)
-        # Memory-mapped Arrow table: loader worker processes share its pages after fork.
-        import pyarrow.parquet as pq
-        self._table = pq.read_table(self.path, columns=list(MODEL_COLUMNS), memory_map=True)
+        table = open_table(self.path)  # exists, with the model's columns (else a clear error)
+        meta = table.read(columns=[c for c in MODEL_COLUMNS if c != "image"]).to_pydict()
+        self._ids, self._boxes = meta["image_id"], meta["boxes"]
+        self._labels, self._difficult = meta["labels"], meta["difficult"]
+        sizes = [table.metadata.row_group(i).num_rows for i in range(table.num_row_groups)]
+        self._starts = list(itertools.accumulate(sizes, initial=0))  # row group g: [starts[g], starts[g+1])
+        self._cached: tuple[int, Any] | None = None  # (row group, its image column)
         self.hflip = hflip
         self.seed = seed
         self.use_difficult = use_difficult
         self.epoch = 0
 
     def __len__(self) -> int:
-        return self._table.num_rows
+        return len(self._ids)
+
+    def __getstate__(self) -> dict[str, Any]:
+        return dict(self.__dict__, _cached=None)  # loader workers read their own row groups
 
     def set_epoch(self, epoch: int) -> None:
         """Select the epoch's flip decisions; call before creating the loader's iterator."""
         self.epoch = epoch
 
+    def image_bytes(self, index: int) -> bytes:
+        """The stored PNG / JPEG bytes of image ``index`` (reads its row group if needed)."""
+        group = bisect.bisect_right(self._starts, index) - 1
+        if self._cached is None or self._cached[0] != group:
+            import pyarrow.parquet as pq
+            column = pq.ParquetFile(self.path).read_row_group(group, columns=["image"])
+            self._cached = (group, column.column("image"))
+        return self._cached[1][index - self._starts[group]].as_py()
+
     def __getitem__(self, index: int) -> tuple[torch.Tensor, dict[str, torch.Tensor], str]:
-        row = self._table.slice(index, 1).to_pylist()[0]
-        image = decode(row["image"])
-        boxes = torch.tensor(row["boxes"], dtype=torch.float32).reshape(-1, 4)
-        labels = torch.tensor(row["labels"], dtype=torch.int64).reshape(-1)
+        image = decode(self.image_bytes(index))
+        boxes = torch.tensor(self._boxes[index] or [], dtype=torch.float32).reshape(-1, 4)
+        labels = torch.tensor(self._labels[index] or [], dtype=torch.int64).reshape(-1)
         if boxes.shape[0] != labels.shape[0]:
-            raise DataError(f"{self.path}: image {row['image_id']!r} has {boxes.shape[0]} boxes "
-                             f"but {labels.shape[0]} labels")
-        if not self.use_difficult and row["difficult"]:
-            keep = ~torch.tensor(row["difficult"], dtype=torch.bool)
+            raise DataError(f"{self.path}: image {self._ids[index]!r} has {boxes.shape[0]} "
+                            f"boxes but {labels.shape[0]} labels")
+        difficult = self._difficult[index]
+        if not self.use_difficult and difficult:
+            keep = ~torch.tensor(difficult, dtype=torch.bool)
             boxes, labels = boxes[keep], labels[keep]
         if flip_decision(self.seed, self.epoch, index, self.hflip):
             image, boxes = hflip(image, boxes)
-        return image, {"boxes": boxes, "labels": labels}, row["image_id"]
+        return image, {"boxes": boxes, "labels": labels}, self._ids[index]
 
 
 def collate(batch: Sequence[tuple[torch.Tensor, dict[str, torch.Tensor], str]]) -> dict[str, Any]:

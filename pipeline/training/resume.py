@@ -11,12 +11,11 @@ run's checkpoints (:func:`latest_checkpoint`, what Ray Train V2 will restore) an
 from __future__ import annotations
 
 import json
-from pathlib import Path
 from typing import Any
 
 from pipeline import storage
 from pipeline.config import Config
-from pipeline.digests import digest, file_digest, params_subset
+from pipeline.digests import digest, params_subset
 from pipeline.errors import DataError
 from pipeline.training.checkpoints import PROGRESS
 
@@ -30,16 +29,18 @@ NOT_IN_KEY = tuple(f"train.{k}" for k in (
     "metrics_dir", "keep_checkpoints"))
 
 
-def run_key(cfg: Config, stage: str, train_path: Path, init_model: Path | None) -> str:
-    """Digest of everything that determines a stage's training (12 hex digits)."""
+def run_key(cfg: Config, stage: str, train_digest: str, init_digest: str | None) -> str:
+    """Digest of everything that determines a stage's training (12 hex digits); the data
+    enter by their content digests (:func:`pipeline.digests.file_digest` of the training
+    table and, for the ``frcnn`` stage, of the RPN model)."""
     tree = cfg.to_dict()
     return digest({
         "stage": stage,
         "image_size": tree["data"]["image_size"],
         **params_subset(tree, sections=("backbone", "anchors", "rpn", "roi", "train"),
                         exclude=NOT_IN_KEY),
-        "train_data": file_digest(train_path),
-        "init_model": file_digest(init_model) if init_model is not None else None,
+        "train_data": train_digest,
+        "init_model": init_digest,
     }, length=12)
 
 

@@ -1,6 +1,7 @@
 """Optimisation settings of a training run: SGD, the learning-rate schedule, mixed precision.
 
-All from ``train.*``: SGD with momentum and weight decay; a linear warm-up over ``warmup_steps``
+All from ``train.*``: SGD with momentum and weight decay (not on biases unless
+``train.bias_decay``, as the original); a linear warm-up over ``warmup_steps``
 from ``lr * WARMUP_FACTOR`` to ``lr``, then ``cosine`` (to 0 at the last step), ``step`` (times
 ``lr_gamma`` at each of ``lr_step_epochs``) or ``constant``; autocast in bf16 / fp16 (``amp:
 auto`` is bf16 on CUDA, off on CPU; fp16 adds a gradient scaler).
@@ -47,14 +48,26 @@ def amp_dtype(setting: str, device: torch.device) -> torch.dtype | None:
     return {"bf16": torch.bfloat16, "fp16": torch.float16, "off": None}[setting]
 
 
+def param_groups(params: Sequence[torch.nn.Parameter], weight_decay: float, bias_decay: bool
+                 ) -> list[dict[str, Any]]:
+    """SGD parameter groups: weights (``ndim > 1``) with ``weight_decay``; biases with it too
+    only when ``bias_decay``. Empty groups are left out."""
+    weights = [p for p in params if p.ndim > 1]
+    biases = [p for p in params if p.ndim <= 1]
+    groups = [{"params": weights, "weight_decay": weight_decay},
+              {"params": biases, "weight_decay": weight_decay if bias_decay else 0.0}]
+    return [g for g in groups if g["params"]]
+
+
 def make_optimizer(tcfg: TrainConfig, params: Sequence[torch.nn.Parameter], *,
                    steps_per_epoch: int, total_steps: int, device: torch.device
                    ) -> tuple[torch.optim.Optimizer, Any, torch.amp.GradScaler | None,
                               torch.dtype | None]:
     """``(SGD, its LambdaLR schedule, a GradScaler for fp16 or None, the autocast dtype or
-    None)`` for the trainable ``params``."""
-    optimizer = torch.optim.SGD(params, lr=tcfg.lr, momentum=tcfg.momentum,
-                                weight_decay=tcfg.weight_decay)
+    None)`` for the trainable ``params``; one-dimensional parameters (biases) get no weight
+    decay unless ``train.bias_decay``."""
+    optimizer = torch.optim.SGD(param_groups(params, tcfg.weight_decay, tcfg.bias_decay),
+                                lr=tcfg.lr, momentum=tcfg.momentum)
     milestones = tuple(e * steps_per_epoch for e in tcfg.lr_step_epochs)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor(
         s, warmup_steps=tcfg.warmup_steps, total_steps=total_steps, schedule=tcfg.lr_schedule,

@@ -1,4 +1,5 @@
-"""Anchors: count, hand-computed grids, order, and agreement with torchvision's AnchorGenerator."""
+"""Anchors: count, hand-computed grids, order, agreement with torchvision's AnchorGenerator, and
+how many positions of each anchor type lie inside the image."""
 
 from __future__ import annotations
 
@@ -9,7 +10,8 @@ import torch
 from torchvision.models.detection.anchor_utils import AnchorGenerator as TVAnchorGenerator
 from torchvision.models.detection.image_list import ImageList
 
-from detector.anchors import AnchorGenerator, generate_anchors
+from detector.anchors import (AnchorGenerator, generate_anchors, trainable_anchor_counts,
+                              untrained_anchor_types)
 
 
 def test_count_at_640() -> None:
@@ -83,3 +85,54 @@ def test_bad_parameters_are_refused(bad: dict) -> None:
     kwargs = dict(stride=16, scales=(8,), ratios=(1.0,)) | bad
     with pytest.raises(ValueError):
         AnchorGenerator(**kwargs)
+
+
+# -- trainable positions per anchor type ------------------------------------------------------
+
+def positions_inside(cells: int, stride: int, extent: float, side: int, border: float) -> int:
+    """Cell centres ``(i + 0.5) * stride`` along one axis at which an anchor of ``extent`` pixels
+    fits in ``[-border, side + border]``, counted one by one."""
+    if border < 0:
+        return cells
+    return sum(1 for i in range(cells)
+               if (i + 0.5) * stride - extent / 2 >= -border
+               and (i + 0.5) * stride + extent / 2 <= side + border)
+
+
+def counts_by_hand(height: int, width: int, scales, ratios, border: float) -> list[int]:
+    """Per type (ratio-major), inside positions = positions along x times positions along y."""
+    out = []
+    for r in ratios:
+        for s in scales:
+            w, h = s * 16 / math.sqrt(r), s * 16 * math.sqrt(r)
+            out.append(positions_inside(width // 16, 16, w, width, border)
+                       * positions_inside(height // 16, 16, h, height, border))
+    return out
+
+
+def test_trainable_counts_at_640_with_the_default_anchors() -> None:
+    gen = AnchorGenerator(stride=16, scales=(8, 16, 32), ratios=(0.5, 1.0, 2.0))
+    assert gen.types == ((0.5, 8.0), (0.5, 16.0), (0.5, 32.0), (1.0, 8.0), (1.0, 16.0),
+                         (1.0, 32.0), (2.0, 8.0), (2.0, 16.0), (2.0, 32.0))
+    counts = trainable_anchor_counts(gen, 640, 0.0)
+    assert counts.dtype == torch.int64
+    assert counts.tolist() == [952, 504, 0, 1024, 576, 64, 952, 504, 0]
+    assert untrained_anchor_types(gen, 640, 0.0) == [(0.5, 32.0), (2.0, 32.0)]  # 724x362, 362x724
+    assert trainable_anchor_counts(gen, 640, -1.0).tolist() == [1600] * 9
+    assert untrained_anchor_types(gen, 640, -1.0) == []
+    # 64 pixels of slack: the 512-pixel types fit at 2 x 26 centres.
+    assert trainable_anchor_counts(gen, 640, 64.0).tolist() == [1440, 936, 52, 1600, 1024, 256,
+                                                                1440, 936, 52]
+    assert untrained_anchor_types(gen, 640, 64.0) == []
+
+
+@pytest.mark.parametrize("size,scales,ratios,border", [
+    ((640, 640), (8, 16, 32), (0.5, 1.0, 2.0), 0.0), ((640, 640), (8, 16, 32), (0.5, 1.0, 2.0), 50.0),
+    ((480, 640), (8, 16, 32), (0.5, 1.0, 2.0), 0.0), ((160, 160), (2, 4, 8), (0.5, 1.0, 2.0), 0.0),
+    ((64, 64), (1, 2, 4), (0.25, 1.0, 3.0), 8.0), ((200, 120), (3, 5), (0.5, 2.0), -1.0)])
+def test_trainable_counts_match_a_count_by_hand(size, scales, ratios, border) -> None:
+    gen = AnchorGenerator(stride=16, scales=scales, ratios=ratios)
+    counts = trainable_anchor_counts(gen, size, border)
+    assert counts.tolist() == counts_by_hand(*size, scales, ratios, border)
+    assert untrained_anchor_types(gen, size, border) == [
+        t for t, n in zip(gen.types, counts_by_hand(*size, scales, ratios, border)) if n == 0]

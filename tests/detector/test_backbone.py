@@ -99,3 +99,52 @@ def test_bad_weight_files_are_refused(tmp_path: Path) -> None:
     torch.save(state, partial)
     with pytest.raises(ValueError, match=r"features\.10\.weight is missing"):
         FasterRCNN(2, backbone_weights=str(partial), **SMALL)
+
+
+#: End of each VGG-16 conv block in ``vgg16().features``, after its max-pool, written out:
+#: conv1 0-4, conv2 5-9, conv3 10-16, conv4 17-23, conv5 24-29 (no last pool).
+BLOCK_ENDS = (0, 5, 10, 17, 24, 30)
+
+
+@pytest.fixture(scope="module")
+def vgg_file(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A local VGG-16 state dict with random values (as a user's own weights file)."""
+    path = tmp_path_factory.mktemp("weights") / "vgg.pt"
+    torch.save(fake_vgg_state(), path)
+    return path
+
+
+def frozen_names(model: FasterRCNN) -> set[str]:
+    return {n for n, p in model.named_parameters() if not p.requires_grad}
+
+
+def torchvision_block_names(blocks: int) -> set[str]:
+    """Parameter names of torchvision's own ``vgg16().features[:end]``, as the model's."""
+    with torch.device("meta"):
+        reference = vgg16().features[: BLOCK_ENDS[blocks]]
+    return {f"backbone.features.{k}" for k in reference.state_dict()}
+
+
+def test_pretrained_weights_freeze_conv1_and_conv2_by_default(vgg_file: Path, no_download: Path) -> None:
+    model = FasterRCNN(2, backbone_weights=str(vgg_file), **SMALL).train()
+    assert model.config["backbone_freeze_blocks"] == 2
+    assert frozen_names(model) == torchvision_block_names(2)  # features[:10]: 4 convs
+    assert len(frozen_names(model)) == 8
+    target = [{"boxes": torch.tensor([[4.0, 6.0, 40.0, 50.0]]), "labels": torch.tensor([1])}]
+    sum(model(torch.rand(1, 3, 64, 64), target).values()).backward()
+    no_grad = {n for n, p in model.named_parameters() if p.grad is None}
+    assert no_grad == torchvision_block_names(2)  # the rest all train
+
+
+@pytest.mark.parametrize("blocks", [0, 3, 5])
+def test_pretrained_weights_freeze_the_blocks_asked_for(blocks: int, vgg_file: Path,
+                                                        no_download: Path) -> None:
+    model = FasterRCNN(2, backbone_weights=str(vgg_file), backbone_freeze_blocks=blocks, **SMALL)
+    assert frozen_names(model) == torchvision_block_names(blocks)
+
+
+def test_random_weights_freeze_nothing_and_bad_block_counts_are_refused() -> None:
+    assert frozen_names(FasterRCNN(2, backbone_freeze_blocks=5, **SMALL)) == set()
+    for bad in (6, -1):
+        with pytest.raises(ValueError, match="backbone_freeze_blocks"):
+            FasterRCNN(2, backbone_freeze_blocks=bad, **SMALL)

@@ -85,6 +85,57 @@ def test_pooling_and_prediction_shapes(pool: str) -> None:
     assert logits.shape == (6, 5) and deltas.shape == (6, 5, 4)
 
 
+def ones_head(dropout: float) -> RoIHeads:
+    """A head whose fc6 and fc7 output exactly 1 everywhere (zero weights, bias 1), so what
+    follows each is its dropout mask scaled by ``1 / (1 - p)``."""
+    head = RoIHeads(in_channels=8, num_classes=3, pool="align", pool_size=7, hidden_dim=64,
+                    spatial_scale=1 / 16, reg_weight=1.0, sampling=RoISampling(**SAMPLING),
+                    detection=DetectionSettings(), dropout=dropout)
+    for layer in (head.fc6, head.fc7):
+        torch.nn.init.zeros_(layer.weight)
+        torch.nn.init.ones_(layer.bias)
+    return head
+
+
+def fc_outputs(head: RoIHeads, pooled: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    """``(fc6 output as fc7 receives it, fc7 output as cls_score / bbox_pred receive it,
+    logits)`` of ``head.predict(pooled)``."""
+    seen: list[torch.Tensor] = []
+    hooks = [layer.register_forward_pre_hook(lambda module, args: seen.append(args[0]))
+             for layer in (head.fc7, head.cls_score, head.bbox_pred)]
+    logits, _ = head.predict(pooled)
+    for hook in hooks:
+        hook.remove()
+    assert torch.equal(seen[1], seen[2])  # one mask for both predictors
+    return seen[0], seen[1], logits
+
+
+@pytest.mark.parametrize("p", [0.5, 0.2])
+def test_dropout_after_fc6_and_fc7_in_training_only(p: float) -> None:
+    torch.manual_seed(0)
+    head = ones_head(p)
+    pooled = torch.randn(300, 8, 7, 7)
+    after_fc6, after_fc7, logits = fc_outputs(head.train(), pooled)
+    for x in (after_fc6, after_fc7):  # 300 x 64 values each: the rate to within ~6 sigma
+        assert (x == 0).float().mean().item() == pytest.approx(p, abs=0.02)
+        assert torch.allclose(x[x != 0], torch.tensor(1 / (1 - p)))  # the rest scaled up
+    assert not torch.equal(after_fc6 == 0, after_fc7 == 0)  # two independent masks
+    assert not torch.equal(fc_outputs(head, pooled)[2], logits)  # random in training
+    # Eval mode: no dropout, deterministic.
+    after_fc6, after_fc7, logits = fc_outputs(head.eval(), pooled)
+    assert (after_fc6 == 1).all() and (after_fc7 == 1).all()
+    assert torch.equal(fc_outputs(head, pooled)[2], logits)
+
+
+def test_dropout_zero_disables_it_and_bad_rates_are_refused() -> None:
+    head = ones_head(0.0).train()
+    after_fc6, after_fc7, _ = fc_outputs(head, torch.randn(300, 8, 7, 7))
+    assert (after_fc6 == 1).all() and (after_fc7 == 1).all()
+    for bad in (1.0, -0.1):
+        with pytest.raises(ValueError, match="roi_dropout"):
+            ones_head(bad)
+
+
 def test_head_loss_uses_foreground_true_class_only() -> None:
     head = make_head()
     logits = torch.randn(4, 4)
@@ -97,6 +148,35 @@ def test_head_loss_uses_foreground_true_class_only() -> None:
            + torch.nn.functional.smooth_l1_loss(deltas[3, 1], targets[3], reduction="sum")) / 3
     torch.testing.assert_close(out["roi_cls"], ce)
     torch.testing.assert_close(out["roi_reg"], reg)
+
+
+@pytest.mark.parametrize("value", [float("inf"), float("nan")])
+def test_head_loss_ignores_non_finite_values_outside_the_sample(value: float) -> None:
+    """An inf / NaN logit or offset in an empty slot, an offset of a background RoI or of a
+    foreground RoI's other classes leaves both losses and every gradient exactly as without it
+    (masking by multiplication would give NaN: inf * 0)."""
+    head = make_head()
+    g = torch.Generator().manual_seed(0)
+    logits = torch.randn(5, 4, generator=g)
+    deltas = torch.randn(5, 4, 4, generator=g)
+    labels = torch.tensor([2, 0, -1, 1, -1])
+    targets = torch.randn(5, 4, generator=g)
+    bad_logits, bad_deltas = logits.clone(), deltas.clone()
+    bad_logits[2] = value  # empty slot
+    bad_logits[4, 0] = value  # empty slot
+    bad_deltas[2] = value  # empty slot
+    bad_deltas[1, 0] = value  # background: no regression
+    bad_deltas[0, 1] = value  # foreground of class 2: class 1's offsets unused
+
+    def loss_and_grads(lg: torch.Tensor, dl: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        lg, dl = lg.clone().requires_grad_(), dl.clone().requires_grad_()
+        out = head.loss(lg, dl, labels, targets)
+        (out["roi_cls"] + out["roi_reg"]).backward()
+        return out["roi_cls"], out["roi_reg"], lg.grad, dl.grad
+
+    for clean, dirty in zip(loss_and_grads(logits, deltas), loss_and_grads(bad_logits, bad_deltas)):
+        assert torch.isfinite(dirty).all()
+        torch.testing.assert_close(dirty, clean, rtol=0, atol=0)
 
 
 def test_postprocess_threshold_nms_top_k_and_images() -> None:

@@ -172,7 +172,8 @@ def test_box_below_pos_iou_still_gets_its_best_anchor() -> None:
     gt = torch.tensor([[40.0, 40.0, 52.0, 47.0]])  # small: IoU with every anchor < 0.7
     iou = box_iou(ANCHORS, gt)[:, 0].masked_fill(~inside_mask(ANCHORS, IMAGE, 0.0), -1)
     assert iou.max() < 0.7
-    labels, _ = assign_targets(ANCHORS, gt, IMAGE, generator=torch.Generator().manual_seed(0))
+    labels, _ = assign_targets(ANCHORS, gt, IMAGE, allow_border=0.0,
+                               generator=torch.Generator().manual_seed(0))
     assert (labels == 1).nonzero().squeeze(1).tolist() == (iou == iou.max()).nonzero().squeeze(1).tolist()
 
 
@@ -195,13 +196,15 @@ def test_more_positives_than_allowed_keeps_a_random_128() -> None:
     assert torch.equal(labels, same)
 
 
-def test_allow_border_minus_one_keeps_border_anchors() -> None:
+def test_border_anchors_are_kept_by_default_and_dropped_with_allow_border_zero() -> None:
     outside = (~inside_mask(ANCHORS, IMAGE, 0.0)).nonzero().squeeze(1)
     i = int(outside[0])
     gt = ANCHORS[i : i + 1].clamp(0, IMAGE)
-    dropped, _ = assign_targets(ANCHORS, gt, IMAGE)
-    kept, _ = assign_targets(ANCHORS, gt, IMAGE, allow_border=-1.0)
-    assert dropped[i] == -1
+    dropped, _ = assign_targets(ANCHORS, gt, IMAGE, allow_border=0.0)
+    kept, _ = assign_targets(ANCHORS, gt, IMAGE)  # default: allow_border=-1, as AnchorMatching
+    assert AnchorMatching().allow_border == -1.0
+    assert dropped[i] == -1 and (dropped[outside] == -1).all()
+    assert kept[i] == 1  # its own clipped box: the best anchor of that box
     assert (kept[outside] != -1).any()
 
 
@@ -268,6 +271,15 @@ def test_proposal_layer_properties() -> None:
         iou = box_iou(boxes, boxes).fill_diagonal_(0)
         assert iou.max() <= 0.6 + 1e-6  # NMS
     assert (props.boxes[~props.valid] == 0).all() and (props.scores[~props.valid] == 0).all()
+    # Each proposal is its anchor's decoded, clipped box with its score; padding has index -1.
+    assert props.anchor_index.dtype == torch.int64 and (props.anchor_index[~props.valid] == -1).all()
+    coder = BoxCoder((1.0, 1.0, 1.0, 1.0))
+    for b in range(2):
+        idx = props.anchor_index[b][props.valid[b]]
+        assert idx.unique().numel() == idx.numel()
+        boxes = clip_boxes_to_image(coder.decode_single(deltas[b, idx], anchors[idx]), (160, 160))
+        torch.testing.assert_close(props.boxes[b][props.valid[b]], boxes)
+        torch.testing.assert_close(props.scores[b][props.valid[b]], logits[b, idx].softmax(-1)[:, 1])
 
 
 def test_proposal_layer_boxes_below_min_size_never_fill_a_slot() -> None:
@@ -285,6 +297,37 @@ def test_proposal_layer_boxes_below_min_size_never_fill_a_slot() -> None:
         assert 0 < n == rb.shape[0] < 300
         assert valid[:n].all() and not valid[n:].any()
         assert ((row[:n, 2:] - row[:n, :2]) >= 56).all() and (row[n:] == 0).all()
+
+
+@pytest.mark.parametrize("planted", ["nan logit", "inf logit", "nan delta", "inf delta"])
+def test_non_finite_anchor_is_dropped_and_real_proposals_stay_first(planted: str) -> None:
+    """A NaN / inf objectness logit (or offset) at image 0's best anchor: that anchor is dropped
+    (a NaN score would rank first in topk and take a slot as padding), the proposals are exactly
+    the reference's without that anchor, and unpad() returns only real ones."""
+    g = torch.Generator().manual_seed(3)
+    anchors = generate_anchors((10, 10), 16, (1, 2, 4), (0.5, 1.0, 2.0))  # 900 anchors
+    logits = torch.randn(2, 900, 2, generator=g)
+    deltas = torch.randn(2, 900, 4, generator=g) * 0.3
+    kw = dict(min_size=16.0, nms_iou=0.7, pre_nms_top_n=900, post_nms_top_n=900)
+    i = int(proposal_layer(anchors, logits, deltas, 160, **kw).anchor_index[0, 0])  # the best
+    value = float("nan") if planted.startswith("nan") else float("inf")
+    bad_logits, bad_deltas = logits.clone(), deltas.clone()
+    if planted.endswith("logit"):
+        bad_logits[0, i, 1] = value
+    else:
+        bad_deltas[0, i, 0] = value
+    props = proposal_layer(anchors, bad_logits, bad_deltas, 160, **kw)
+    others = torch.arange(900) != i
+    ref = [*reference_proposals(anchors[others], logits[:1, others], deltas[:1, others], 160,
+                                16.0, 0.7, 900, 900),
+           *reference_proposals(anchors, logits[1:], deltas[1:], 160, 16.0, 0.7, 900, 900)]
+    for (boxes, scores), (rb, rs), valid in zip(props.unpad(), ref, props.valid):
+        n = int(valid.sum())
+        assert valid[:n].all() and not valid[n:].any() and n < 900  # packed, with padding
+        assert boxes.shape[0] == n and torch.isfinite(boxes).all() and (scores > 0).all()
+        torch.testing.assert_close(boxes, rb)
+        torch.testing.assert_close(scores, rs)
+    assert not (props.anchor_index[0] == i).any()
 
 
 def test_rpn_uses_train_and_test_top_n() -> None:
@@ -318,3 +361,35 @@ def test_rpn_loss_normalisation() -> None:
     targets[...] = float("inf")
     _, reg = rpn_loss(logits, deltas, labels.clamp(max=0), targets)
     assert reg == 0
+
+
+def loss_and_grads(loss_fn, logits: torch.Tensor, deltas: torch.Tensor):
+    """``(loss values..., d/d logits, d/d deltas)`` of ``loss_fn(logits, deltas)``."""
+    logits = logits.clone().requires_grad_()
+    deltas = deltas.clone().requires_grad_()
+    losses = loss_fn(logits, deltas)
+    sum(losses).backward()
+    return (*losses, logits.grad, deltas.grad)
+
+
+@pytest.mark.parametrize("value", [float("inf"), float("nan")])
+def test_rpn_loss_ignores_non_finite_values_outside_the_sample(value: float) -> None:
+    """An inf / NaN logit at an ignored anchor, or offset at an ignored or negative anchor (as an
+    fp16 overflow would give), leaves both losses and every gradient exactly as without it;
+    masking by multiplication would give NaN (inf * 0)."""
+    g = torch.Generator().manual_seed(0)
+    logits = torch.randn(2, 6, 2, generator=g)
+    deltas = torch.randn(2, 6, 4, generator=g)
+    targets = torch.randn(2, 6, 4, generator=g)
+    labels = torch.tensor([[1, 0, -1, -1, 0, 0], [-1, -1, 1, 0, -1, -1]])
+    bad_logits, bad_deltas = logits.clone(), deltas.clone()
+    bad_logits[0, 2] = value  # ignored
+    bad_logits[1, 5, 1] = value  # ignored
+    bad_deltas[0, 3] = value  # ignored
+    bad_deltas[1, 3, 2] = value  # negative: classified, not regressed
+    loss = lambda lg, dl: rpn_loss(lg, dl, labels, targets, reg_weight=2.0)  # noqa: E731
+    clean = loss_and_grads(loss, logits, deltas)
+    dirty = loss_and_grads(loss, bad_logits, bad_deltas)
+    for c, d in zip(clean, dirty):
+        assert torch.isfinite(d).all()
+        torch.testing.assert_close(d, c, rtol=0, atol=0)

@@ -65,6 +65,24 @@ def test_imagenet_config_loads_without_download(model: FasterRCNN, tmp_path: Pat
     loaded, _ = load_model(path)
     assert loaded.config["backbone_weights"] == "imagenet"
     assert torch.equal(loaded.backbone.features[0].weight, model.backbone.features[0].weight)
+    # Frozen as the constructor froze them from pretrained weights: conv1, conv2 (features[:10]).
+    frozen = {n for n, p in loaded.named_parameters() if not p.requires_grad}
+    assert frozen == {f"backbone.features.{i}.{w}" for i in (0, 2, 5, 7) for w in ("weight", "bias")}
+    assert all(p.requires_grad for p in load_model(save_model(tmp_path / "none.pt", model))[0].parameters())
+
+
+def test_new_keywords_round_trip_and_old_checkpoints_get_their_defaults(tmp_path: Path) -> None:
+    torch.manual_seed(0)
+    model = FasterRCNN(2, roi_dropout=0.1, backbone_freeze_blocks=3, **SMALL)
+    loaded, _ = load_model(save_model(tmp_path / "new.pt", model))
+    assert loaded.config["roi_dropout"] == 0.1 and loaded.roi_heads.dropout == 0.1
+    assert loaded.config["backbone_freeze_blocks"] == 3
+    old_config = {k: v for k, v in model.config.items()
+                  if k not in ("roi_dropout", "backbone_freeze_blocks")}  # saved before they existed
+    torch.save({"state_dict": model.state_dict(), "config": old_config, "meta": {}}, tmp_path / "old.pt")
+    old, _ = load_model(tmp_path / "old.pt")
+    assert old.config == {**old_config, "roi_dropout": 0.5, "backbone_freeze_blocks": 2}
+    assert old.roi_heads.dropout == 0.5
 
 
 def test_bad_files_raise_value_errors_naming_path_and_problem(model: FasterRCNN, tmp_path: Path) -> None:
