@@ -32,7 +32,7 @@ STAGES = {
                                         "pictures"),
     "sweep": ("pipeline.sweep", "Ray Tune sweep over anchor and sampling hyperparameters"),
     "predict": ("pipeline.predict", "Run the detector on image files; print JSON or draw boxes"),
-    "anchors": ("pipeline.anchors", "Anchor coverage: trainable positions per anchor type, "
+    "anchors": ("pipeline.evaluation.anchors", "Anchor coverage: trainable positions per anchor type, "
                                     "anchor-only recall per class (no model needed)"),
 }
 

@@ -34,6 +34,7 @@ import yaml
 
 from pipeline import anchors, files, plots, storage, tracking
 from pipeline.config import Config, ConfigError
+from pipeline.evaluation.anchors import anchor_recall
 from pipeline.prepared import GroundTruth
 from pipeline.redaction import redact
 from pipeline.sweep import space
@@ -168,7 +169,7 @@ def trial_coverage(cfg: Config, sampled: Mapping[str, Any], split: GroundTruth,
     except ConfigError:
         return {}
     untrained = anchors.untrained_types(trial_cfg)
-    return {**anchors.anchor_recall(trial_cfg, split, classes),
+    return {**anchor_recall(trial_cfg, split, classes),
             anchors.TAG: anchors.describe_types(trial_cfg, untrained)}
 
 

@@ -118,6 +118,7 @@ def _log_anchor_coverage(run: tracking.RunHandle, cfg: Any, setup: Mapping[str, 
     import ray
 
     from pipeline import anchors
+    from pipeline.evaluation.anchors import anchor_recall
     from pipeline.prepared import read_ground_truth
 
     untrained = anchors.warn_untrained(cfg, trial_id)
@@ -125,7 +126,7 @@ def _log_anchor_coverage(run: tracking.RunHandle, cfg: Any, setup: Mapping[str, 
         run.set_tags({anchors.TAG: untrained})
     split = read_ground_truth("eval.parquet", cfg.sweep.split,
                               data=ray.get(setup["tables"])["eval"])
-    run.log_metrics(anchors.anchor_recall(cfg, split, setup["classes"]))
+    run.log_metrics(anchor_recall(cfg, split, setup["classes"]))
 
 
 def _fit_trial(cfg: Any, base: Any, setup: Mapping[str, Any], trial_id: str,

@@ -25,6 +25,7 @@ from PIL import Image
 from detector.serialization import load_model, save_model
 from pipeline.cli import main
 from pipeline.modeling import build_model
+from pipeline.digests import file_digest
 from pipeline.training import checkpoints, resume
 from tests.support import ROOT
 from tests.support.factories import RAY_PARAMS, tiny_cfg, write_params, write_prepared
@@ -182,7 +183,7 @@ def test_train_names_a_corrupt_checkpoint_to_resume_from_before_ray(tmp_path, mo
     project = _project(tmp_path)
     cfg = Config().replace(RAY_PARAMS)
     write_params(project / "params.yaml", RAY_PARAMS)
-    key = resume.run_key(cfg, "rpn", (project / "data" / "prepared" / "train.parquet").resolve(),
+    key = resume.run_key(cfg, "rpn", file_digest(project / "data" / "prepared" / "train.parquet"),
                          None)
     run = project / "checkpoints" / f"train_rpn-{key}"
     folder = run / "checkpoint_e000_s0000002"

@@ -148,10 +148,6 @@ def test_non_finite_loss_names_the_step_and_the_epoch(prepared):
                    num_classes=2, model_fn=_NaNModel)
 
 
-@pytest.mark.xfail(strict=False, reason=(
-    "detector.FasterRCNN still checks its own losses and raises first, without the step and "
-    "the epoch (its check is being removed from detector/model.py; the loop's check names "
-    "both)"))
 def test_real_model_diverging_mid_run_names_the_step_and_the_epoch(prepared):
     """The real detector: after 3 good steps (epoch 1 of 3 steps) its objectness weights turn
     NaN, as they do when training diverges; the loop's error names step 4 of epoch 2."""

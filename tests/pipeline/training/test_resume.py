@@ -7,12 +7,14 @@ import json
 import pytest
 
 from pipeline.config import Config
+from pipeline.digests import file_digest
 from pipeline.training import checkpoints, resume
 from tests.support.factories import RAY_PARAMS, write_prepared
 
 
 def test_run_key_follows_training_inputs_only(tmp_path):
-    data = write_prepared(tmp_path / "data" / "prepared", size=64, num_images=6) / "train.parquet"
+    data = file_digest(write_prepared(tmp_path / "data" / "prepared", size=64,
+                                      num_images=6) / "train.parquet")
     cfg = Config().replace(RAY_PARAMS)
     key = resume.run_key(cfg, "rpn", data, None)
     assert key == resume.run_key(cfg.replace({"eval.batch_size": 9, "train.log_every": 5,
@@ -21,7 +23,8 @@ def test_run_key_follows_training_inputs_only(tmp_path):
     assert key != resume.run_key(cfg.replace({"train.lr": 0.02}), "rpn", data, None)
     assert key != resume.run_key(cfg.replace({"rpn.pos_iou": 0.6}), "rpn", data, None)
     assert key != resume.run_key(cfg, "frcnn", data, None)
-    other = write_prepared(tmp_path / "other", size=64, num_images=6, seed=1) / "train.parquet"
+    other = file_digest(write_prepared(tmp_path / "other", size=64, num_images=6,
+                                       seed=1) / "train.parquet")
     assert key != resume.run_key(cfg, "rpn", other, None)
     assert key != resume.run_key(cfg, "rpn", data, other)  # another model to start from
 

@@ -36,12 +36,20 @@ def test_make_optimizer_follows_train_settings():
     cfg = tiny_cfg(train__lr=0.02, train__momentum=0.8, train__weight_decay=0.001,
                    train__warmup_steps=2, train__lr_schedule="step", train__lr_step_epochs=[2],
                    train__lr_gamma=0.5, train__amp="fp16")
-    params = [torch.nn.Parameter(torch.zeros(3))]
+    weight, bias = torch.nn.Parameter(torch.zeros(3, 2)), torch.nn.Parameter(torch.zeros(3))
     optimizer, scheduler, scaler, dtype = schedule.make_optimizer(
-        cfg.train, params, steps_per_epoch=3, total_steps=9, device=torch.device("cpu"))
-    group = optimizer.param_groups[0]
+        cfg.train, [weight, bias], steps_per_epoch=3, total_steps=9, device=torch.device("cpu"))
+    weights, biases = optimizer.param_groups
     assert isinstance(optimizer, torch.optim.SGD)
-    assert (group["momentum"], group["weight_decay"]) == (0.8, 0.001)
+    assert weights["params"] == [weight] and biases["params"] == [bias]
+    # no weight decay on biases (train.bias_decay false, as the original)
+    assert (weights["momentum"], weights["weight_decay"], biases["weight_decay"]) == \
+        (0.8, 0.001, 0.0)
+    decayed = schedule.make_optimizer(tiny_cfg(train__bias_decay=True).train, [weight, bias],
+                                      steps_per_epoch=1, total_steps=1,
+                                      device=torch.device("cpu"))[0]
+    assert [g["weight_decay"] for g in decayed.param_groups] == [0.0005, 0.0005]
+    params = [weight, bias]
     assert dtype is torch.float16 and scaler is not None  # fp16 needs a gradient scaler
     lrs = []
     for _ in range(8):
