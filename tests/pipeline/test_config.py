@@ -73,3 +73,24 @@ def test_config_error_is_the_pipelines_and_a_value_error():
 
     assert ConfigError is errors.ConfigError
     assert issubclass(ConfigError, errors.PipelineError) and issubclass(ConfigError, ValueError)
+
+
+def test_the_original_works_training_choices_are_parameters_with_its_defaults():
+    cfg = load_config([ROOT / "params.yaml"])
+    assert cfg.rpn.allow_border == -1.0          # every anchor type trains (torchvision, detectron2)
+    assert cfg.roi.dropout == 0.5 and cfg.backbone.freeze_blocks == 2
+    assert cfg.train.bias_decay is False and cfg.train.worker_resources == {}
+    from pipeline.modeling import model_kwargs
+    kwargs = model_kwargs(cfg)
+    assert (kwargs["roi_dropout"], kwargs["backbone_freeze_blocks"],
+            kwargs["rpn_allow_border"]) == (0.5, 2, -1.0)
+
+
+@pytest.mark.parametrize("item, fragment", [
+    ("roi.dropout=1.0", "roi.dropout: 1.0 is out of range"),
+    ("backbone.freeze_blocks=6", "backbone.freeze_blocks: 6 is out of range"),
+    ("train.worker_resources={node_a: -1}", "train.worker_resources: 'node_a': -1 must be"),
+])
+def test_new_training_parameters_are_checked(item, fragment):
+    with pytest.raises(ConfigError, match=fragment):
+        load_config([ROOT / "params.yaml"], [item])

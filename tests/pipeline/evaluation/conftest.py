@@ -53,6 +53,6 @@ def perfect(eval_set: EvalSet) -> Scored:
     budgets = (50, 100, 300, 1000, 2000)
     results = evaluate_model(rpn_model=model, detector=model, splits=splits, budgets=budgets,
                              num_classes=2, image_size=eval_set.size, batch_size=2,
-                             num_pictures=2, progress=False)
+                             num_pictures=2, progress=False, class_names=list(eval_set.classes))
     values = metrics(results, ["test", "val"], budgets, list(eval_set.classes))
     return Scored(eval_set, splits, budgets, results, values)

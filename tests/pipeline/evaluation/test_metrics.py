@@ -35,3 +35,13 @@ def test_format_summary_lists_the_headline_values_in_columns(perfect):
     lines = M.format_summary(perfect.values).splitlines()
     assert len(lines) == len([v for v in perfect.values.values() if not isinstance(v, dict)])
     assert ["AR@300", "1.0"] in [line.split() for line in lines]
+
+
+def test_per_class_metrics_name_each_class(perfect):
+    values = perfect.values
+    for cls in ("cat", "dog"):
+        for key in (f"recall@0.5/300/{cls}", f"recall@0.7/300/{cls}", f"AR@300/{cls}"):
+            assert values[key] == 1.0, key
+        assert 0.0 <= values[f"anchors/recall@0.5/{cls}"] <= 1.0
+        assert 0.0 <= values[f"anchors/AR/{cls}"] <= 1.0
+    assert "AR@300/cat" in values["val"] or "AR@300/dog" in values["val"]

@@ -154,7 +154,7 @@ def test_summarize_by_budget_size_and_anchor_baseline():
     assert set(summary.loc[summary["budget"] > 0, "proposals"]) == {"rpn"}
     assert get(split="test", budget=-1, metric="recall", iou_threshold=0.7) == 0.5
     per_group = summary[(summary["split"] == "test") & (summary["budget"] == 50)
-                        & (summary["size"] == "all")]
+                        & (summary["size"] == "all") & (summary["class_name"] == "all")]
     assert per_group["metric"].value_counts().to_dict() == {"recall": 10, "AR": 1}
     assert per_group["num_gt"].unique().tolist() == [2]
     assert len(R.summarize(R.empty_recall_table())) == 0
@@ -178,3 +178,23 @@ def test_plot_frames():
     assert list(props.columns) == ["budget", "recall@0.5", "recall@0.7"]
     assert props["budget"].tolist() == [50, 300]
     assert props["recall@0.5"].tolist() == [0.5, 1.0] and props["recall@0.7"].tolist() == [0.5, 0.5]
+
+
+def test_summarize_per_class_over_all_sizes():
+    """Per-class rows: every class with boxes, over all sizes, each the recall of its own boxes
+    only (hand-computed); the class-free rows are unchanged by them."""
+    boxes = [[0, 0, 10, 10], [0, 0, 200, 200], [5, 5, 50, 50]]
+    rows = R.image_recall_rows(image_id="a", split="test", gt_boxes=torch.tensor(boxes, dtype=torch.float32),
+                               labels=torch.tensor([1, 2, 1]), difficult=torch.zeros(3, dtype=torch.bool),
+                               best_iou=torch.tensor([[0.3], [0.9], [0.6]]), budgets=[300])
+    summary = R.summarize(R.recall_table([rows]), class_names=["cat", "dog"])
+    get = lambda **kw: R.lookup(summary, split="test", budget=300, **kw)    # noqa: E731
+    assert get(metric="recall", iou_threshold=0.5, class_name="cat") == 0.5     # 0.6 of 0.3, 0.6
+    assert get(metric="recall", iou_threshold=0.5, class_name="dog") == 1.0
+    assert get(metric="AR", class_name="cat") == pytest.approx(R.average_recall([0.3, 0.6]))
+    assert get(metric="recall", iou_threshold=0.5) == pytest.approx(2 / 3)      # all classes
+    per_class = summary[summary["class_name"] != "all"]
+    assert set(per_class["size"]) == {"all"} and set(per_class["class_name"]) == {"cat", "dog"}
+    assert per_class.groupby("class_name")["num_gt"].first().to_dict() == {"cat": 2, "dog": 1}
+    unnamed = R.summarize(R.recall_table([rows]))                               # no names: ids
+    assert set(unnamed["class_name"]) == {"all", "1", "2"}

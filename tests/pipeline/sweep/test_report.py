@@ -81,3 +81,30 @@ def test_plot_trials_writes_a_png(tmp_path):
                                     metric="AR@300", best_id="t2")
     with Image.open(path) as img:
         assert img.format == "PNG" and img.size[0] > 300
+
+
+def test_trial_coverage_columns_need_no_training(tmp_path):
+    """Each trial's anchor coverage on the sweep's split (at the trials' size, anchors scaled)
+    and the types its settings leave untrained; an invalid combination has none."""
+    import torch
+
+    from pipeline.prepared import GroundTruth
+
+    cfg = load_config([PARAMS], ["sweep.image_size=320", "rpn.allow_border=0"])
+    # at 320 px the trial's anchors are halved: scale 8 -> 64 px, centred at 8 + 16 k: this box is one
+    split = GroundTruth("val", tmp_path / "val.parquet", ["a"],
+                        [torch.tensor([[120.0, 120.0, 184.0, 184.0]])], [torch.tensor([1])],
+                        [torch.tensor([False])])
+    coverage = sweep_report.trial_coverage(cfg, {"anchors.scales": [8.0, 16.0, 32.0]}, split,
+                                           ["cell"])
+    assert coverage["anchors/recall@0.5/cell"] == 1.0 and coverage["anchors/AR/cell"] == 1.0
+    assert coverage["untrained_anchor_types"] == \
+        "ratio 0.5 x scale 16 (362x181 px), ratio 2 x scale 16 (181x362 px)"
+    assert sweep_report.trial_coverage(cfg, {"rpn.neg_iou": 0.9}, split, ["cell"]) == {}
+    records = _records()
+    records[0].coverage = coverage
+    table = sweep_report.trial_table(records, space_keys=["anchors.scales", "train.lr"],
+                                     metrics=["AR@300"], metric="AR@300", mode="max")
+    assert list(table.columns)[-len(coverage):] == list(coverage)
+    row = table.set_index("trial_id").loc["t2"]
+    assert row["anchors/AR"] == 1.0 and "ratio 0.5" in row["untrained_anchor_types"]

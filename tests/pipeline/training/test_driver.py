@@ -96,6 +96,29 @@ def test_restart_recorder_counts_the_restarts_ray_will_make(tmp_path, monkeypatc
     assert mlflow_store.metric_steps(tmp_path / "mlflow.db", run.run_id, "restarts") == [1]
 
 
+def test_untrained_anchor_types_are_printed_and_tagged_on_the_stage_run(tmp_path, monkeypatch,
+                                                                       capsys):
+    """Settings that leave anchor types without a trainable position (allow_border 0 and
+    anchors as wide as the 64 px image): the stage warns and tags its MLflow run, before Ray."""
+    from pipeline.errors import RunFailedError
+    from pipeline.training import driver
+
+    project = _project(tmp_path, **{"rpn.allow_border": 0.0, "anchors.scales": [1, 4]})
+    monkeypatch.chdir(project)
+
+    def no_ray(*args, **kwargs):
+        raise RunFailedError("stopped before Ray for this test")
+
+    monkeypatch.setattr(driver, "_fit", no_ray)
+    assert main(["train", "--stage", "rpn"]) == 1
+    err = capsys.readouterr().err
+    assert "train_rpn: warning: 3 anchor type(s) never lie inside the 64x64 image" in err
+    run = mlflow_store.only_run(project / "mlflow.db", "train_rpn")
+    assert run.data.tags["untrained_anchor_types"] == (
+        "ratio 0.5 x scale 4 (91x45 px), ratio 1 x scale 4 (64x64 px), "
+        "ratio 2 x scale 4 (45x91 px)")
+
+
 # --------------------------------------------------------------------------------------------
 # With Ray, for real
 
