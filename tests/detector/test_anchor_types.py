@@ -19,7 +19,6 @@ from __future__ import annotations
 import copy
 import math
 from dataclasses import asdict
-from typing import Iterator
 
 import pytest
 import torch
@@ -32,12 +31,7 @@ from detector.rpn import AnchorMatching, RPNHead, assign_targets, flatten_head_o
 LARGE_TYPES = [(0.5, 32.0), (2.0, 32.0)]  # (ratio, scale): 724 x 362 and 362 x 724 at 640
 
 
-@pytest.fixture(autouse=True)
-def one_thread() -> Iterator[None]:
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py: torch on one thread
 
 
 def realistic_boxes(n_images: int, seed: int, size: int = 640) -> list[torch.Tensor]:

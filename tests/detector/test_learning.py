@@ -15,7 +15,6 @@ The code path of 640 x 640, scaled down to run in well under a minute of CPU:
 
 from __future__ import annotations
 
-from typing import Iterator
 
 import pytest
 import torch
@@ -31,12 +30,7 @@ BUDGET = round(300 * (SIZE / 640) ** 2)  # 3
 COLOURS = torch.tensor([[1.0, 0.1, 0.1], [0.1, 1.0, 0.1], [0.1, 0.1, 1.0]])
 
 
-@pytest.fixture(autouse=True)
-def one_thread() -> Iterator[None]:
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py: torch on one thread
 
 
 def planted_images(n: int, seed: int, sides: tuple[int, int] = (21, 40)) -> tuple[torch.Tensor, list[dict]]:

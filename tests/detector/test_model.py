@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import inspect
 import warnings
-from typing import Iterator
 
 import pytest
 import torch
@@ -25,13 +24,7 @@ def targets(device: str = "cpu") -> list[dict[str, torch.Tensor]]:
     ]
 
 
-@pytest.fixture(autouse=True)
-def one_thread() -> Iterator[None]:
-    """One thread: on a shared 2-core machine two threads cost far more CPU for the same work."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py: torch on one thread
 
 
 @pytest.fixture()

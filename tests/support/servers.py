@@ -14,22 +14,15 @@ from __future__ import annotations
 import contextlib
 import os
 import signal
-import socket
 import subprocess
-import sys
 import time
 import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator
 
-BIN = Path(sys.executable).parent
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
+from tests.support import BIN
+from tests.support.procs import free_ports
 
 
 def _wait_for(url: str, proc: subprocess.Popen, timeout: float, log: Path) -> None:
@@ -69,7 +62,7 @@ class MlflowServer:
 @contextlib.contextmanager
 def mlflow_server(folder: Path, *, timeout: float = 120) -> Iterator[MlflowServer]:
     folder.mkdir(parents=True, exist_ok=True)
-    port, log = free_port(), folder / "server.log"
+    (port,), log = free_ports(1), folder / "server.log"
     server = MlflowServer(f"http://127.0.0.1:{port}", folder / "mlflow.db", folder / "artifacts")
     env = dict(os.environ, MLFLOW_DISABLE_TELEMETRY="true")
     env.pop("MLFLOW_TRACKING_URI", None)
@@ -105,7 +98,7 @@ def moto_server(folder: Path, bucket: str = "frcnn-test", *, timeout: float = 60
     import boto3
 
     folder.mkdir(parents=True, exist_ok=True)
-    port, log = free_port(), folder / "moto.log"
+    (port,), log = free_ports(1), folder / "moto.log"
     proc = subprocess.Popen([str(BIN / "moto_server"), "-H", "127.0.0.1", "-p", str(port)],
                             cwd=folder, stdout=log.open("w"), stderr=subprocess.STDOUT,
                             start_new_session=True)

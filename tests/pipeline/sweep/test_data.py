@@ -10,28 +10,12 @@ import pyarrow.parquet as pq
 import pytest
 from PIL import Image
 
-from pipeline.config import Config, load_config
 from pipeline.sweep.data import inputs_key, trial_tables
-from tests.support import ROOT
 from tests.support.factories import write_prepared
 
 
-@pytest.fixture()
-def project(tmp_path, monkeypatch):
-    """A project folder with 6 training images prepared at 128 x 128."""
-    write_prepared(tmp_path / "data" / "prepared", size=128, num_images=6)
-    monkeypatch.chdir(tmp_path)
-    return tmp_path
-
-
-def _cfg(**overrides) -> Config:
-    return load_config([ROOT / "params.yaml"]).replace({
-        "data.image_size": 128, "sweep.image_size": 64, "sweep.max_train_images": 4,
-        **overrides})
-
-
-def test_trial_tables_take_the_first_images_resized_with_their_boxes(project):
-    tables = trial_tables(_cfg())
+def test_trial_tables_take_the_first_images_resized_with_their_boxes(project, sweep_cfg):
+    tables = trial_tables(sweep_cfg())
     train = pq.read_table(io.BytesIO(tables["train"])).to_pylist()
     source = pq.read_table(project / "data" / "prepared" / "train.parquet").to_pylist()
     assert [r["image_id"] for r in train] == [r["image_id"] for r in source[:4]]
@@ -42,24 +26,24 @@ def test_trial_tables_take_the_first_images_resized_with_their_boxes(project):
     val = pq.read_table(io.BytesIO(tables["eval"])).column("image_id").to_pylist()
     assert val == ["val_000", "val_001"]  # the whole sweep.split
     # at the prepared size the bytes of the images are kept
-    same = trial_tables(_cfg(**{"sweep.image_size": 0, "sweep.max_train_images": 0}))
+    same = trial_tables(sweep_cfg(**{"sweep.image_size": 0, "sweep.max_train_images": 0}))
     assert pq.read_table(io.BytesIO(same["train"])).column("image").to_pylist() == \
         [r["image"] for r in source]
 
 
-def test_trial_tables_refuse_data_prepared_at_another_size(project):
+def test_trial_tables_refuse_data_prepared_at_another_size(project, sweep_cfg):
     with pytest.raises(ValueError, match="prepared at image_size 128"):
-        trial_tables(_cfg(**{"data.image_size": 256}))
+        trial_tables(sweep_cfg(**{"data.image_size": 256}))
 
 
-def test_trial_tables_refuse_an_empty_split(project):
+def test_trial_tables_refuse_an_empty_split(project, sweep_cfg):
     write_prepared(project / "data" / "prepared", size=128, num_images=6, num_eval=0)
     with pytest.raises(ValueError, match="val.parquet: no images: a sweep needs val images"):
-        trial_tables(_cfg())
+        trial_tables(sweep_cfg())
 
 
-def test_inputs_key_follows_parameters_and_data_not_locations(project):
-    cfg = _cfg()
+def test_inputs_key_follows_parameters_and_data_not_locations(project, sweep_cfg):
+    cfg = sweep_cfg()
     tables = trial_tables(cfg)
     key = inputs_key(cfg, tables)
     moved = cfg.replace({"tracking.uri": "sqlite:////elsewhere.db", "sweep.storage_path": "/x",

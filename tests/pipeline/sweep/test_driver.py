@@ -17,14 +17,9 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import json
-import shutil
-import socket
 import subprocess
 import sys
-import tempfile
 import time
-import urllib.request
 from pathlib import Path
 
 import pandas as pd
@@ -36,7 +31,8 @@ from pipeline.sweep import run
 from pipeline.sweep.driver import experiment_path
 from tests.support import BIN, ROOT, mlflow_store
 from tests.support.factories import TINY_SWEEP, write_params, write_prepared
-from tests.support.procs import kill_session, subprocess_env
+from tests.support.ray_cluster import ray_cluster
+from tests.support.procs import subprocess_env
 
 SPACE_KEYS = list(TINY_SWEEP["sweep.space"])
 
@@ -52,26 +48,12 @@ def test_experiment_path(tmp_path, monkeypatch):
     assert experiment_path(cfg) == "s3://bucket/sweeps/s1"
 
 
-@pytest.fixture()
-def project(tmp_path, monkeypatch):
-    """A project folder with 6 training images prepared at 128 x 128."""
-    write_prepared(tmp_path / "data" / "prepared", size=128, num_images=6)
-    monkeypatch.chdir(tmp_path)
-    return tmp_path
-
-
-def _cfg(**overrides) -> Config:
-    return load_config([ROOT / "params.yaml"]).replace({
-        "data.image_size": 128, "sweep.image_size": 64, "sweep.max_train_images": 4,
-        **overrides})
-
-
-def test_resume_without_a_sweep_is_an_error_before_ray_starts(project):
+def test_resume_without_a_sweep_is_an_error_before_ray_starts(project, sweep_cfg):
     import ray
 
     with pytest.raises(DataError, match="no sweep to resume; run `frcnn sweep` without "
                                         "--resume"):
-        run(_cfg(), argparse.Namespace(resume=True))
+        run(sweep_cfg(), argparse.Namespace(resume=True))
     assert not ray.is_initialized()
 
 
@@ -185,51 +167,6 @@ def test_tiny_sweep_on_a_local_ray(tmp_path):
 # A Ray cluster started with `ray start`, the sweep submitted with `ray job submit`
 
 
-def _free_ports(n: int) -> list[int]:
-    socks = [socket.socket() for _ in range(n)]
-    try:
-        for s in socks:
-            s.bind(("127.0.0.1", 0))
-        return [s.getsockname()[1] for s in socks]
-    finally:
-        for s in socks:
-            s.close()
-
-
-@contextlib.contextmanager
-def _ray_cluster(temp_dir: Path):
-    """``ray start --head --block`` in its own session; yields the dashboard URL. Stopped by
-    signalling that process (and, if needed, killing what is left of its session): never
-    ``ray stop``, which would stop every Ray on the machine."""
-    gcs, dash, agent, agent_grpc, env_agent, metrics, client = _free_ports(7)
-    cmd = [str(BIN / "ray"), "start", "--head", "--block", "--node-ip-address=127.0.0.1",
-           f"--port={gcs}", f"--dashboard-port={dash}", "--dashboard-host=127.0.0.1",
-           "--include-dashboard=true", f"--dashboard-agent-listen-port={agent}",
-           f"--dashboard-agent-grpc-port={agent_grpc}", f"--runtime-env-agent-port={env_agent}",
-           f"--metrics-export-port={metrics}", f"--ray-client-server-port={client}",
-           "--num-cpus=2", "--resources", json.dumps({"trial_slot": 1}),
-           f"--temp-dir={temp_dir}", "--disable-usage-stats"]
-    log = open(temp_dir.parent / "ray_start.log", "w")
-    proc = subprocess.Popen(cmd, env=subprocess_env(), stdout=log, stderr=subprocess.STDOUT,
-                            start_new_session=True)
-    url = f"http://127.0.0.1:{dash}"
-    try:
-        deadline = time.monotonic() + 90
-        while True:
-            assert proc.poll() is None, (temp_dir.parent / "ray_start.log").read_text()[-3000:]
-            with contextlib.suppress(OSError):
-                urllib.request.urlopen(f"{url}/api/version", timeout=2)
-                break
-            assert time.monotonic() < deadline, "the Ray head did not come up in 90 s"
-            time.sleep(0.5)
-        yield url
-    finally:
-        # every process of the session this test started: `ray start`, GCS, raylet, dashboard,
-        # workers (a job's driver has its own session; the jobs are stopped before this)
-        kill_session(proc, grace=10.0)
-        log.close()
-
-
 def _submit(url: str, job_dir: Path, submission_id: str, *args: str) -> None:
     cmd = [str(BIN / "ray"), "job", "submit", "--address", url, "--working-dir", str(job_dir),
            "--submission-id", submission_id, "--no-wait", "--",
@@ -266,50 +203,48 @@ def test_sweep_job_on_a_local_cluster_is_stopped_and_resumed(tmp_path):
         "sweep.plot_path": str(out / "reports" / "sweep.png"),
         "tracking.uri": f"sqlite:///{out / 'mlflow.db'}"})
     markers = out / "ray_results" / "anchor_sweep" / "trials"
-    temp_dir = Path(tempfile.mkdtemp(prefix="rt", dir="/tmp"))  # short: socket paths
     started = time.perf_counter()
-    try:
-        with _ray_cluster(temp_dir) as url:
-            client = JobSubmissionClient(url)
-            print(f"\nT cluster up {time.perf_counter() - started:.0f}")
-            _submit(url, job_dir, "sweep-1")
-            try:
-                deadline = time.monotonic() + 300
-                while not (markers.is_dir() and list(markers.glob("*.json"))):
-                    status = str(client.get_job_status("sweep-1"))
-                    assert "RUNNING" in status or "PENDING" in status, \
-                        f"{status}\n{client.get_job_logs('sweep-1')[-5000:]}"
-                    assert time.monotonic() < deadline, "no trial finished in 300 s"
-                    time.sleep(0.5)
-                print(f"T first trial done {time.perf_counter() - started:.0f}")
-                (first,) = [p.stem for p in markers.glob("*.json")]
-                client.stop_job("sweep-1")
-                _wait(client, "sweep-1", lambda s: "STOPPED" in s or "FAILED" in s, 60)
-                assert not (out / "reports" / "sweep.parquet").exists()  # interrupted
-                (parent,) = mlflow_store.sweep_runs(out / "mlflow.db")[0]
-                assert parent.info.status in ("KILLED", "RUNNING")  # RUNNING: no time
+    with ray_cluster(tmp_path / "cluster", head_cpus=2,
+                     head_resources={"trial_slot": 1}) as cluster:
+        url = cluster.dashboard
+        client = JobSubmissionClient(url)
+        print(f"\nT cluster up {time.perf_counter() - started:.0f}")
+        _submit(url, job_dir, "sweep-1")
+        try:
+            deadline = time.monotonic() + 300
+            while not (markers.is_dir() and list(markers.glob("*.json"))):
+                status = str(client.get_job_status("sweep-1"))
+                assert "RUNNING" in status or "PENDING" in status, \
+                    f"{status}\n{client.get_job_logs('sweep-1')[-5000:]}"
+                assert time.monotonic() < deadline, "no trial finished in 300 s"
+                time.sleep(0.5)
+            print(f"T first trial done {time.perf_counter() - started:.0f}")
+            (first,) = [p.stem for p in markers.glob("*.json")]
+            client.stop_job("sweep-1")
+            _wait(client, "sweep-1", lambda s: "STOPPED" in s or "FAILED" in s, 60)
+            assert not (out / "reports" / "sweep.parquet").exists()  # interrupted
+            (parent,) = mlflow_store.sweep_runs(out / "mlflow.db")[0]
+            assert parent.info.status in ("KILLED", "RUNNING")  # RUNNING: no time
 
-                print(f"T stopped {time.perf_counter() - started:.0f}")
-                _submit(url, job_dir, "sweep-2", "--resume")
-                status = _wait(client, "sweep-2",
-                               lambda s: any(t in s for t in ("SUCCEEDED", "FAILED", "STOPPED")),
-                               300)
-                print(f"T resumed done {time.perf_counter() - started:.0f}")
-                logs = client.get_job_logs("sweep-2")
-                assert "SUCCEEDED" in status, logs[-5000:]
-            finally:
-                for job in ("sweep-1", "sweep-2"):
-                    with contextlib.suppress(Exception):
-                        client.stop_job(job)
-        seconds = time.perf_counter() - started
-        assert "sweep: resuming" in logs
-        table = _check_outputs(out, trials=2, epochs=1)
-        assert list(table["status"]) == ["finished", "finished"]
-        parent, by_trial = _check_mlflow(out, table, epochs=1)
-        assert parent.data.tags["resumed"] == "true"
-        # the trial finished before the stop was not trained again: one loss point per step
-        steps = mlflow_store.metric_steps(out / "mlflow.db", by_trial[first].info.run_id, "loss")
-        assert sorted(steps) == [1, 2]
-        _print_table("sweep via ray job submit, stopped and resumed", table, seconds)
-    finally:
-        shutil.rmtree(temp_dir, ignore_errors=True)
+            print(f"T stopped {time.perf_counter() - started:.0f}")
+            _submit(url, job_dir, "sweep-2", "--resume")
+            status = _wait(client, "sweep-2",
+                           lambda s: any(t in s for t in ("SUCCEEDED", "FAILED", "STOPPED")),
+                           300)
+            print(f"T resumed done {time.perf_counter() - started:.0f}")
+            logs = client.get_job_logs("sweep-2")
+            assert "SUCCEEDED" in status, logs[-5000:]
+        finally:
+            for job in ("sweep-1", "sweep-2"):
+                with contextlib.suppress(Exception):
+                    client.stop_job(job)
+    seconds = time.perf_counter() - started
+    assert "sweep: resuming" in logs
+    table = _check_outputs(out, trials=2, epochs=1)
+    assert list(table["status"]) == ["finished", "finished"]
+    parent, by_trial = _check_mlflow(out, table, epochs=1)
+    assert parent.data.tags["resumed"] == "true"
+    # the trial finished before the stop was not trained again: one loss point per step
+    steps = mlflow_store.metric_steps(out / "mlflow.db", by_trial[first].info.run_id, "loss")
+    assert sorted(steps) == [1, 2]
+    _print_table("sweep via ray job submit, stopped and resumed", table, seconds)
