@@ -2,8 +2,9 @@
 folder, storage in an S3 bucket, tracking on an MLflow server; a worker node lost mid-run.
 
 Everything on this machine, started and stopped by the test (by process / session id): a Ray
-head and three worker nodes (``ray start``, each with 1 CPU and one unit of ``frcnn_worker``;
-the training stages' 2 workers each ask for a unit, so they land on different nodes), an
+head and two more nodes (``ray start``, each with one unit of ``frcnn_worker`` and of
+``trial_slot``; the training stages' 2 workers each ask for a ``frcnn_worker``, so they land on
+different nodes, and a lost node leaves room for its worker on the third), an
 S3-compatible server (``moto_server``), and ``mlflow server`` proxying artifacts. The driver runs
 ``frcnn`` from a folder of its own: the workers are told only bucket URIs (the training table
 and the RPN model are staged in the bucket and each node keeps its own copy in its own cache
@@ -35,7 +36,8 @@ from tests.support.procs import kill_session, subprocess_env
 from tests.support.ray_cluster import ray_cluster
 from tests.support.servers import mlflow_server, moto_server
 
-WORKER_NODES = ("node_b", "node_c", "node_d")
+NODES = ("head", "node_b", "node_c")      # each offers one training worker place
+WORKER_NODES = NODES[1:]                  # the ones the test may kill (the driver is on the head)
 
 
 def _params(cluster, server, bucket: str) -> dict:
@@ -94,13 +96,14 @@ def _kill_a_worker_node_after_a_checkpoint(cluster, s3, proc, timeout: float = 6
 @pytest.mark.slow
 def test_train_and_sweep_on_a_multi_node_cluster_with_a_bucket_and_a_tracking_server(tmp_path):
     started = time.perf_counter()
+    slot = {"frcnn_worker": 1, "trial_slot": 1}
     with moto_server(tmp_path / "s3") as s3, mlflow_server(tmp_path / "mlflow") as server, \
-            ray_cluster(tmp_path / "cluster", head_cpus=2, head_resources={},
-                        env=s3.env()) as cluster:
-        for name in WORKER_NODES:
-            cluster.add_node(name, cpus=1, resources={"frcnn_worker": 1, "trial_slot": 1},
+            ray_cluster(tmp_path / "cluster", head_cpus=2, head_resources=slot,
+                        env={**s3.env(), "FRCNN_CACHE": str(tmp_path / "cache_head")}) as cluster:
+        for count, name in enumerate(WORKER_NODES, start=2):  # one at a time: 2 cores
+            cluster.add_node(name, cpus=1, resources=slot,
                              env={**s3.env(), "FRCNN_CACHE": str(tmp_path / f"cache_{name}")})
-        cluster.wait_for_nodes(1 + len(WORKER_NODES))
+            cluster.wait_for_nodes(count)
         driver = tmp_path / "driver"  # a folder no worker is told about
         driver.mkdir()
         (driver / "params.yaml").write_text(yaml.safe_dump(_params(cluster, server, s3.bucket)))
@@ -155,7 +158,6 @@ def test_train_and_sweep_on_a_multi_node_cluster_with_a_bucket_and_a_tracking_se
         assert any(k.startswith("sweeps/anchor_sweep/") and k.endswith("frcnn_sweep.json")
                    for k in keys)
         assert any(k.startswith("sweeps/anchor_sweep/outputs/sweep.parquet") for k in keys)
-        cached = {n for n in WORKER_NODES
-                  if list((tmp_path / f"cache_{n}").rglob("train.parquet"))}
+        cached = {n for n in NODES if list((tmp_path / f"cache_{n}").rglob("train.parquet"))}
         assert len(cached) >= 2 and killed in cached
     print(f"\nmulti-node test: {time.perf_counter() - started:.0f} s, node {killed} killed")
