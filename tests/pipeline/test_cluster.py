@@ -1,15 +1,23 @@
-"""Distributed for real: training and a sweep on a Ray cluster of several nodes with no shared
-folder, storage in an S3 bucket, tracking on an MLflow server; a worker node lost mid-run.
+"""Distributed for real: the whole ``dvc repro`` on a Ray cluster of several nodes with no shared
+folder, storage in an S3 bucket, tracking on an MLflow server; a worker node lost mid-run; and
+not one secret in the tracking store.
 
 Everything on this machine, started and stopped by the test (by process / session id): a Ray
 head and two more nodes (``ray start``, each with one unit of ``frcnn_worker`` and of
 ``trial_slot``; the training stages' 2 workers each ask for a ``frcnn_worker``, so they land on
 different nodes, and a lost node leaves room for its worker on the third), an
-S3-compatible server (``moto_server``), and ``mlflow server`` proxying artifacts. The driver runs
-``frcnn`` from a folder of its own: the workers are told only bucket URIs (the training table
-and the RPN model are staged in the bucket and each node keeps its own copy in its own cache
-folder, ``$FRCNN_CACHE``), checkpoints and sweep state live in the bucket, and every run logs
-to the server.
+S3-compatible server (``moto_server``), and ``mlflow server`` proxying artifacts. ``dvc repro``
+runs in a fresh git + DVC repository the nodes are told nothing about (prepare and evaluate on
+the driver; train_rpn, train_frcnn and a 2-trial sweep on the cluster): the workers get only
+bucket URIs (the training table and the RPN model are staged in the bucket and each node keeps
+its own copy in its own cache folder, ``$FRCNN_CACHE``), checkpoints and sweep state live in the
+bucket, and every run logs to the server.
+
+Secrets (:mod:`tests.support.secrets`) fill the environment; the tracking URI carries a
+password and the bucket URIs carry keys; one sweep trial fails (its sampled ``rpn.pos_iou`` is
+below ``rpn.neg_iou``). Afterwards no secret is anywhere in the store (parameters, tags, metric
+names, artifacts, error texts, the database's and the artifact folder's bytes) nor in
+``dvc.lock``.
 
 While ``train_rpn`` runs (3 epochs, a checkpoint every step), once a checkpoint is in the bucket
 the node of one worker is killed (SIGKILL to its raylet and workers): Ray Train restarts the
@@ -20,39 +28,38 @@ ends with exactly the planned steps and epochs, one restart on its MLflow run.
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 import time
 from pathlib import Path
 
 import boto3
+import pandas as pd
 import pytest
-import yaml
 
-from pipeline.config import Config
 from tests.support import mlflow_store
 from tests.support.factories import RAY_PARAMS, TINY_SWEEP
-from tests.support.procs import kill_session, subprocess_env
+from tests.support.procs import kill_session
 from tests.support.ray_cluster import ray_cluster
+from tests.support.secrets import SECRETS, URI_SECRETS, secret_hits
 from tests.support.servers import mlflow_server, moto_server
 
 NODES = ("head", "node_b", "node_c")      # each offers one training worker place
 WORKER_NODES = NODES[1:]                  # the ones the test may kill (the driver is on the head)
 
 
-def _params(cluster, server, bucket: str) -> dict:
-    cfg = Config().replace({
-        **RAY_PARAMS, "data.image_size": 128, "data.synthetic_images": 8,
+def _overrides(cluster, server, bucket: str) -> dict:
+    return {
+        **RAY_PARAMS, "data.image_size": 128, "data.synthetic_images": 8, "data.num_workers": 1,
         "train.ray_address": cluster.address, "train.worker_resources": {"frcnn_worker": 1},
         "train.rpn_epochs": 3, "train.checkpoint_every": 1, "train.keep_checkpoints": True,
         "train.loader_workers": 0, "train.max_failures": 2,
-        "train.storage_path": f"s3://{bucket}/checkpoints",
+        "train.storage_path": f"{bucket}/checkpoints", "eval.num_pictures": 1,
         **{k: v for k, v in TINY_SWEEP.items() if k.startswith("sweep.")},
-        "sweep.num_samples": 2, "sweep.cpus_per_trial": 0.5, "sweep.max_train_images": 4,
-        "sweep.storage_path": f"s3://{bucket}/sweeps",
-        "tracking.uri": server.url, "anchors.scales": [2, 4], "rpn.min_size": 4.0,
-    })
-    return cfg.to_dict()
+        "sweep.num_samples": 2, "sweep.seed": 1, "sweep.cpus_per_trial": 0.5,
+        "sweep.max_train_images": 4, "sweep.storage_path": f"{bucket}/sweeps",
+        "sweep.space": {"rpn.pos_iou": {"choice": [0.7, 0.25]}},      # 0.25 < rpn.neg_iou
+        "tracking.uri": server.url.replace("://", f"://alice:{URI_SECRETS[0]}@"),
+        "anchors.scales": [2, 4], "rpn.min_size": 4.0,
+    }
 
 
 def _objects(s3, prefix: str) -> list[str]:
@@ -68,20 +75,12 @@ def _objects(s3, prefix: str) -> list[str]:
             return keys
 
 
-def _frcnn(driver: Path, env: dict, *args: str, timeout: float = 900) -> str:
-    done = subprocess.run([sys.executable, "-m", "pipeline", *args], cwd=driver, env=env,
-                          capture_output=True, text=True, timeout=timeout)
-    assert done.returncode == 0, f"frcnn {' '.join(args)}:\n{done.stdout[-4000:]}\n" \
-                                 f"{done.stderr[-4000:]}"
-    return done.stdout + done.stderr
-
-
 def _kill_a_worker_node_after_a_checkpoint(cluster, s3, proc, timeout: float = 600) -> str:
     """Once ``train_rpn`` has a checkpoint of step >= 2 in the bucket, SIGKILL the node of
     one of its workers; returns that node's name."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
-        assert proc.poll() is None, "train_rpn ended before a node could be killed"
+        assert proc.poll() is None, "the run ended before a node could be killed"
         steps = [int(k.split("_s")[1].split("/")[0]) for k in _objects(s3, "checkpoints/")
                  if "/checkpoint_e" in k and k.endswith("progress.json")]
         hosts = [n for n in WORKER_NODES if n in cluster.nodes
@@ -94,7 +93,8 @@ def _kill_a_worker_node_after_a_checkpoint(cluster, s3, proc, timeout: float = 6
 
 
 @pytest.mark.slow
-def test_train_and_sweep_on_a_multi_node_cluster_with_a_bucket_and_a_tracking_server(tmp_path):
+def test_dvc_repro_on_a_multi_node_cluster_with_a_bucket_a_tracking_server_and_no_leak(
+        tmp_path, dvc_repo):
     started = time.perf_counter()
     slot = {"frcnn_worker": 1, "trial_slot": 1}
     with moto_server(tmp_path / "s3") as s3, mlflow_server(tmp_path / "mlflow") as server, \
@@ -104,60 +104,70 @@ def test_train_and_sweep_on_a_multi_node_cluster_with_a_bucket_and_a_tracking_se
             cluster.add_node(name, cpus=1, resources=slot,
                              env={**s3.env(), "FRCNN_CACHE": str(tmp_path / f"cache_{name}")})
             cluster.wait_for_nodes(count)
-        driver = tmp_path / "driver"  # a folder no worker is told about
-        driver.mkdir()
-        (driver / "params.yaml").write_text(yaml.safe_dump(_params(cluster, server, s3.bucket)))
-        env = subprocess_env(**s3.env())
-        _frcnn(driver, env, "prepare")
-
-        # train_rpn, a worker node killed after a checkpoint
-        log = open(tmp_path / "train_rpn.log", "w")
-        proc = subprocess.Popen([sys.executable, "-m", "pipeline", "train", "--stage", "rpn"],
-                                cwd=driver, env=env, stdout=log, stderr=subprocess.STDOUT,
-                                start_new_session=True)
+        bucket = f"s3://AKIAEXAMPLE:{URI_SECRETS[1]}@{s3.bucket}"
+        repo = dvc_repo(_overrides(cluster, server, bucket))   # a folder no node is told about
+        repo.env.update(SECRETS, **s3.env(secret=SECRETS["AWS_SECRET_ACCESS_KEY"]),
+                        MLFLOW_TRACKING_USERNAME="alice")
+        log = open(tmp_path / "repro.log", "w")
+        proc = repo.popen("repro", log=log)
         try:
             killed = _kill_a_worker_node_after_a_checkpoint(cluster, s3, proc)
-            assert proc.wait(timeout=900) == 0, (tmp_path / "train_rpn.log").read_text()[-5000:]
+            assert proc.wait(timeout=1500) == 0, (tmp_path / "repro.log").read_text()[-6000:]
         finally:
             if proc.poll() is None:
                 kill_session(proc)
             log.close()
-        out = (tmp_path / "train_rpn.log").read_text()
-        assert "workers read s3://frcnn-test/checkpoints/staged/" in out
-        rpn = json.loads((driver / "metrics" / "train_rpn.json").read_text())
-        assert (rpn["steps"], rpn["epochs"]) == (9, 3)     # 6 images / 2 workers x 3 epochs
-        run = mlflow_store.only_run(server.url, "train_rpn")
-        assert run.info.status == "FINISHED" and run.data.tags["restarts"] == "1"
-        assert mlflow_store.metric_steps(server.url, run.info.run_id, "loss")[-1] == 9
+        out = (tmp_path / "repro.log").read_text()
+        _check_training(out, repo.path, server.url, s3)
+        _check_runs_and_artifacts(repo.path, server.url, tmp_path)
+        _check_bucket_and_caches(s3, tmp_path, killed)
+        assert secret_hits(server.url, raw_files=[server.database, server.artifacts],
+                           download_to=tmp_path / "downloads") == []
+        assert URI_SECRETS[1] not in (repo.path / "dvc.lock").read_text()
+    print(f"\nmulti-node dvc repro: {time.perf_counter() - started:.0f} s, node {killed} killed")
 
-        # train_frcnn and a 2-trial sweep on the nodes left
-        _frcnn(driver, env, "train", "--stage", "frcnn")
-        frcnn = json.loads((driver / "metrics" / "train_frcnn.json").read_text())
-        assert (frcnn["steps"], frcnn["epochs"]) == (3, 1)
-        out = _frcnn(driver, env, "sweep")
-        assert "sweep: best trial" in out
 
-        # every run FINISHED on the server, with its artifacts
-        runs = mlflow_store.runs(server.url)
-        assert {r.info.status for r in runs} == {"FINISHED"}, [(r.info.run_name, r.info.status)
-                                                                for r in runs]
-        names = sorted(r.info.run_name for r in runs if "trial_id" not in r.data.tags)
-        assert names == ["prepare", "sweep", "train_frcnn", "train_rpn"]
-        assert len([r for r in runs if "trial_id" in r.data.tags]) == 2
-        for name, artifact in (("train_rpn", "model/rpn.pt"), ("train_frcnn", "model/frcnn.pt"),
-                               ("sweep", "sweep/sweep.parquet")):
-            found = mlflow_store.only_run(server.url, name)
-            assert artifact in mlflow_store.artifacts(server.url, found.info.run_id), name
-        assert list((tmp_path / "mlflow" / "artifacts").rglob("rpn.pt"))
+def _check_training(out: str, repo: Path, store: str, s3) -> None:
+    """train_rpn: workers read the staged table; exactly the planned steps after the node loss,
+    one restart; train_frcnn: its steps."""
+    assert f"workers read s3://***@{s3.bucket}/checkpoints/staged/" in out
+    rpn = json.loads((repo / "metrics" / "train_rpn.json").read_text())
+    assert (rpn["steps"], rpn["epochs"]) == (9, 3)     # 6 images / 2 workers x 3 epochs
+    run = mlflow_store.only_run(store, "train_rpn")
+    assert run.info.status == "FINISHED" and run.data.tags["restarts"] == "1"
+    assert mlflow_store.metric_steps(store, run.info.run_id, "loss")[-1] == 9
+    frcnn = json.loads((repo / "metrics" / "train_frcnn.json").read_text())
+    assert (frcnn["steps"], frcnn["epochs"]) == (3, 1)
+    trials = pd.read_parquet(repo / "reports" / "sweep.parquet")
+    assert sorted(trials["status"]) == ["errored", "finished"], trials
 
-        # checkpoints, staged data and sweep state in the bucket; copies only in node caches
-        keys = _objects(s3, "")
-        assert any(k.startswith("checkpoints/train_rpn-") and "checkpoint_e003_s0000009" in k
-                   for k in keys)
-        assert any(k.startswith("checkpoints/staged/") and k.endswith("/rpn.pt") for k in keys)
-        assert any(k.startswith("sweeps/anchor_sweep/") and k.endswith("frcnn_sweep.json")
-                   for k in keys)
-        assert any(k.startswith("sweeps/anchor_sweep/outputs/sweep.parquet") for k in keys)
-        cached = {n for n in NODES if list((tmp_path / f"cache_{n}").rglob("train.parquet"))}
-        assert len(cached) >= 2 and killed in cached
-    print(f"\nmulti-node test: {time.perf_counter() - started:.0f} s, node {killed} killed")
+
+def _check_runs_and_artifacts(repo: Path, store: str, tmp_path: Path) -> None:
+    """Every stage run and the finished trial FINISHED on the server (the failed trial FAILED),
+    each with its artifacts, which the server keeps in its own folder."""
+    runs = mlflow_store.runs(store)
+    status = {(r.info.run_name if "trial_id" not in r.data.tags else "trial", r.info.status)
+              for r in runs}
+    assert status == {("prepare", "FINISHED"), ("train_rpn", "FINISHED"),
+                      ("train_frcnn", "FINISHED"), ("evaluate", "FINISHED"),
+                      ("sweep", "FINISHED"), ("trial", "FINISHED"), ("trial", "FAILED")}, status
+    for name, artifact in (("train_rpn", "model/rpn.pt"), ("train_frcnn", "model/frcnn.pt"),
+                           ("evaluate", "metrics/evaluate.json"),
+                           ("sweep", "sweep/sweep.parquet")):
+        found = mlflow_store.only_run(store, name)
+        assert artifact in mlflow_store.artifacts(store, found.info.run_id), name
+    assert list((tmp_path / "mlflow" / "artifacts").rglob("rpn.pt"))
+
+
+def _check_bucket_and_caches(s3, tmp_path: Path, killed: str) -> None:
+    """Checkpoints, staged data and sweep state in the bucket; the nodes' own copies of the
+    staged table only in their caches."""
+    keys = _objects(s3, "")
+    assert any(k.startswith("checkpoints/train_rpn-") and "checkpoint_e003_s0000009" in k
+               for k in keys)
+    assert any(k.startswith("checkpoints/staged/") and k.endswith("/rpn.pt") for k in keys)
+    assert any(k.startswith("sweeps/anchor_sweep/") and k.endswith("frcnn_sweep.json")
+               for k in keys)
+    assert any(k.startswith("sweeps/anchor_sweep/outputs/sweep.parquet") for k in keys)
+    cached = {n for n in NODES if list((tmp_path / f"cache_{n}").rglob("train.parquet"))}
+    assert len(cached) >= 2 and killed in cached

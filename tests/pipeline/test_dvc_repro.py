@@ -18,6 +18,8 @@ from pipeline.config import Config, DataConfig
 from pipeline.evaluation import recall as R
 from pipeline.evaluation.outputs import OutputPaths
 from tests.support import ROOT
+from tests.support.secrets import SECRETS, URI_SECRETS, secret_hits
+from tests.support.servers import moto_server
 
 
 def _stages() -> dict:
@@ -88,18 +90,35 @@ def test_dvc_repro_prepare_then_up_to_date(dvc_repo):
 
 
 @pytest.mark.slow
-def test_dvc_repro_end_to_end_at_a_small_size(dvc_repo):
+def test_dvc_repro_end_to_end_at_a_small_size(dvc_repo, tmp_path):
     """The whole `dvc repro` (prepare, train_rpn, train_frcnn, evaluate, sweep) for real (Ray,
     MLflow, DVC) at 128 x 128 with anchors of 32 and 64 pixels, then every evaluate output,
-    the sweep's outputs, `dvc metrics show`, `dvc plots show`, and a clean `dvc status`."""
-    repo = dvc_repo({
-        "data.synthetic_images": 10, "data.image_size": 128, "data.num_workers": 1,
-        "train.max_steps": 2, "train.num_workers": 1, "roi.hidden_dim": 64,
-        "anchors.scales": [2, 4],  # 32 and 64 px: inside a 128 px image
-        "rpn.min_size": 4.0, "eval.num_pictures": 2,
-        # 1 trial at 64 px (4 trials: tests/pipeline/sweep/test_driver.py)
-        "sweep.image_size": 64, "sweep.max_train_images": 4, "sweep.num_samples": 1})
-    out = repo.dvc("repro")
+    the sweep's outputs, `dvc metrics show`, `dvc plots show`, and a clean `dvc status`.
+
+    The default SQLite store, with secrets in the environment and the checkpoints and sweep
+    state in an S3 bucket (``moto_server``) through URIs that carry keys: afterwards not one
+    secret in the store (:func:`tests.support.secrets.secret_hits`) nor in ``dvc.lock``."""
+    with moto_server(tmp_path / "s3") as s3:
+        bucket = f"s3://AKIAEXAMPLE:{URI_SECRETS[1]}@{s3.bucket}"
+        repo = dvc_repo({
+            "data.synthetic_images": 10, "data.image_size": 128, "data.num_workers": 1,
+            "train.max_steps": 2, "train.num_workers": 1, "roi.hidden_dim": 64,
+            "anchors.scales": [2, 4],  # 32 and 64 px: inside a 128 px image
+            "rpn.min_size": 4.0, "eval.num_pictures": 2,
+            # 1 trial at 64 px (4 trials: tests/pipeline/sweep/test_driver.py)
+            "sweep.image_size": 64, "sweep.max_train_images": 4, "sweep.num_samples": 1,
+            "train.storage_path": f"{bucket}/checkpoints",
+            "sweep.storage_path": f"{bucket}/sweeps"})
+        repo.env.update(SECRETS, **s3.env(secret=SECRETS["AWS_SECRET_ACCESS_KEY"]))
+        out = repo.dvc("repro")
+        _check_outputs(repo, out)
+        assert secret_hits(str(repo.path / "mlflow.db"),
+                           raw_files=[repo.path / "mlflow.db", repo.path / "mlartifacts"],
+                           download_to=tmp_path / "downloads") == []
+        assert URI_SECRETS[1] not in (repo.path / "dvc.lock").read_text()
+
+
+def _check_outputs(repo, out: str) -> None:
     for stage in ("prepare", "train_rpn", "train_frcnn", "evaluate", "sweep"):
         assert f"Running stage '{stage}'" in out
     assert "AR@300" in out and "sweep: best trial" in out

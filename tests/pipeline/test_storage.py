@@ -165,3 +165,26 @@ def test_the_run_state_of_a_training_stage_lives_in_a_bucket_too(bucket):
     resume.write_run_state(root, "train_rpn-abc", "0123")
     assert resume.read_run_state(root, "train_rpn-abc") == {"mlflow_run_id": "0123"}
     assert resume.latest_checkpoint(root, "train_rpn-abc") is None  # no snapshot yet
+
+
+def test_a_file_staged_in_a_bucket_is_downloaded_once_per_node(bucket, tmp_path, monkeypatch):
+    """stage_file puts a local file under root/staged/<digest>/ (once: a second call uploads
+    nothing); local_copy gives each node a copy in its cache, downloaded once, whole."""
+    import pyarrow.fs as pafs
+
+    data = bytes(range(256)) * 4000
+    (tmp_path / "train.parquet").write_bytes(data)
+    uri = storage.stage_file(tmp_path / "train.parquet", "mem://b/ckpt", "d1g35t")
+    assert uri == "mem://b/ckpt/staged/d1g35t/train.parquet"
+    copies = []
+    original = pafs.copy_files
+    monkeypatch.setattr(pafs, "copy_files", lambda *a, **kw: copies.append(a) or original(*a, **kw))
+    assert storage.stage_file(tmp_path / "train.parquet", "mem://b/ckpt", "d1g35t") == uri
+    assert copies == []                                         # already there: not again
+    monkeypatch.setenv(storage.CACHE_ENV, str(tmp_path / "node_cache"))
+    local = storage.local_copy(uri)
+    assert local == tmp_path / "node_cache" / "d1g35t" / "train.parquet"
+    assert local.read_bytes() == data and len(copies) == 1
+    assert storage.local_copy(uri) == local and len(copies) == 1   # cached: no second download
+    assert not [p for p in local.parent.iterdir() if p.name.endswith(".tmp")]
+    assert storage.local_copy(str(tmp_path / "train.parquet")) == tmp_path / "train.parquet"

@@ -119,6 +119,27 @@ def test_untrained_anchor_types_are_printed_and_tagged_on_the_stage_run(tmp_path
         "ratio 2 x scale 4 (45x91 px)")
 
 
+def test_workers_read_the_drivers_files_locally_and_staged_copies_on_a_cluster(tmp_path,
+                                                                              monkeypatch):
+    """On the private local Ray the workers open the driver's files; with a cluster address
+    (or a bucket as storage) they get copies staged in the run's storage, by content digest."""
+    from pipeline.config import Config
+    from pipeline.training.driver import stage_inputs, worker_inputs
+
+    project = _project(tmp_path)
+    monkeypatch.chdir(project)
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    cfg = Config().replace(RAY_PARAMS)
+    inputs = stage_inputs(cfg, "rpn")
+    root = str(tmp_path / "storage")
+    assert worker_inputs(cfg, inputs, root) == {"train_path": str(inputs.train_path),
+                                                "init_model": None}
+    staged = worker_inputs(cfg.replace({"train.ray_address": "127.0.0.1:6379"}), inputs, root)
+    assert staged == {"train_path": f"{root}/staged/{inputs.train_digest}/train.parquet",
+                      "init_model": None}
+    assert Path(staged["train_path"]).read_bytes() == inputs.train_path.read_bytes()
+
+
 # --------------------------------------------------------------------------------------------
 # With Ray, for real
 

@@ -139,3 +139,38 @@ def test_sampler_refuses_nothing_to_sample_and_a_bad_rank():
         loader.ResumableSampler(0)
     with pytest.raises(ValueError, match=r"rank 2 not in \[0, 2\)"):
         loader.ResumableSampler(4, rank=2, world_size=2)
+
+
+def test_images_are_read_one_row_group_at_a_time(tmp_path, monkeypatch):
+    """A split written by prepare's writer (row groups of ROW_GROUP_ROWS images, image bytes
+    uncompressed): the dataset reads the small columns once and each image's row group only when
+    it needs it, holding one at a time, and gives the same images as a whole read."""
+    import pyarrow.parquet as pq
+
+    from pipeline.prepare.writer import ROW_GROUP_ROWS, SplitWriter
+
+    source = write_prepared(tmp_path / "src", size=32, num_images=2 * ROW_GROUP_ROWS + 3)
+    rows = pq.read_table(source / "train.parquet").to_pylist()
+    path = tmp_path / "train.parquet"
+    writer = SplitWriter(path)
+    for row in rows:
+        writer.add(row)
+    writer.close()
+    table = pq.ParquetFile(path)
+    assert table.num_row_groups == 3
+    image = table.metadata.row_group(0).column(table.schema_arrow.names.index("image"))
+    assert image.compression == "UNCOMPRESSED"
+
+    reads = []
+    original = pq.ParquetFile.read_row_group
+    monkeypatch.setattr(pq.ParquetFile, "read_row_group",
+                        lambda self, i, **kw: reads.append(i) or original(self, i, **kw))
+    dataset = loader.DetectionDataset(path)
+    assert reads == []                                        # nothing of the images yet
+    images = [dataset[i][0] for i in range(len(dataset))]
+    assert reads == [0, 1, 2]                                 # each row group once, in order
+    assert dataset._cached[0] == 2 and len(dataset._cached[1]) == 3   # only the last held
+    whole = loader.DetectionDataset(source / "train.parquet")          # one row group
+    assert all(torch.equal(a, whole[i][0]) for i, a in enumerate(images))
+    dataset[0]
+    assert reads[-1] == 0                                     # back to the first: read again
