@@ -25,7 +25,6 @@ from matplotlib.ticker import MaxNLocator
 from PIL import Image, ImageDraw, ImageFont
 
 from pipeline import files
-from pipeline.evaluation.recall import ANCHOR_BUDGET
 
 GT_COLOUR = (0, 200, 0)
 PROPOSAL_COLOUR = (40, 120, 255)
@@ -40,24 +39,23 @@ def save_figure(fig: Figure, path: str | Path) -> Path:
     return path
 
 
-def _budget_label(budget: int) -> str:
-    return "all anchors" if budget == ANCHOR_BUDGET else f"top {budget}"
-
-
-def plot_recall_vs_iou(curve: pd.DataFrame, path: str | Path, *, title: str = "") -> Path:
+def plot_recall_vs_iou(curve: pd.DataFrame, path: str | Path, *, anchor_budget: int,
+                       title: str = "") -> Path:
     """Recall against the IoU threshold, one line per budget (anchors dashed).
 
     Args:
         curve: columns ``budget, iou, recall``.
         path: the PNG to write.
+        anchor_budget: the budget of the anchor baseline's rows
+            (:data:`pipeline.evaluation.recall.ANCHOR_BUDGET`).
     """
     fig = Figure(figsize=(6, 4.5))
     ax = fig.add_subplot()
     for budget, group in curve.sort_values(["budget", "iou"]).groupby("budget", sort=True):
-        anchors = int(budget) == ANCHOR_BUDGET
+        anchors = int(budget) == anchor_budget
         ax.plot(group["iou"], group["recall"], marker="." if not anchors else None,
                 linestyle="--" if anchors else "-", color="grey" if anchors else None,
-                label=_budget_label(int(budget)))
+                label="all anchors" if anchors else f"top {int(budget)}")
     ax.set(xlabel="IoU threshold", ylabel="recall", ylim=(0, 1.02), title=title or "Recall vs IoU")
     ax.grid(alpha=0.3)
     if len(curve):

@@ -28,6 +28,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterator, Sequence
@@ -53,19 +54,39 @@ class Loaded:
     tensor: Tensor              # (3, S, S) float32 RGB in [0, 1]
 
 
-def load_images(paths: Sequence[str], size: int, mode: ResizeMode
+def load_images(sources: Sequence[str | tuple[str, Any]], size: int, mode: ResizeMode
                 ) -> Iterator[Loaded | tuple[str, str]]:
-    """For each path, a :class:`Loaded` or ``(path, reason)`` when it cannot be read."""
-    for path in paths:
+    """For each source (a path, or ``(name, path or file-like)``), a :class:`Loaded` or
+    ``(name, reason)`` when it cannot be read."""
+    for source in sources:
+        name, where = source if isinstance(source, tuple) else (source, source)
         try:
-            image = open_rgb(path)
+            image = open_rgb(where)
         except READ_ERRORS as exc:
+            detail = f": {exc}" if isinstance(where, (str, Path)) else ""  # not a BytesIO repr
             reason = "not found" if isinstance(exc, FileNotFoundError) else \
-                f"unreadable image ({type(exc).__name__}: {exc})"
-            yield path, reason
+                f"unreadable image ({type(exc).__name__}{detail})"
+            yield name, reason
             continue
         resized, info = resize_image(image, size, mode)
-        yield Loaded(path, image, info, to_tensor(resized))
+        yield Loaded(name, image, info, to_tensor(resized))
+
+
+def predict_sources(model: nn.Module, sources: Sequence[str | tuple[str, Any]], *,
+                    class_names: Sequence[str], resize: ResizeMode, batch_size: int,
+                    device: torch.device) -> tuple[list[Loaded], list[dict[str, Any]],
+                                                   list[tuple[str, str]]]:
+    """Read, resize and detect: ``(loaded images, their results, [(name, reason)] of the
+    unreadable ones)``; what ``frcnn predict`` and the served MLflow model both do."""
+    loaded, failed = [], []
+    for item in load_images(sources, model.image_size, resize):
+        if isinstance(item, Loaded):
+            loaded.append(item)
+        else:
+            failed.append(item)
+    results = predict(model, loaded, class_names=class_names, batch_size=batch_size,
+                      device=device)
+    return loaded, results, failed
 
 
 def predict(model: nn.Module, images: Sequence[Loaded], *, class_names: Sequence[str],
@@ -99,6 +120,29 @@ def predict(model: nn.Module, images: Sequence[Loaded], *, class_names: Sequence
     return results
 
 
+def predict_proposals(model: nn.Module, sources: Sequence[str | tuple[str, Any]], *,
+                      class_names: Sequence[str], resize: ResizeMode, batch_size: int,
+                      device: torch.device) -> tuple[list[Loaded], list[dict[str, Any]],
+                                                     list[tuple[str, str]]]:
+    """As :func:`predict_sources`, with the RPN's proposals (``boxes``, objectness ``scores``,
+    best first, the model's test-time top-N) instead of detections: what the RPN stage's
+    model serves."""
+    loaded, failed = [], []
+    for item in load_images(sources, model.image_size, resize):
+        (loaded if isinstance(item, Loaded) else failed).append(item)
+    results = []
+    for start in range(0, len(loaded), batch_size):
+        chunk = loaded[start:start + batch_size]
+        proposals = model.propose(torch.stack([item.tensor for item in chunk]).to(device))
+        for item, (boxes, scores) in zip(chunk, proposals):
+            boxes = unscale_boxes(boxes.float().cpu().numpy(), item.info)
+            results.append({"image": item.path, "width": item.info.orig_width,
+                            "height": item.info.orig_height,
+                            "boxes": [[round(float(v), 2) for v in box] for box in boxes],
+                            "scores": [round(float(v), 4) for v in scores.cpu()]})
+    return loaded, results, failed
+
+
 def draw_all(images: Sequence[Loaded], results: Sequence[dict[str, Any]], out_dir: Path,
              class_names: Sequence[str]) -> list[Path]:
     """Write ``out_dir/<stem>.png`` per image with its detections drawn; returns the paths."""
@@ -119,23 +163,25 @@ def draw_all(images: Sequence[Loaded], results: Sequence[dict[str, Any]], out_di
 
 def run(cfg: Config, args: argparse.Namespace) -> int:
     """The ``predict`` command; returns 0, or 1 when any image failed. A missing or unreadable
-    model raises :class:`pipeline.errors.PipelineError` before any image is read."""
+    model raises :class:`pipeline.errors.PipelineError` before any image is read.
+
+    ``--model`` is a file, or an MLflow model URI (``models:/frcnn/latest``, ``models:/frcnn/3``,
+    ``runs:/<run id>/detector``) of the store ``tracking.uri``: its weights are downloaded."""
     from pipeline.modeling import load_model_file
 
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    model, meta = load_model_file(args.model or cfg.train.frcnn_model, "frcnn", device)
+    source = args.model or cfg.train.frcnn_model
+    if str(source).startswith(("models:/", "runs:/")):
+        from pipeline.tracking.models import model_weights
+        source = model_weights(cfg, str(source), Path(tempfile.mkdtemp(prefix="frcnn-")))
+    model, meta = load_model_file(source, "frcnn", device)
     model.eval()
     class_names = [str(c) for c in meta["classes"]] if "classes" in meta else []
-
-    loaded, failed = [], 0
-    for item in load_images(args.images, model.image_size, cfg.data.resize):
-        if isinstance(item, Loaded):
-            loaded.append(item)
-        else:
-            failed += 1
-            print(f"frcnn predict: {item[0]}: {item[1]}", file=sys.stderr)
-    results = predict(model, loaded, class_names=class_names, batch_size=cfg.eval.batch_size,
-                      device=device)
+    loaded, results, failed = predict_sources(model, args.images, class_names=class_names,
+                                              resize=cfg.data.resize,
+                                              batch_size=cfg.eval.batch_size, device=device)
+    for name, reason in failed:
+        print(f"frcnn predict: {name}: {reason}", file=sys.stderr)
     if args.draw:
         for path in draw_all(loaded, results, Path(args.draw), class_names):
             print(path)

@@ -233,6 +233,11 @@ class SweepConfig:
 class TrackingConfig:
     uri: str = _p("sqlite:///mlflow.db")
     experiment: str = _p("frcnn")
+    register_models: bool = _p(True, doc="register the trained models in the model registry")
+    rpn_model_name: str = _p("frcnn-rpn", doc="registered name of the RPN stage's model")
+    frcnn_model_name: str = _p("frcnn", doc="registered name of the detector")
+    system_metrics: bool = _p(True, doc="CPU / memory / GPU of every training worker")
+    system_metrics_interval: float = _p(10.0, gt=0.0, doc="seconds between system samples")
 
 
 @dataclass(frozen=True)

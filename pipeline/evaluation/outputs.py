@@ -84,6 +84,7 @@ def write_outputs(results: EvalResults, values: Mapping[str, Any], paths: Output
         written.append(paths.plots / f"{name}.csv")
     title = f"{headline_split} split"
     written.append(plots.plot_recall_vs_iou(iou_curve, paths.plots / "recall_vs_iou.png",
+                                            anchor_budget=R.ANCHOR_BUDGET,
                                             title=f"Recall vs IoU ({title})"))
     written.append(plots.plot_recall_vs_proposals(
         prop_curve, paths.plots / "recall_vs_proposals.png",

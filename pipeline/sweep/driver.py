@@ -54,17 +54,19 @@ ends FINISHED (finished), KILLED (stopped early) or FAILED (errored).
 
 from __future__ import annotations
 
+import hashlib
 import time
 from typing import Any
 
 from pipeline import storage, tracking
 from pipeline.config import Config
 from pipeline.errors import DataError, RunFailedError
-from pipeline.prepared import read_classes, read_ground_truth
+from pipeline.prepared import MODEL_COLUMNS, read_classes, read_ground_truth
 from pipeline.redaction import redact
 from pipeline.sweep import report, space, trial
 from pipeline.sweep.data import inputs_key, trial_tables
 from pipeline.sweep.scheduler import scheduler, searcher
+from pipeline.sweep.space import trial_image_size
 
 STATE = "frcnn_sweep.json"
 
@@ -102,6 +104,7 @@ def sweep(cfg: Config, *, resume: bool = False) -> dict[str, Any]:
                          "resumed": str(resume).lower()})
         storage.write_json(f"{experiment}/{STATE}", {"mlflow_run_id": parent.run_id,
                                                      "inputs_key": key})
+        _log_tables(parent, cfg, tables)
         setup = {"params": cfg.to_dict(), "tables": ray.put(tables), "classes": classes,
                  "experiment": experiment, "parent": parent, "ray_job_id": job_id}
         grid = _make_tuner(cfg, setup, experiment, resume).fit_or_stop()
@@ -115,6 +118,19 @@ def sweep(cfg: Config, *, resume: bool = False) -> dict[str, Any]:
               f"{cfg.sweep.best_params_path}, {cfg.sweep.plot_path} "
               f"({summary['wall_seconds']:.0f} s)", flush=True)
         return summary
+
+
+def _log_tables(parent: tracking.RunHandle, cfg: Config, tables: dict[str, bytes]) -> None:
+    """The trials' tables as dataset inputs of the sweep's run (digests of their bytes)."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    for name, split in (("train", "train"), ("eval", cfg.sweep.split)):
+        meta = pq.ParquetFile(pa.BufferReader(tables[name])).metadata
+        tracking.log_split(parent, name=f"sweep-{name}", source=f"{cfg.data.out_dir}/{split}"
+                           f".parquet at {trial_image_size(cfg)} px",
+                           digest=hashlib.sha256(tables[name]).hexdigest(), rows=meta.num_rows,
+                           columns=MODEL_COLUMNS, context="sweep")
 
 
 def _decide_resume(experiment: str, key: str, state: dict[str, Any], resume: bool) -> bool:
@@ -197,7 +213,7 @@ def _finish(cfg: Config, records: list[report.TrialRecord], experiment: str,
     summary = report.write_outputs(cfg, records, experiment, parent)
     storage.write_json(f"{experiment}/{STATE}", {"mlflow_run_id": parent.run_id,
                                                  "inputs_key": key, "finished": True})
-    report.end_children(parent, records)
+    report.end_children(parent, records, space.metric_names(cfg.eval.proposal_budgets))
     if not cfg.train.keep_checkpoints:
         for rec in records:
             if rec.status != report.ERRORED:

@@ -252,8 +252,13 @@ def write_outputs(cfg: Config, records: list[TrialRecord], experiment: str,
     return {"best_trial": best_id, "best_value": value, "counts": counts}
 
 
-def end_children(parent: tracking.RunHandle, records: list[TrialRecord]) -> None:
-    """Each child run ends with its trial's status (a stopped or killed trial cannot do it)."""
+def end_children(parent: tracking.RunHandle, records: list[TrialRecord],
+                 metrics: Sequence[str]) -> None:
+    """Each child run ends with its trial's status (a stopped or killed trial cannot do it) and
+    its final values of ``metrics``."""
     status = {FINISHED: tracking.FINISHED, STOPPED: tracking.KILLED, ERRORED: tracking.FAILED}
-    tracking.end_children(parent, {rec.trial_id: (status[rec.status], rec.status, rec.error)
-                                   for rec in records})
+    outcomes = {}
+    for rec in records:
+        final = {name: values[-1][1] for name in metrics if (values := _values(rec.history, name))}
+        outcomes[rec.trial_id] = (status[rec.status], rec.status, rec.error, final)
+    tracking.end_children(parent, outcomes)

@@ -39,6 +39,8 @@ import os
 import shutil
 import sys
 import time
+
+import pyarrow.parquet as pq
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -46,10 +48,11 @@ from typing import Any
 from pipeline import anchors, files, tracking
 from pipeline.config import Config
 from pipeline.errors import DataError, MissingInputError, RunFailedError
-from pipeline.prepared import read_classes, split_path
+from pipeline.prepared import MODEL_COLUMNS, read_classes, split_path
 from pipeline.digests import file_digest
 from pipeline.redaction import redact
 from pipeline.storage import delete_dir, local_copy, resolve, stage_file
+from pipeline.tracking.models import log_detector, thumbnail
 from pipeline.training import checkpoints, ray_worker
 from pipeline.training.resume import (latest_checkpoint, read_run_state, run_key,
                                       write_run_state)
@@ -141,6 +144,10 @@ def train_stage(cfg: Config, stage: str) -> dict[str, Any]:
         untrained = anchors.warn_untrained(cfg, inputs.name)
         if untrained:
             mlrun.set_tags({anchors.TAG: untrained})
+        rows = pq.ParquetFile(inputs.train_path).metadata.num_rows
+        tracking.log_split(mlrun, name="train", source=str(inputs.train_path),
+                           digest=inputs.train_digest, rows=rows, columns=MODEL_COLUMNS,
+                           context="training")
         if previous is not None:
             path, progress = previous
             print(f"{inputs.name}: resuming from checkpoint {path} (epoch {progress['epoch']}, "
@@ -193,6 +200,10 @@ def _write_outputs(cfg: Config, inputs: StageInputs, result: Any, mlrun: trackin
     for path in (metrics_path, epochs_path):
         mlrun.log_artifact(path, "metrics")
     mlrun.log_artifact(inputs.model_path, "model")
+    example = pq.read_table(inputs.train_path, columns=["image"]).column("image")[0].as_py()
+    uri = log_detector(mlrun, inputs.model_path, cfg=cfg, stage=inputs.stage,
+                       example_image=thumbnail(example))
+    print(f"{inputs.name}: logged the MLflow model {uri}", flush=True)
     print(f"{inputs.name}: wrote {inputs.model_path} and {metrics_path} "
           f"({metrics['images_per_s']:.2f} images/s, {metrics['wall_seconds']:.0f} s)",
           flush=True)
@@ -207,17 +218,20 @@ def _use_gpu(cfg: Config) -> bool:
 
 
 def _worker(config: dict[str, Any]) -> None:
-    """Runs on every Ray Train worker of a training stage."""
+    """Runs on every Ray Train worker of a training stage: the loop, with its machine's system
+    metrics sampled into the stage's run (node ``rank<r>``)."""
     worker = ray_worker.worker_context(config)
-    log = None
-    if worker.rank == 0:
-        log = tracking.open_run(config["tracking_uri"], config["run_id"]).log_metrics
+    run = tracking.open_run(config["tracking_uri"], config["run_id"])
     init_model = config["init_model"]
-    ray_worker.fit_on_worker(worker, stage=config["stage"],
-                             train_path=local_copy(config["train_path"]),
-                             num_classes=config["num_classes"],
-                             init_model=local_copy(init_model) if init_model else None, log=log,
-                             model_meta=config["model_meta"])
+    tcfg = worker.cfg.tracking
+    with tracking.system_metrics(run, node=f"rank{worker.rank}", enabled=tcfg.system_metrics,
+                                 interval=tcfg.system_metrics_interval):
+        ray_worker.fit_on_worker(worker, stage=config["stage"],
+                                 train_path=local_copy(config["train_path"]),
+                                 num_classes=config["num_classes"],
+                                 init_model=local_copy(init_model) if init_model else None,
+                                 log=run.log_metrics if worker.rank == 0 else None,
+                                 model_meta=config["model_meta"])
 
 
 def restart_recorder(stage_name: str, tracking_uri: str, run_id: str, max_failures: int) -> Any:

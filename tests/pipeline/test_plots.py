@@ -17,7 +17,8 @@ def _iou_curve() -> pd.DataFrame:
 
 
 def test_recall_vs_iou_png(tmp_path):
-    path = plots.plot_recall_vs_iou(_iou_curve(), tmp_path / "sub" / "recall_vs_iou.png")
+    path = plots.plot_recall_vs_iou(_iou_curve(), tmp_path / "sub" / "recall_vs_iou.png",
+                                    anchor_budget=-1)
     with Image.open(path) as img:
         assert img.format == "PNG" and img.width > 200 and img.height > 150
     assert not list((tmp_path / "sub").glob(".*.tmp"))       # no temporary file left
@@ -33,7 +34,8 @@ def test_recall_vs_proposals_png_with_anchor_lines(tmp_path):
 
 
 def test_empty_curves_still_write_a_figure(tmp_path):
-    plots.plot_recall_vs_iou(pd.DataFrame(columns=["budget", "iou", "recall"]), tmp_path / "a.png")
+    plots.plot_recall_vs_iou(pd.DataFrame(columns=["budget", "iou", "recall"]), tmp_path / "a.png",
+                             anchor_budget=-1)
     plots.plot_recall_vs_proposals(pd.DataFrame(columns=["budget", "recall@0.5"]),
                                    tmp_path / "b.png")
     assert (tmp_path / "a.png").stat().st_size > 0 and (tmp_path / "b.png").stat().st_size > 0

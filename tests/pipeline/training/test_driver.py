@@ -147,7 +147,8 @@ def test_workers_read_the_drivers_files_locally_and_staged_copies_on_a_cluster(t
 @pytest.mark.slow
 def test_train_rpn_on_two_ray_workers(tmp_path):
     project = _project(tmp_path, **{"train.rpn_epochs": 2, "train.checkpoint_every": 2,
-                                    "train.keep_checkpoints": True})
+                                    "train.keep_checkpoints": True,
+                                    "tracking.system_metrics_interval": 1.0})
     done = _frcnn(project, "--stage", "rpn")
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     assert "train_rpn: 2 worker(s), CPU" in done.stdout
@@ -188,6 +189,17 @@ def test_train_rpn_on_two_ray_workers(tmp_path):
     assert set(mlflow_store.artifacts(db, run.info.run_id)) == {
         "config/params.yaml", "model/rpn.pt", "metrics/train_rpn.json",
         "metrics/train_rpn_epochs.csv"}
+    # the MLflow model, registered; the split it trained on as a dataset input; the workers'
+    # system metrics, one node per rank; the final values as plain metrics
+    client = mlflow_store.client(db)
+    (version,) = client.search_model_versions("name = 'frcnn-rpn'")
+    assert version.run_id == run.info.run_id
+    (used,) = run.inputs.dataset_inputs
+    assert used.dataset.name == "train" and json.loads(used.dataset.profile) == {"num_rows": 6}
+    assert len(used.dataset.digest) == 16 and "image" in used.dataset.schema
+    assert {"system/rank0/cpu_utilization_percentage",
+            "system/rank1/system_memory_usage_megabytes"} <= set(run.data.metrics)
+    assert {"final/loss", "final/steps", "final/images_per_s"} <= set(run.data.metrics)
 
 
 @pytest.mark.slow

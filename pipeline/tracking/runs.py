@@ -1,46 +1,14 @@
-"""MLflow, the one door to it: every run the pipeline opens, every value it logs, redacted.
-
-No other module imports ``mlflow``. Everything written goes through a :class:`RunHandle`, whose
-methods pass every parameter, tag, text artifact and error text through
-:func:`pipeline.redaction.redact` (URI credentials, secret environment values) first.
-
-- Store: ``MLFLOW_TRACKING_URI`` if set, else ``tracking.uri`` (default ``sqlite:///mlflow.db``,
-  a SQLite file in the project folder; relative SQLite paths are made absolute so that Ray
-  workers, which run in other folders, write to the same file). Artifacts of a SQLite store go
-  to ``mlartifacts/`` beside the database; a tracking server decides its own (``mlflow server
-  --artifacts-destination`` proxies them). A server URI may carry credentials
-  (``http://user:password@host:5000``, as MLflow itself accepts; better
-  ``MLFLOW_TRACKING_USERNAME`` / ``MLFLOW_TRACKING_PASSWORD``): they are used, and masked in
-  everything logged or printed.
-- :func:`stage_run` wraps a stage: an MLflow run named after the stage in experiment
-  ``tracking.experiment``, tagged ``git_commit`` and ``dvc_stage`` (``$DVC_STAGE``, which
-  ``dvc repro`` sets, else the stage name), with every parameter and the resolved config as
-  ``config/params.yaml`` (:func:`log_config`). A stage that raises ends its run ``FAILED`` with
-  the error as the ``error`` tag and ``error.txt``; Ctrl-C ends it ``KILLED``.
-- :func:`open_run` gives the handle of an existing run to another process (rank 0 of a Ray
-  Train worker group logs its step metrics this way); :func:`child_run` finds or creates a
-  sweep trial's run under its parent; :func:`end_children` ends them; :func:`record_restart`
-  notes a worker-group restart.
-
-Only parameters from the config are logged, never the environment.
-"""
+"""MLflow runs: the handle every write goes through (redacted), stage runs and sweep children."""
 
 from __future__ import annotations
 
-import base64
 import contextlib
-import functools
-import logging
 import math
 import os
 import re
-import subprocess
 import tempfile
 import time
 import traceback
-import urllib.error
-import urllib.parse
-import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterator, Mapping
@@ -48,120 +16,14 @@ from typing import Any, Iterator, Mapping
 import yaml
 
 from pipeline.config import Config
-from pipeline.errors import TrackingError
 from pipeline.redaction import redact
+from pipeline.tracking.store import _client, _experiment_id, check_reachable, git_commit, resolve_uri
 
-ENV_URI = "MLFLOW_TRACKING_URI"
-ARTIFACTS_DIR = "mlartifacts"
 FINISHED, FAILED, KILLED, RUNNING = "FINISHED", "FAILED", "KILLED", "RUNNING"
 # Artifacts with these suffixes are text: their content is redacted before it is uploaded.
 TEXT_SUFFIXES = (".yaml", ".yml", ".json", ".csv", ".txt", ".md", ".log")
 _MAX_PARAM = 6000   # MLflow's limit on a parameter value
 _MAX_TAG = 5000
-
-
-# --------------------------------------------------------------------------------------------
-# The store
-
-
-def resolve_uri(uri: str, *, base: str | Path | None = None) -> str:
-    """The tracking URI to use: ``$MLFLOW_TRACKING_URI`` if set, else ``uri``.
-
-    A relative SQLite path (``sqlite:///mlflow.db``) becomes absolute, relative to ``base``
-    (default: the working directory, the project folder under ``dvc repro``).
-    """
-    uri = os.environ.get(ENV_URI) or uri
-    prefix = "sqlite:///"
-    if uri.startswith(prefix):
-        path = Path(uri[len(prefix):])
-        if not path.is_absolute():
-            path = Path(base or Path.cwd()).resolve() / path
-        return prefix + str(path)
-    return uri
-
-
-def _health_request(uri: str) -> urllib.request.Request:
-    """``GET <server>/health``, credentials (from the URI or MLflow's environment variables) as
-    a basic-auth header rather than in the URL, which urllib cannot resolve."""
-    parts = urllib.parse.urlsplit(uri.rstrip("/"))
-    user, password = parts.username, parts.password
-    user = urllib.parse.unquote(user) if user else os.environ.get("MLFLOW_TRACKING_USERNAME")
-    password = (urllib.parse.unquote(password) if password
-                else os.environ.get("MLFLOW_TRACKING_PASSWORD", ""))
-    netloc = parts.hostname or ""
-    if parts.port:
-        netloc += f":{parts.port}"
-    url = urllib.parse.urlunsplit((parts.scheme, netloc, parts.path + "/health", "", ""))
-    request = urllib.request.Request(url)
-    if user:
-        token = base64.b64encode(f"{user}:{password}".encode()).decode()
-        request.add_header("Authorization", f"Basic {token}")
-    return request
-
-
-def check_reachable(uri: str, *, timeout: float = 5.0) -> None:
-    """Fail fast, before any work, when the store cannot be reached.
-
-    ``http(s)://`` servers must answer ``/health``; a SQLite file's folder must exist or be
-    creatable.
-
-    Raises:
-        TrackingError: naming the URI (credentials masked) and the reason.
-    """
-    if uri.startswith(("http://", "https://")):
-        try:
-            request = _health_request(uri)
-            with urllib.request.urlopen(request, timeout=timeout) as response:  # noqa: S310
-                if response.status != 200:
-                    raise TrackingError(f"MLflow tracking server {redact(uri)} answered "
-                                        f"{response.status} at /health")
-        except (urllib.error.URLError, OSError, ValueError) as exc:
-            raise TrackingError(f"MLflow tracking server {redact(uri)} is unreachable "
-                                f"({redact(str(exc))}); start it or set tracking.uri / {ENV_URI}"
-                                ) from None
-    elif uri.startswith("sqlite:///"):
-        folder = Path(uri[len("sqlite:///"):]).parent
-        try:
-            folder.mkdir(parents=True, exist_ok=True)
-        except OSError as exc:
-            raise TrackingError(
-                f"MLflow tracking store {redact(uri)}: cannot create {folder}: {exc}") from None
-
-
-def git_commit(cwd: str | Path | None = None) -> str:
-    """``git rev-parse HEAD`` of the project, or ``"unknown"`` outside a git checkout."""
-    try:
-        out = subprocess.run(["git", "rev-parse", "HEAD"], cwd=cwd, capture_output=True,
-                             text=True, timeout=10, check=True)
-    except (OSError, subprocess.SubprocessError):
-        return "unknown"
-    return out.stdout.strip() or "unknown"
-
-
-@functools.lru_cache(maxsize=8)
-def _client(uri: str) -> Any:
-    """One MlflowClient per store and process (step metrics are logged every step)."""
-    from mlflow.tracking import MlflowClient
-
-    for name in ("mlflow.store.db.utils", "alembic"):  # no "Creating initial tables..." on stderr
-        logging.getLogger(name).setLevel(logging.WARNING)
-    return MlflowClient(uri)
-
-
-def _experiment_id(client: Any, name: str, uri: str) -> str:
-    experiment = client.get_experiment_by_name(name)
-    if experiment is not None:
-        return experiment.experiment_id
-    location = None
-    if uri.startswith("sqlite:///"):  # mlartifacts/ beside the database; a server decides its own
-        location = (Path(uri[len("sqlite:///"):]).parent / ARTIFACTS_DIR).as_uri()
-    try:
-        return client.create_experiment(name, artifact_location=location)
-    except Exception:  # created concurrently by another stage: use theirs
-        experiment = client.get_experiment_by_name(name)
-        if experiment is None:
-            raise
-        return experiment.experiment_id
 
 
 # --------------------------------------------------------------------------------------------
@@ -347,19 +209,23 @@ def child_run(parent: RunHandle, name: str, *, params: Mapping[str, Any],
     return run
 
 
-def end_children(parent: RunHandle, outcomes: Mapping[str, tuple[str, str, str | None]]) -> None:
+def end_children(parent: RunHandle,
+                 outcomes: Mapping[str, tuple[str, str, str | None, Mapping[str, float]]]
+                 ) -> None:
     """End each child run of ``parent``: ``outcomes[trial_id] = (MLflow status, trial status,
-    error or None)``; the trial status becomes the ``trial_status`` tag."""
+    error or None, final metric values)``; the trial status becomes the ``trial_status`` tag,
+    the final values plain metrics (columns of the UI's run table)."""
     runs = parent.client.search_runs([parent.experiment_id],
-                                      f"tags.`mlflow.parentRunId` = '{parent.run_id}'",
-                                      max_results=5000)
+                                     f"tags.`mlflow.parentRunId` = '{parent.run_id}'",
+                                     max_results=5000)
     for found in runs:
         outcome = outcomes.get(found.data.tags.get("trial_id"))
         if outcome is None:
             continue
-        status, trial_status, error = outcome
+        status, trial_status, error, final = outcome
         run = RunHandle(found.info.run_id, parent.experiment_id, parent.tracking_uri)
         run.set_tags({"trial_status": trial_status})
+        run.log_metrics(final)
         run.end(status, error)
 
 
@@ -377,21 +243,3 @@ def finite(metrics: Mapping[str, Any]) -> dict[str, float]:
     """The numeric, finite, non-boolean entries of ``metrics`` as floats."""
     return {k: float(v) for k, v in metrics.items()
             if isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)}
-
-
-def main(argv: list[str] | None = None) -> int:
-    """``python -m pipeline.tracking uri [--params FILE ...]``: the store ``make ui`` serves."""
-    import argparse
-
-    from pipeline.config import load_config
-    parser = argparse.ArgumentParser(prog="python -m pipeline.tracking")
-    parser.add_argument("what", choices=["uri"])
-    parser.add_argument("--params", action="append", default=None)
-    args = parser.parse_args(argv)
-    params = args.params or (["params.yaml"] if Path("params.yaml").is_file() else [])
-    print(resolve_uri(load_config(params).tracking.uri))
-    return 0
-
-
-if __name__ == "__main__":  # pragma: no cover
-    raise SystemExit(main())

@@ -1,0 +1,58 @@
+"""What a run ran on: the prepared splits it read (MLflow dataset inputs) and, for training
+workers, the machine itself (MLflow system metrics).
+
+- :func:`log_split`: a prepared split as an MLflow dataset input of the run (name, source, a
+  digest of the table's content, its row count and columns; never image bytes), so the UI's
+  Dataset column and "compare runs" show which data each run used.
+- :func:`system_metrics`: CPU, memory, disk, network (GPU too, with ``pynvml``) of a training
+  worker, sampled every ``tracking.system_metrics_interval`` seconds into its stage's run by
+  MLflow's own monitor, under ``system/<node>/...`` (one node id per worker rank).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+from typing import Iterator, Sequence
+
+from pipeline.redaction import redact
+from pipeline.tracking.runs import RunHandle
+
+
+def log_split(run: RunHandle, *, name: str, source: str, digest: str, rows: int,
+              columns: Sequence[str], context: str) -> None:
+    """Log a prepared split as a dataset input of ``run``.
+
+    Args:
+        name: e.g. ``train``; source: where it lives (credentials masked); digest: of its
+        content (the first 16 hex digits are kept); rows: its number of images; columns: its
+        columns; context: ``training``, ``evaluation``, ``sweep``.
+    """
+    from mlflow.entities import Dataset, DatasetInput, InputTag
+
+    kind = source.split("://", 1)[0] if "://" in source else "local"
+    dataset = Dataset(name=name, digest=digest[:16], source_type=kind,
+                      source=json.dumps({"uri": redact(source)}),
+                      schema=json.dumps({"columns": list(columns)}),
+                      profile=json.dumps({"num_rows": int(rows)}))
+    run.client.log_inputs(run.run_id, datasets=[
+        DatasetInput(dataset, tags=[InputTag("mlflow.data.context", context)])])
+
+
+@contextlib.contextmanager
+def system_metrics(run: RunHandle, *, node: str, interval: float,
+                   enabled: bool = True) -> Iterator[None]:
+    """Inside the block, MLflow's system-metrics monitor samples this process's machine into
+    ``run`` as node ``node``; nothing when not ``enabled``."""
+    if not enabled:
+        yield
+        return
+    from mlflow.system_metrics.system_metrics_monitor import SystemMetricsMonitor
+
+    monitor = SystemMetricsMonitor(run.run_id, sampling_interval=interval, node_id=node,
+                                   tracking_uri=run.tracking_uri, resume_logging=True)
+    monitor.start()
+    try:
+        yield
+    finally:
+        monitor.finish()
