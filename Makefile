@@ -13,7 +13,7 @@ export PATH := $(abspath $(BIN)):$(PATH)
 export DVC_NO_ANALYTICS := 1
 export PYTHONUNBUFFERED := 1
 
-.PHONY: run test ui install clean
+.PHONY: run test ui docs install clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -38,6 +38,11 @@ ui: $(STAMP)
 	  *) echo "MLflow UI on http://127.0.0.1:$(UI_PORT) for $$uri"; \
 	     exec $(BIN)/mlflow ui --backend-store-uri "$$uri" --host 127.0.0.1 --port $(UI_PORT);; \
 	esac
+
+# The README's pictures (docs/*.png) from the outputs of `make run` (and a screenshot of the MLflow
+# UI, with Debian's chromium: apt-get install chromium).
+docs: $(STAMP)
+	$(BIN)/python docs/render.py
 
 clean:
 	rm -rf data/prepared models metrics reports sweeps checkpoints ray_results

@@ -116,6 +116,43 @@ def test_dvc_repro_end_to_end_at_a_small_size(dvc_repo, tmp_path):
                            raw_files=[repo.path / "mlflow.db", repo.path / "mlartifacts"],
                            download_to=tmp_path / "downloads") == []
         assert URI_SECRETS[1] not in (repo.path / "dvc.lock").read_text()
+        _check_a_remote_clone_is_complete(repo, tmp_path)
+        _check_an_experiment_and_its_diffs(repo)
+
+
+def _check_a_remote_clone_is_complete(repo, tmp_path: Path) -> None:
+    """`dvc push` to a shared remote (a folder here), then a fresh clone with `dvc pull` has
+    every output: `dvc status` is clean and `dvc repro` runs nothing."""
+    remote = tmp_path / "dvc-remote"
+    repo.dvc("remote", "add", "--default", "shared", str(remote))
+    repo.run("git", "add", "-A")
+    repo.run("git", "commit", "-q", "-m", "a run of the pipeline")
+    assert "pushed" in repo.dvc("push")
+    clone = tmp_path / "clone"
+    repo.run("git", "clone", "-q", str(repo.path), str(clone))
+    cloned = dataclasses.replace(repo, path=clone)
+    cloned.dvc("pull")
+    assert (clone / "models" / "frcnn.pt").read_bytes() == \
+        (repo.path / "models" / "frcnn.pt").read_bytes()
+    assert "up to date" in cloned.dvc("status")
+    assert "Running stage" not in cloned.dvc("repro")
+
+
+def _check_an_experiment_and_its_diffs(repo) -> None:
+    """`dvc exp run -S anchors.scales=...` (up to evaluate), then `dvc exp show` lists it, and
+    `dvc params diff` / `dvc metrics diff` against the committed run show the swept value and
+    the recall it changed."""
+    out = repo.dvc("exp", "run", "-n", "small-anchors", "-S", "anchors.scales=[1,2]",
+                   "evaluate")
+    assert "Running stage 'train_rpn'" in out and "Running stage 'evaluate'" in out
+    assert "Running stage 'prepare'" not in out                  # its inputs did not change
+    shown = json.loads(repo.dvc("exp", "show", "--json"))
+    assert "small-anchors" in json.dumps(shown)
+    params = json.loads(repo.dvc("params", "diff", "HEAD", "small-anchors", "--json"))
+    assert params["params.yaml"]["anchors.scales"] == {"old": [2, 4], "new": [1, 2]}
+    metrics = json.loads(repo.dvc("metrics", "diff", "HEAD", "small-anchors", "--json"))
+    change = metrics["metrics/evaluate.json"]["anchors/AR"]
+    assert change["old"] != change["new"] and change["diff"] != 0
 
 
 def _check_outputs(repo, out: str) -> None:
