@@ -57,7 +57,7 @@ def _screenshot(chromium: str, url: str, out: Path, *, wait_ms: int = 20000) -> 
                         "--disable-quic", "--no-first-run", "--disable-background-networking",
                         "--disable-component-update", "--disable-sync",
                         f"--user-data-dir={profile}", "--hide-scrollbars",
-                        "--window-size=1600,1000", f"--virtual-time-budget={wait_ms}",
+                        "--window-size=1900,1000", f"--virtual-time-budget={wait_ms}",
                         f"--screenshot={out}", url],
                        check=True, capture_output=True, timeout=180)
 
@@ -84,7 +84,7 @@ def _mlflow_pictures(store: str, chromium: str) -> list[Path]:
         trials = [r["info"]["run_id"] for r in runs
                   if any(t["key"] == "trial_id" for t in r["data"].get("tags", []))]
         written = [DOCS / "mlflow_runs.png", DOCS / "mlflow_compare.png"]
-        _screenshot(chromium, f"{url}/#/experiments/{eid}", written[0])
+        _screenshot(chromium, f"{url}/#/experiments/{eid}/runs", written[0])
         _screenshot(chromium, f"{url}/#/compare-runs?runs={json.dumps(trials)}"
                               f"&experiments={json.dumps([eid])}", written[1])
         return written

@@ -44,8 +44,9 @@ class Detector(PythonModel):
         self.model.eval()
         self.classes = [str(c) for c in meta.get("classes", [])]
 
-    def predict(self, context: Any, model_input: Any, params: dict | None = None
-                ) -> list[dict[str, Any]]:
+    # no type hints: MLflow would read them as a signature (the logged one is inferred instead)
+    def predict(self, context, model_input, params=None):  # noqa: ANN001, ANN201
+        """``model_input``: DataFrame with a column ``image`` -> one dict per row."""
         from pipeline.predict import predict_proposals, predict_sources
 
         sources, answers = [], {}

@@ -47,8 +47,12 @@ def system_metrics(run: RunHandle, *, node: str, interval: float,
     if not enabled:
         yield
         return
+    import logging
+
     from mlflow.system_metrics.system_metrics_monitor import SystemMetricsMonitor
 
+    # its start / stop / "no GPU" notes at INFO would fill every worker's log
+    logging.getLogger("mlflow.system_metrics").setLevel(logging.WARNING)
     monitor = SystemMetricsMonitor(run.run_id, sampling_interval=interval, node_id=node,
                                    tracking_uri=run.tracking_uri, resume_logging=True)
     monitor.start()

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import base64
 import io
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -57,7 +58,9 @@ def log_detector(run: RunHandle, weights: Path, *, cfg: Config, stage: str,
     example = example_input(example_image)
     served = Detector()
     served.load_context(_Context({"weights": str(weights)}, config))
-    signature = infer_signature(example, served.predict(None, example))
+    with warnings.catch_warnings():  # "integer columns cannot hold missing values": none here
+        warnings.simplefilter("ignore", UserWarning)
+        signature = infer_signature(example, served.predict(None, example))
     name = cfg.tracking.rpn_model_name if stage == "rpn" else cfg.tracking.frcnn_model_name
     registered = name if cfg.tracking.register_models and _has_registry(run) else None
     mlflow.set_tracking_uri(run.tracking_uri)
