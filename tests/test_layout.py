@@ -1,8 +1,8 @@
 """The shape of the code base: who may import what, and what each DVC stage depends on.
 
 - Every MLflow call goes through ``pipeline/tracking/`` (which redacts credentials): no other
-  module of ``pipeline/`` or ``detector/`` imports ``mlflow``, but the models-from-code file
-  MLflow loads to serve a model (``pipeline/mlflow_model.py``).
+  module of ``pipeline/`` or ``detector/`` imports ``mlflow`` (the models-from-code file MLflow
+  loads to serve a model lives there too: ``pipeline/tracking/served_model.py``).
 - ``detector/`` is pure PyTorch + torchvision: no Ray, MLflow or DVC.
 - No test module imports another test module (shared scaffolding lives in ``tests/support``).
 - Each stage of ``dvc.yaml`` declares, as a dependency, every project module its command
@@ -119,11 +119,9 @@ def _top_level_imports(path: Path) -> set[str]:
 
 
 def test_only_the_tracking_package_imports_mlflow():
-    """... and the models-from-code file MLflow itself loads to serve a model."""
     importers = [str(p.relative_to(ROOT)) for p in _python_files("pipeline", "detector")
                  if "mlflow" in _top_level_imports(p)]
-    assert importers and all(p.startswith("pipeline/tracking/") or p == "pipeline/mlflow_model.py"
-                             for p in importers), importers
+    assert importers and all(p.startswith("pipeline/tracking/") for p in importers), importers
 
 
 def test_detector_imports_no_ray_mlflow_or_dvc():

@@ -1,7 +1,7 @@
 """The detector as an MLflow model: logged with each training stage, registered, read back.
 
 :func:`log_detector` logs a trained model file with MLflow's models-from-code
-(:mod:`pipeline.mlflow_model`: source code and the ``.pt`` weights, nothing pickled), a
+(:mod:`pipeline.tracking.served_model`: source code and the ``.pt`` weights, nothing pickled), a
 signature and an input example, into the stage's run, and registers it under
 ``tracking.rpn_model_name`` / ``tracking.frcnn_model_name`` when ``tracking.register_models``
 and the store has a model registry. :func:`model_weights` downloads the weights of a logged
@@ -23,7 +23,7 @@ from pipeline.tracking.runs import RUNNING, RunHandle
 from pipeline.tracking.store import _client, resolve_uri
 
 PACKAGE = Path(__file__).resolve().parents[2]          # the folder holding pipeline/, detector/
-MODEL_CODE = PACKAGE / "pipeline" / "mlflow_model.py"
+MODEL_CODE = Path(__file__).with_name("served_model.py")
 ARTIFACT = "detector"            # runs:/<run id>/detector (the run's own model/ holds the .pt file)
 REQUIREMENTS = ["torch==2.14.1", "torchvision==0.29.1", "pandas", "pillow", "numpy", "pyyaml",
                 "pyarrow"]
@@ -51,7 +51,7 @@ def log_detector(run: RunHandle, weights: Path, *, cfg: Config, stage: str,
     import mlflow
     from mlflow.models import infer_signature
 
-    from pipeline.mlflow_model import Detector
+    from pipeline.tracking.served_model import Detector
 
     config = {"stage": stage, "resize": cfg.data.resize, "batch_size": cfg.eval.batch_size,
               "output": "proposals" if stage == "rpn" else "detections"}

@@ -21,7 +21,6 @@ from __future__ import annotations
 import base64
 import json
 import subprocess
-import time
 import urllib.request
 from pathlib import Path
 
@@ -34,6 +33,7 @@ from pipeline.config import Config
 from pipeline import tracking
 from tests.support import BIN, mlflow_store
 from tests.support.procs import free_ports, kill_session, subprocess_env
+from tests.support.servers import wait_for
 
 pytestmark = pytest.mark.slow  # a real model server, and MLflow models logged for real
 
@@ -99,7 +99,7 @@ def test_served_model_answers_like_frcnn_predict(logged, tmp_path, monkeypatch, 
         env=subprocess_env(MLFLOW_TRACKING_URI=store), stdout=log, stderr=subprocess.STDOUT,
         start_new_session=True)
     try:
-        _wait_for(f"http://127.0.0.1:{port}/ping", server, tmp_path / "serve.log")
+        wait_for(f"http://127.0.0.1:{port}/ping", server, 180, tmp_path / "serve.log")
         rows = [[base64.b64encode(f.read_bytes()).decode()] for f in files]
         rows.insert(1, [base64.b64encode(b"not an image").decode()])
         answer = _post(port, {"dataframe_split": {"columns": ["image"], "data": rows}})
@@ -126,18 +126,6 @@ def test_frcnn_predict_reads_registered_and_run_models(logged, tmp_path, monkeyp
         assert _predict_json(capsys, image, "--model", uri, "--params", str(params)) == local
     assert main(["predict", image, "--model", "models:/nope/1", "--params", str(params)]) == 1
     assert "models:/nope/1: no such model in sqlite:///" in capsys.readouterr().err
-
-
-def _wait_for(url: str, proc: subprocess.Popen, log: Path, timeout: float = 180) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        assert proc.poll() is None, log.read_text()[-3000:]
-        try:
-            with urllib.request.urlopen(url, timeout=2):
-                return
-        except OSError:
-            time.sleep(0.5)
-    raise AssertionError(f"{url}: no answer in {timeout:.0f} s\n{log.read_text()[-3000:]}")
 
 
 def _post(port: int, body: dict) -> dict:

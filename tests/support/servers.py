@@ -25,7 +25,8 @@ from tests.support import BIN
 from tests.support.procs import free_ports
 
 
-def _wait_for(url: str, proc: subprocess.Popen, timeout: float, log: Path) -> None:
+def wait_for(url: str, proc: subprocess.Popen, timeout: float, log: Path) -> None:
+    """Until ``url`` answers; fails with ``log``'s end when ``proc`` exits first."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if proc.poll() is not None:
@@ -73,7 +74,7 @@ def mlflow_server(folder: Path, *, timeout: float = 120) -> Iterator[MlflowServe
         cwd=folder, env=env, stdout=log.open("w"), stderr=subprocess.STDOUT,
         start_new_session=True)
     try:
-        _wait_for(f"{server.url}/health", proc, timeout, log)
+        wait_for(f"{server.url}/health", proc, timeout, log)
         yield server
     finally:
         stop(proc)
@@ -104,7 +105,7 @@ def moto_server(folder: Path, bucket: str = "frcnn-test", *, timeout: float = 60
                             start_new_session=True)
     try:
         server = S3Server(f"http://127.0.0.1:{port}", bucket)
-        _wait_for(f"{server.endpoint}/moto-api/", proc, timeout, log)
+        wait_for(f"{server.endpoint}/moto-api/", proc, timeout, log)
         boto3.client("s3", endpoint_url=server.endpoint, region_name="us-east-1",
                      aws_access_key_id="x", aws_secret_access_key="x").create_bucket(Bucket=bucket)
         yield server

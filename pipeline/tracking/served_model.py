@@ -1,6 +1,6 @@
 """The detector as an MLflow model, from code: the file MLflow loads to serve a trained model.
 
-Logged by :meth:`pipeline.tracking.RunHandle.log_detector` with MLflow's models-from-code: this
+Logged by :func:`pipeline.tracking.models.log_detector` with MLflow's models-from-code: this
 file (no pickled Python objects), the model's ``.pt`` file as the artifact ``weights`` (read
 with ``torch.load(weights_only=True)``), the project's ``pipeline`` and ``detector`` packages as
 code, and a ``model_config`` with what prediction needs besides the weights (``resize``: how
