@@ -35,10 +35,11 @@ from pipeline.tracking.inputs import log_split, system_metrics
 from pipeline.tracking.runs import (FAILED, FINISHED, KILLED, RUNNING, RunHandle, child_run,
                                     end_children, finite, flatten_metrics, log_config,
                                     metric_name, open_run, record_restart, stage_run)
-from pipeline.tracking.store import ENV_URI, check_reachable, git_commit, resolve_uri
+from pipeline.tracking.store import (ARTIFACTS_DIR, ENV_URI, check_reachable, git_commit,
+                                     resolve_uri)
 from pipeline.errors import TrackingError
 
-__all__ = ["ENV_URI", "FAILED", "FINISHED", "KILLED", "RUNNING", "RunHandle", "TrackingError",
-           "check_reachable", "child_run", "end_children", "finite", "flatten_metrics",
+__all__ = ["ARTIFACTS_DIR", "ENV_URI", "FAILED", "FINISHED", "KILLED", "RUNNING", "RunHandle",
+           "TrackingError", "check_reachable", "child_run", "end_children", "finite", "flatten_metrics",
            "git_commit", "log_config", "log_split", "metric_name", "open_run", "record_restart",
            "resolve_uri", "stage_run", "system_metrics"]

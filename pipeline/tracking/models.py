@@ -12,15 +12,18 @@ model (``models:/frcnn/latest``, ``models:/frcnn/3``, ``runs:/<run id>/detector`
 from __future__ import annotations
 
 import base64
+import contextlib
 import io
+import os
 import warnings
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 from pipeline.config import Config
 from pipeline.errors import MissingInputError
 from pipeline.tracking.runs import RUNNING, RunHandle
-from pipeline.tracking.store import _client, resolve_uri
+from pipeline.tracking.store import ENV_URI, _client, resolve_uri
 
 PACKAGE = Path(__file__).resolve().parents[2]          # the folder holding pipeline/, detector/
 MODEL_CODE = Path(__file__).with_name("served_model.py")
@@ -63,20 +66,43 @@ def log_detector(run: RunHandle, weights: Path, *, cfg: Config, stage: str,
         signature = infer_signature(example, served.predict(None, example))
     name = cfg.tracking.rpn_model_name if stage == "rpn" else cfg.tracking.frcnn_model_name
     registered = name if cfg.tracking.register_models and _has_registry(run) else None
-    mlflow.set_tracking_uri(run.tracking_uri)
-    mlflow.start_run(run_id=run.run_id)          # log_model needs MLflow's active run
-    try:
-        info = mlflow.pyfunc.log_model(
-            name=ARTIFACT, python_model=str(MODEL_CODE), artifacts={"weights": str(weights)},
-            model_config=config, signature=signature, input_example=example,
-            code_paths=[str(PACKAGE / "pipeline"), str(PACKAGE / "detector")],
-            pip_requirements=REQUIREMENTS, registered_model_name=registered)
-    finally:
-        mlflow.end_run(status=RUNNING)           # the stage ends its run itself
+    with _global_uri(run.tracking_uri):
+        mlflow.start_run(run_id=run.run_id)          # log_model needs MLflow's active run
+        try:
+            info = mlflow.pyfunc.log_model(
+                name=ARTIFACT, python_model=str(MODEL_CODE), artifacts={"weights": str(weights)},
+                model_config=config, signature=signature, input_example=example,
+                code_paths=[str(PACKAGE / "pipeline"), str(PACKAGE / "detector")],
+                pip_requirements=REQUIREMENTS, registered_model_name=registered)
+        finally:
+            mlflow.end_run(status=RUNNING)           # the stage ends its run itself
     if registered:
         version = info.registered_model_version
         return f"models:/{registered}/{version}"
     return f"runs:/{run.run_id}/{ARTIFACT}"
+
+
+@contextlib.contextmanager
+def _global_uri(uri: str) -> Iterator[None]:
+    """MLflow's process-wide tracking URI set to ``uri`` for the block, then put back as it was.
+
+    ``mlflow.set_tracking_uri`` also writes ``$MLFLOW_TRACKING_URI`` (for subprocesses): left
+    behind, it would point the process's later runs at this store and hand the URI, with any
+    credentials in it, to every child process.
+    """
+    import mlflow
+    from mlflow.tracking._tracking_service import utils
+
+    before_env, before_uri = os.environ.get(ENV_URI), utils._tracking_uri
+    mlflow.set_tracking_uri(uri)
+    try:
+        yield
+    finally:
+        utils._tracking_uri = before_uri
+        if before_env is None:
+            os.environ.pop(ENV_URI, None)
+        else:
+            os.environ[ENV_URI] = before_env
 
 
 class _Context:

@@ -149,7 +149,8 @@ def _check_an_experiment_and_its_diffs(repo) -> None:
     shown = json.loads(repo.dvc("exp", "show", "--json"))
     assert "small-anchors" in json.dumps(shown)
     params = json.loads(repo.dvc("params", "diff", "HEAD", "small-anchors", "--json"))
-    assert params["params.yaml"]["anchors.scales"] == {"old": [2, 4], "new": [1, 2]}
+    scales = params["params.yaml"]["anchors.scales"]        # DVC writes a list as its YAML text
+    assert {k: yaml.safe_load(str(v)) for k, v in scales.items()} == {"old": [2, 4], "new": [1, 2]}
     metrics = json.loads(repo.dvc("metrics", "diff", "HEAD", "small-anchors", "--json"))
     change = metrics["metrics/evaluate.json"]["anchors/AR"]
     assert change["old"] != change["new"] and change["diff"] != 0

@@ -78,7 +78,7 @@ def test_the_model_is_registered_with_a_signature_an_example_and_no_pickle(logge
     assert str(version.version) == "1" and version.run_id == run_id
     model = Path(client.download_artifacts(run_id, "", str(folder / "download")))
     files = {p.name for p in Path(folder / "mlartifacts").rglob("*") if p.is_file()}
-    assert {"MLmodel", "frcnn.pt", "mlflow_model.py", "input_example.json"} <= files
+    assert {"MLmodel", "frcnn.pt", "served_model.py", "input_example.json"} <= files
     assert not [p for p in folder.joinpath("mlartifacts").rglob("*.pkl")]
     mlmodel = next(folder.joinpath("mlartifacts").rglob("MLmodel")).read_text()
     assert "image" in mlmodel and "string" in mlmodel          # the signature's input column

@@ -152,14 +152,16 @@ def test_child_runs_are_found_again_and_ended_with_their_trial_status(cfg):
         first.end(tracking.FAILED, "boom")
         again = tracking.child_run(parent, "t1", params={"sampled.train.lr": 0.5}, tags={})
         assert again.run_id == first.run_id and _run(cfg, first.run_id).info.status == "RUNNING"
-        tracking.end_children(parent, {"t1": (tracking.FINISHED, "finished", None),
-                                       "t2": (tracking.KILLED, "stopped early", "stopped")})
+        tracking.end_children(parent, {
+            "t1": (tracking.FINISHED, "finished", None, {"AR@300": 0.25}),
+            "t2": (tracking.KILLED, "stopped early", "stopped", {})})
     one, two = _run(cfg, first.run_id), _run(cfg, second.run_id)
     assert one.data.tags["mlflow.parentRunId"] == parent.run_id and one.data.tags["sweep"] == "s"
     assert one.data.params["sampled.train.lr"] == "0.01"  # the first value stays
     assert (one.info.status, one.data.tags["trial_status"]) == ("FINISHED", "finished")
     assert (two.info.status, two.data.tags["trial_status"]) == ("KILLED", "stopped early")
     assert two.data.tags["error"] == "stopped"
+    assert one.data.metrics == {"AR_at_300": 0.25}   # the final value, a plain metric
 
 
 @pytest.mark.parametrize("preset,expected", [(None, "disabled"), ("false", "enabled")])
