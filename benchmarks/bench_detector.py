@@ -6,7 +6,9 @@ top 12,000 -> 2,000 (train) and 6,000 -> 300 (test), minimum proposal size 16, R
 0.25 foreground, RoI align 7 x 7 (sampling ratio 2), fc6 / fc7 of 4096, score threshold 0.05,
 NMS 0.3, 100 detections, the same batch, precision, optimiser and random images with random boxes.
 torchvision is built with ``min_size = max_size = image_size`` so it does not resize (its
-transform still normalises and copies the batch, which is part of its cost).
+transform still normalises and copies the batch, which is part of its cost). The assembly is
+:func:`benchmarks.torchvision_model.build_torchvision` with ``same_geometry=False`` (torchvision's
+own anchors and transform), shared with ``bench_quality.py``.
 
 Known differences that remain: torchvision centres anchors on the cells' corners (ours on the
 cells' centres), keeps border-crossing anchors for training (ours ignores them, the spec's
@@ -44,16 +46,11 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from torchvision.models.detection import FasterRCNN as TVFasterRCNN  # noqa: E402
-from torchvision.models.detection.anchor_utils import \
-    AnchorGenerator as TVAnchorGenerator  # noqa: E402
-from torchvision.models.detection.faster_rcnn import FastRCNNPredictor, TwoMLPHead  # noqa: E402
 from torchvision.models.detection.image_list import ImageList  # noqa: E402
-from torchvision.models.detection.rpn import RPNHead as TVRPNHead  # noqa: E402
-from torchvision.ops import MultiScaleRoIAlign  # noqa: E402
 
 from detector import FasterRCNN  # noqa: E402
-from detector.backbone import IMAGENET_MEAN, IMAGENET_STD, vgg16_features  # noqa: E402
 from detector.boxes import encode, pad_boxes  # noqa: E402
+from benchmarks import torchvision_model  # noqa: E402
 from benchmarks.op_count import OpCounter  # noqa: E402
 from detector.rpn import assign_targets, proposal_layer  # noqa: E402
 
@@ -82,34 +79,9 @@ def build_ours(args: argparse.Namespace) -> FasterRCNN:
 
 
 def build_torchvision(args: argparse.Namespace, ours: FasterRCNN) -> TVFasterRCNN:
-    """torchvision's FasterRCNN with the settings of ``ours`` (read from its config)."""
-    c = ours.config
-    backbone = vgg16_features()
-    backbone.out_channels = 512
-    sizes = tuple(int(s * c["anchor_stride"]) for s in c["anchor_scales"])
-    model = TVFasterRCNN(
-        backbone, num_classes=None,
-        min_size=args.image_size, max_size=args.image_size,
-        image_mean=list(IMAGENET_MEAN), image_std=list(IMAGENET_STD),
-        rpn_anchor_generator=TVAnchorGenerator((sizes,), (tuple(c["anchor_ratios"]),)),
-        rpn_head=TVRPNHead(512, len(sizes) * len(c["anchor_ratios"])),
-        rpn_pre_nms_top_n_train=c["rpn_pre_nms_top_n_train"],
-        rpn_post_nms_top_n_train=c["rpn_post_nms_top_n_train"],
-        rpn_pre_nms_top_n_test=c["rpn_pre_nms_top_n_test"],
-        rpn_post_nms_top_n_test=c["rpn_post_nms_top_n_test"],
-        rpn_nms_thresh=c["rpn_nms_iou"], rpn_fg_iou_thresh=c["rpn_pos_iou"],
-        rpn_bg_iou_thresh=c["rpn_neg_iou"], rpn_batch_size_per_image=c["rpn_num_samples"],
-        rpn_positive_fraction=c["rpn_pos_fraction"],
-        box_roi_pool=MultiScaleRoIAlign(["0"], c["roi_pool_size"], 2),
-        box_head=TwoMLPHead(512 * c["roi_pool_size"] ** 2, c["roi_hidden_dim"]),
-        box_predictor=FastRCNNPredictor(c["roi_hidden_dim"], args.num_classes + 1),
-        box_score_thresh=c["roi_score_thresh"], box_nms_thresh=c["roi_nms_iou"],
-        box_detections_per_img=c["roi_detections_per_image"], box_fg_iou_thresh=c["roi_fg_iou"],
-        box_bg_iou_thresh=c["roi_bg_iou_high"], box_batch_size_per_image=c["roi_num_samples"],
-        box_positive_fraction=c["roi_fg_fraction"],
-    )
-    model.rpn.min_size = c["rpn_min_size"]  # torchvision's default is 1e-3 pixels
-    return model
+    """torchvision's FasterRCNN with the settings of ``ours`` and its own anchor geometry and
+    transform (see :mod:`benchmarks.torchvision_model`; speed does not depend on them)."""
+    return torchvision_model.build_torchvision(ours, same_geometry=False)
 
 
 # -- data -------------------------------------------------------------------------------------

@@ -137,6 +137,9 @@ def build_torchvision(ours: FasterRCNN, *, same_geometry: bool = True) -> TVFast
         anchor_generator = CentredAnchorGenerator((anchor_sizes,), (ratios,))
     else:
         anchor_generator = TVAnchorGenerator((tuple(int(s) for s in anchor_sizes),), (ratios,))
+    # Built in this order (RPN head, box head, predictor), the modules draw their random
+    # initialisation as they always did: the speed benchmark's models stay the same.
+    rpn_head = TVRPNHead(512, len(anchor_sizes) * len(ratios))
     dropout = head_dropout(ours)
     in_features = 512 * c["roi_pool_size"] ** 2
     box_head = (DropoutTwoMLPHead(in_features, c["roi_hidden_dim"], dropout) if dropout > 0
@@ -146,7 +149,7 @@ def build_torchvision(ours: FasterRCNN, *, same_geometry: bool = True) -> TVFast
         min_size=size, max_size=size,
         image_mean=list(IMAGENET_MEAN), image_std=list(IMAGENET_STD),
         rpn_anchor_generator=anchor_generator,
-        rpn_head=TVRPNHead(512, len(anchor_sizes) * len(ratios)),
+        rpn_head=rpn_head,
         rpn_pre_nms_top_n_train=c["rpn_pre_nms_top_n_train"],
         rpn_post_nms_top_n_train=c["rpn_post_nms_top_n_train"],
         rpn_pre_nms_top_n_test=c["rpn_pre_nms_top_n_test"],
