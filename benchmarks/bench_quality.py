@@ -30,7 +30,9 @@ which the spec's ``8 16 32`` (128 - 512 px) do not cover (2 of 49 test platelets
 Border-crossing anchors are kept for training (``--allow-border -1``, torchvision's behaviour).
 
 Differences that remain between the two models are listed in :mod:`benchmarks.torchvision_model`
-(RPN objectness: softmax over 2 vs one sigmoid logit; head smooth L1 beta 1 vs 1/9).
+(RPN objectness: softmax over 2 vs one sigmoid logit, which makes this detector's objectness
+learn at twice the effective learning rate; head smooth L1 beta 1 vs 1/9). Two ablation options
+take them away from torchvision's side: ``--tv-objectness-as-softmax`` and ``--tv-head-beta 1``.
 
 Usage::
 
@@ -77,7 +79,8 @@ from pipeline.evaluate import evaluate_model, read_split, split_metrics  # noqa:
 from pipeline.train_loop import lr_factor  # noqa: E402
 
 from benchmarks.torchvision_model import (build_torchvision, compare_outputs,  # noqa: E402
-                                          copy_weights, torchvision_rpn_outputs)
+                                          copy_weights, head_smooth_l1_beta,
+                                          objectness_param_groups, torchvision_rpn_outputs)
 from detector import FasterRCNN  # noqa: E402
 from detector.rpn import ProposalSettings  # noqa: E402
 
@@ -128,6 +131,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--loader-workers", type=int, default=0, help="image-decoding processes")
     p.add_argument("--eval-batch-size", type=int, default=2)
     p.add_argument("--log-every", type=int, default=10, help="print the losses every N steps")
+    p.add_argument("--tv-objectness-as-softmax", action="store_true",
+                   help="ablation: torchvision's objectness logit trains with lr x 2 and weight "
+                        "decay / 2, which makes SGD move it as it moves this detector's 2-way "
+                        "softmax (see benchmarks/torchvision_model.py)")
+    p.add_argument("--tv-head-beta", type=float, default=None,
+                   help="ablation: smooth L1 beta of torchvision's head box loss (its own: 1/9; "
+                        "this detector's: 1)")
     p.add_argument("--score-untrained", action="store_true",
                    help="also score both models before training (they must agree: a check of "
                         "the same start and of torchvision's evaluation adapter; two more "
@@ -305,7 +315,10 @@ def make_trainee(name: str, model: nn.Module, args: argparse.Namespace,
         def losses(images: Tensor, targets: list[dict[str, Tensor]]) -> dict[str, Tensor]:
             on_device = [{k: v.to(device) for k, v in t.items()} for t in targets]
             return {TV_LOSS_NAMES[k]: v for k, v in model(list(images), on_device).items()}
-    optimizer = torch.optim.SGD(model.parameters(), lr=args.lr, momentum=args.momentum,
+    params: Any = model.parameters()
+    if name == "torchvision" and args.tv_objectness_as_softmax:
+        params = objectness_param_groups(model, args.lr, args.weight_decay)
+    optimizer = torch.optim.SGD(params, lr=args.lr, momentum=args.momentum,
                                 weight_decay=args.weight_decay)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor(
         s, warmup_steps=args.warmup_steps, total_steps=args.steps, schedule="cosine"))
@@ -494,6 +507,10 @@ def main(argv: list[str] | None = None) -> int:
           f"momentum {args.momentum:g} weight decay {args.weight_decay:g}, warm-up "
           f"{args.warmup_steps} then cosine, grad clip {args.grad_clip:g}, hflip {args.hflip:g}, "
           f"seed {args.seed}")
+    if args.tv_objectness_as_softmax or args.tv_head_beta is not None:
+        print(f"ablation: torchvision's objectness as this detector's softmax "
+              f"{args.tv_objectness_as_softmax}; torchvision's head smooth L1 beta "
+              f"{args.tv_head_beta if args.tv_head_beta is not None else '1/9 (its own)'}")
     diffs = ", ".join(f"{k} {v:.1e}" for k, v in check.items() if isinstance(v, float))
     print(f"same start: {check['tensors_copied']} tensors copied; max relative differences on "
           f"the first batch ({check['shapes']}): {diffs} (anchors in px; tolerance "
@@ -516,7 +533,8 @@ def main(argv: list[str] | None = None) -> int:
 
     trainees = [make_trainee("this", ours, args, device), make_trainee("torchvision", tv, args,
                                                                          device)]
-    train(trainees, batches, args, device)
+    with head_smooth_l1_beta(args.tv_head_beta):
+        train(trainees, batches, args, device)
 
     scores = {}
     for t, model in zip(trainees, (ours, TorchvisionForEvaluation(tv, args.image_size))):

@@ -25,8 +25,12 @@ Differences that remain by design (torchvision's choices, not settings):
   same function in both; but SGD moves both of this detector's rows, so the difference ``l``
   moves twice as far per step as torchvision's single row: this detector's objectness learns
   at twice the effective learning rate.
+  :func:`objectness_param_groups` gives torchvision's objectness logit the optimiser settings
+  (learning rate x 2, weight decay / 2) under which SGD with momentum moves it exactly as it
+  moves this detector's logit difference (up to gradient clipping), for an ablation.
 - Fast R-CNN head box loss: smooth L1 with ``beta = 1/9`` in torchvision, ``beta = 1`` here (the
   original Fast R-CNN's); both divided by the number of sampled RoIs.
+  :func:`head_smooth_l1_beta` sets torchvision's, for an ablation.
 - Proposal layer: torchvision takes the pre-NMS top-N *before* dropping boxes under the minimum
   size, this detector after; the same whenever the anchors are at most pre-NMS top-N (e.g.
   4,800 anchors at 320 x 320 with 12 per cell).
@@ -39,13 +43,15 @@ Differences that remain by design (torchvision's choices, not settings):
 
 from __future__ import annotations
 
+import contextlib
 import math
-from typing import Any
+from typing import Any, Iterator
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 from torchvision.models.detection import FasterRCNN as TVFasterRCNN
+from torchvision.models.detection import roi_heads as tv_roi_heads
 from torchvision.models.detection.anchor_utils import AnchorGenerator as TVAnchorGenerator
 from torchvision.models.detection.faster_rcnn import FastRCNNPredictor, TwoMLPHead
 from torchvision.models.detection.image_list import ImageList
@@ -60,7 +66,8 @@ from detector.roi_heads import ROI_BOX_WEIGHTS
 from detector.rpn import RPN_BOX_WEIGHTS, flatten_head_output
 
 __all__ = ["CentredAnchorGenerator", "DropoutTwoMLPHead", "NoResizeTransform", "build_torchvision",
-           "compare_outputs", "copy_weights", "head_dropout", "torchvision_rpn_outputs"]
+           "compare_outputs", "copy_weights", "head_dropout", "head_smooth_l1_beta",
+           "objectness_param_groups", "torchvision_rpn_outputs"]
 
 
 class CentredAnchorGenerator(TVAnchorGenerator):
@@ -293,3 +300,57 @@ def compare_outputs(ours: FasterRCNN, tv: TVFasterRCNN, images: Tensor,
     if not all(math.isfinite(v) for v in out.values() if isinstance(v, float)):
         raise RuntimeError(f"non-finite output comparison: {out}")
     return out
+
+
+def objectness_param_groups(tv: TVFasterRCNN, lr: float, weight_decay: float
+                            ) -> list[dict[str, Any]]:
+    """SGD parameter groups in which torchvision's objectness logit trains like this detector's.
+
+    This detector's logit is ``l = (w1 - w0) . x`` (softmax over two rows); the loss is a
+    function of ``l`` alone, so the rows get gradients ``+G`` and ``-G`` and SGD (momentum ``m``,
+    weight decay ``wd``) moves the difference ``D = w1 - w0`` by ``buf = m buf + 2 G + wd D``,
+    ``D -= lr buf``. torchvision's single row ``w`` with learning rate ``2 lr`` and weight decay
+    ``wd / 2`` moves the same way (its buffer is half of ``buf``). Gradient clipping, which sees
+    ``2 |G|^2`` here and ``|G|^2`` there, is the one thing left apart.
+
+    Returns:
+        ``[{"params": everything else}, {"params": cls_logits, "lr": 2 lr, "weight_decay":
+        wd / 2}]``.
+    """
+    cls = list(tv.rpn.head.cls_logits.parameters())
+    chosen = {id(p) for p in cls}
+    rest = [p for p in tv.parameters() if id(p) not in chosen]
+    return [{"params": rest},
+            {"params": cls, "lr": 2 * lr, "weight_decay": weight_decay / 2}]
+
+
+def _fastrcnn_loss(class_logits: Tensor, box_regression: Tensor, labels: list[Tensor],
+                   regression_targets: list[Tensor], *, beta: float) -> tuple[Tensor, Tensor]:
+    """torchvision's ``roi_heads.fastrcnn_loss`` with the smooth L1 ``beta`` as a parameter
+    (torchvision's own is 1/9)."""
+    labels_t = torch.cat(labels, dim=0)
+    targets = torch.cat(regression_targets, dim=0)
+    classification_loss = F.cross_entropy(class_logits, labels_t)
+    positive = torch.where(labels_t > 0)[0]
+    n = class_logits.shape[0]
+    # (R, 4 (K+1)) -> (R, K+1, 4), the true class's offsets of each foreground RoI
+    deltas = box_regression.reshape(n, box_regression.size(-1) // 4, 4)
+    box_loss = F.smooth_l1_loss(deltas[positive, labels_t[positive]], targets[positive],
+                                beta=beta, reduction="sum") / labels_t.numel()
+    return classification_loss, box_loss
+
+
+@contextlib.contextmanager
+def head_smooth_l1_beta(beta: float | None) -> Iterator[None]:
+    """Inside the block, torchvision's Fast R-CNN head box loss uses smooth L1 with ``beta``
+    (None: its own 1/9, nothing changed). Patches ``torchvision.models.detection.roi_heads
+    .fastrcnn_loss`` for the whole process; restored on exit."""
+    if beta is None:
+        yield
+        return
+    saved = tv_roi_heads.fastrcnn_loss
+    tv_roi_heads.fastrcnn_loss = lambda *a: _fastrcnn_loss(*a, beta=beta)
+    try:
+        yield
+    finally:
+        tv_roi_heads.fastrcnn_loss = saved
