@@ -12,13 +12,13 @@ feeds both), the same SGD (learning rate, momentum, weight decay), warm-up and c
 batch (which one goes first alternates), and each one's training steps are timed on their own
 (forward, backward, clipping and the optimiser step; not the data loading).
 
-Both are then scored by the project's own evaluation (``pipeline.evaluate.evaluate_model`` with
-``pipeline.recall`` and ``pipeline.voc_ap``) on the test split: proposals of the RPN in eval mode
-with its post-NMS top-N raised to the largest budget, AR@100 / 300 / 1000 (mean recall over IoU
-0.50:0.05:0.95 of the top-N proposals), recall@0.5 / 0.7 at 300, detections: mAP@0.5 (PASCAL
-VOC all-point) and AP per class; and the anchor-only baseline (best IoU over all anchors, which
-both models share). torchvision goes through the same function behind a small adapter
-(:class:`TorchvisionForEvaluation`).
+Both are then scored by the project's own evaluation (``pipeline.evaluation.core.evaluate_model``
+with ``pipeline.evaluation.recall`` and ``pipeline.evaluation.voc_ap``) on the test split:
+proposals of the RPN in eval mode with its post-NMS top-N raised to the largest budget,
+AR@100 / 300 / 1000 (mean recall over IoU 0.50:0.05:0.95 of the top-N proposals), recall@0.5 /
+0.7 at 300, detections: mAP@0.5 (PASCAL VOC all-point) and AP per class; and the anchor-only
+baseline (best IoU over all anchors, which both models share). torchvision goes through the
+same function behind a small adapter (:class:`TorchvisionForEvaluation`).
 
 Data: ``--data DIR`` is a folder written by ``frcnn prepare`` (``classes.json``, ``train.parquet``
 and ``<--split>.parquet``). ``--image-size`` must equal its prepared size (``classes.json``): the
@@ -71,12 +71,12 @@ from torch import Tensor, nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-# The project's data path, schedule and scoring, imported here only (these modules are being
-# moved: pipeline.data -> pipeline.training.loader, pipeline.evaluate / recall / voc_ap ->
-# pipeline.evaluation.*, pipeline.train_loop -> pipeline.training.*).
-from pipeline.data import DetectionDataset, ShardSampler, make_loader, read_classes  # noqa: E402
-from pipeline.evaluate import evaluate_model, read_split, split_metrics  # noqa: E402
-from pipeline.train_loop import lr_factor  # noqa: E402
+# The project's data path, schedule and scoring.
+from pipeline.evaluation.core import evaluate_model  # noqa: E402
+from pipeline.evaluation.metrics import split_metrics  # noqa: E402
+from pipeline.prepared import read_classes, read_ground_truth  # noqa: E402
+from pipeline.training.loader import DetectionDataset, ResumableSampler, make_loader  # noqa: E402
+from pipeline.training.schedule import lr_factor  # noqa: E402
 
 from benchmarks.torchvision_model import (build_torchvision, compare_outputs,  # noqa: E402
                                           copy_weights, head_smooth_l1_beta,
@@ -252,7 +252,7 @@ def training_batches(path: Path, args: argparse.Namespace) -> Iterator[dict[str,
     """Batches of the prepared training table, epoch after epoch: a shuffled order and flips
     that depend on ``(seed, epoch)`` only (the pipeline's loader, one process)."""
     dataset = DetectionDataset(path, hflip=args.hflip, seed=args.seed)
-    sampler = ShardSampler(len(dataset), shuffle=True, seed=args.seed)
+    sampler = ResumableSampler(len(dataset), shuffle=True, seed=args.seed)
     loader = make_loader(dataset, sampler, batch_size=args.batch_size,
                          num_workers=args.loader_workers)
     for epoch in itertools.count():
@@ -359,17 +359,18 @@ def score(model: nn.Module, split: Any, args: argparse.Namespace, class_names: l
     start = time.perf_counter()
     results = evaluate_model(rpn_model=model, detector=model, splits=[split], budgets=BUDGETS,
                              num_classes=len(class_names), image_size=args.image_size,
-                             batch_size=args.eval_batch_size, device=device, progress=False)
+                             batch_size=args.eval_batch_size, device=device, progress=False,
+                             class_names=class_names)
     values = split_metrics(results.summary, split.name, BUDGETS, results.ap.get(split.name),
                            class_names)
     summary = results.summary
     for budget in BUDGETS:  # mean proposals actually returned at each budget
         sel = summary[(summary["budget"] == budget) & (summary["size"] == "all")
-                      & (summary["metric"] == "AR")]
+                      & (summary["class_name"] == "all") & (summary["metric"] == "AR")]
         if len(sel):
             values[f"proposals@{budget}"] = float(sel["num_proposals"].iloc[0])
     anchors = summary[(summary["budget"] == -1) & (summary["size"] == "all")
-                      & (summary["metric"] == "AR")]
+                      & (summary["class_name"] == "all") & (summary["metric"] == "AR")]
     values["num_anchors"] = float(anchors["num_proposals"].iloc[0]) if len(anchors) else math.nan
     return values, time.perf_counter() - start
 
@@ -487,7 +488,7 @@ def main(argv: list[str] | None = None) -> int:
     device = torch.device(args.device)
     class_names = [str(c) for c in info["classes"]]
     train_path = args.data / "train.parquet"
-    split = read_split(args.data / f"{args.split}.parquet", args.split)
+    split = read_ground_truth(args.data / f"{args.split}.parquet", args.split)
 
     batches = training_batches(train_path, args)
     first = next(training_batches(train_path, args))  # the first batch, for the check only
