@@ -66,7 +66,8 @@ def log_detector(run: RunHandle, weights: Path, *, cfg: Config, stage: str,
         signature = infer_signature(example, served.predict(None, example))
     name = cfg.tracking.rpn_model_name if stage == "rpn" else cfg.tracking.frcnn_model_name
     registered = name if cfg.tracking.register_models and _has_registry(run) else None
-    with _global_uri(run.tracking_uri):
+    with _global_uri(run.tracking_uri), warnings.catch_warnings():
+        warnings.filterwarnings("ignore", "Hint: Inferred schema contains integer", UserWarning)
         mlflow.start_run(run_id=run.run_id)          # log_model needs MLflow's active run
         try:
             info = mlflow.pyfunc.log_model(
@@ -125,8 +126,11 @@ def model_weights(cfg: Config, uri: str, folder: Path) -> Path:
     store = resolve_uri(cfg.tracking.uri)
     _client(store)  # quiet store set-up
     try:
-        local = Path(mlflow.artifacts.download_artifacts(artifact_uri=uri, dst_path=str(folder),
-                                                         tracking_uri=store))
+        # a models:/ URI is resolved in the model registry, which is the tracking store unless
+        # $MLFLOW_REGISTRY_URI says otherwise: MLflow reads it from its process-wide URI
+        with _global_uri(store):
+            local = Path(mlflow.artifacts.download_artifacts(
+                artifact_uri=uri, dst_path=str(folder), tracking_uri=store))
     except Exception as exc:  # MlflowException of every kind: not there
         raise MissingInputError(f"{uri}: no such model in {store} ({str(exc)[:300]})") from None
     meta = yaml.safe_load((local / "MLmodel").read_text())

@@ -65,7 +65,10 @@ def mlflow_server(folder: Path, *, timeout: float = 120) -> Iterator[MlflowServe
     folder.mkdir(parents=True, exist_ok=True)
     (port,), log = free_ports(1), folder / "server.log"
     server = MlflowServer(f"http://127.0.0.1:{port}", folder / "mlflow.db", folder / "artifacts")
-    env = dict(os.environ, MLFLOW_DISABLE_TELEMETRY="true")
+    # no job runners (MLflow 3 starts several huey consumers, ~270 MB each, for its gateway
+    # jobs; nothing here uses them)
+    env = dict(os.environ, MLFLOW_DISABLE_TELEMETRY="true",
+               MLFLOW_SERVER_ENABLE_JOB_EXECUTION="false")
     env.pop("MLFLOW_TRACKING_URI", None)
     proc = subprocess.Popen(
         [str(BIN / "mlflow"), "server", "--backend-store-uri", f"sqlite:///{server.database}",
