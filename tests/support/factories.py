@@ -8,9 +8,8 @@
 - :func:`write_params`: a complete ``params.yaml`` (defaults or the project's file, overridden).
 - The presets: :data:`TINY` (the real detector at 64 x 64, cheap to train on a CPU) and
   :func:`tiny_cfg`; :data:`RAY_PARAMS` (2 CPU Ray Train workers sharing 2 cores);
-  :data:`TINY_SWEEP` (a sweep of 64 x 64 trials on data prepared at 128 x 128) and
-  :data:`DVC_SWEEP` (a 2-trial sweep under ``dvc repro``); :data:`SEARCH_SPACE` (every kind of
-  distribution).
+  :data:`TINY_SWEEP` (a sweep of 64 x 64 trials on data prepared at 128 x 128);
+  :data:`SEARCH_SPACE` (every kind of distribution).
 """
 
 from __future__ import annotations
@@ -76,17 +75,6 @@ SEARCH_SPACE: dict[str, Any] = {
     "rpn.num_samples": {"randint": [16, 18]},
     "train.lr_schedule": {"choice": ["cosine", "constant"]},
 }
-
-#: Over :data:`TINY` in a DVC repository: a 2-trial sweep at 64 x 64, one trial at a time, 2
-#: epochs each (anchors of 16 and 32 pixels).
-DVC_SWEEP: dict[str, Any] = {
-    "data.synthetic_images": 10, "sweep.image_size": 0, "sweep.max_train_images": 4,
-    "sweep.num_samples": 2, "sweep.max_concurrent_trials": 1, "sweep.epochs": 2,
-    "sweep.space": {"anchors.scales": {"choice": [[1, 2], [0.5, 1, 2]]},
-                    "rpn.pos_iou": {"uniform": [0.6, 0.8]},
-                    "train.lr": {"loguniform": [0.001, 0.02]}},
-}
-
 
 def tiny_cfg(**overrides: Any) -> Config:
     """:data:`TINY` over the defaults, plus ``overrides`` (``train__rpn_epochs=2`` is

@@ -10,7 +10,6 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -18,10 +17,10 @@ import torch
 
 from detector import load_model
 from pipeline.cli import main
-from pipeline.training import checkpoints, resume
+from pipeline.training import checkpoints
 from tests.support import mlflow_store
 from tests.support.factories import RAY_PARAMS, write_ray_project
-from tests.support.procs import kill_session, subprocess_env
+from tests.support.procs import subprocess_env
 
 
 def _project(tmp_path: Path, **overrides) -> Path:
@@ -200,45 +199,3 @@ def test_train_rpn_on_two_ray_workers(tmp_path):
     assert {"system/rank0/cpu_utilization_percentage",
             "system/rank1/system_memory_usage_megabytes"} <= set(run.data.metrics)
     assert {"final/loss", "final/steps", "final/images_per_s"} <= set(run.data.metrics)
-
-
-@pytest.mark.slow
-def test_killed_run_resumes_from_its_checkpoint(tmp_path):
-    project = _project(tmp_path, **{"train.rpn_epochs": 3, "train.checkpoint_every": 1})
-    storage = str(project / "checkpoints")
-    proc = subprocess.Popen([sys.executable, "-m", "pipeline", "train", "--stage", "rpn"],
-                            cwd=project, env=subprocess_env(), stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT, text=True, start_new_session=True)
-    try:
-        deadline = time.monotonic() + 300
-        found = None
-        while time.monotonic() < deadline and proc.poll() is None:
-            runs = list(Path(storage).glob("train_rpn-*"))
-            found = runs and resume.latest_checkpoint(storage, runs[0].name)
-            if found and found[1]["step"] >= 2:
-                break
-            time.sleep(0.5)
-        assert found, "no checkpoint appeared"
-        assert proc.poll() is None, "the run finished before it could be killed"
-    finally:
-        # kill -9 the command and everything it started (Ray's processes share its session)
-        kill_session(proc)
-    db = project / "mlflow.db"
-    killed = mlflow_store.only_run(db, "train_rpn")
-    assert killed.info.status == "RUNNING"  # a killed process cannot end its run
-
-    done = _frcnn(project, "--stage", "rpn")
-    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
-    ckpt_path, progress = found
-    lines = [ln for ln in done.stdout.splitlines() if ln.startswith("train_rpn: resuming")]
-    assert lines, done.stdout[-3000:]
-    step = int(lines[0].rsplit("step ", 1)[1].rstrip(")"))
-    assert step >= progress["step"] >= 2
-    assert "train_rpn: starting" not in done.stdout
-    metrics = json.loads((project / "metrics" / "train_rpn.json").read_text())
-    assert metrics["resumed"] and metrics["steps"] == 9 and metrics["epochs"] == 3
-    # the same MLflow run, reopened and finished, its loss history continued
-    run = mlflow_store.only_run(db, "train_rpn")
-    assert run.info.run_id == killed.info.run_id and run.info.status == "FINISHED"
-    assert set(mlflow_store.metric_steps(db, run.info.run_id, "loss")) == set(range(1, 10))
-    assert not list(Path(storage).glob("train_rpn-*"))  # finished: checkpoints removed
