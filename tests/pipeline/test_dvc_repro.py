@@ -105,7 +105,7 @@ def test_dvc_repro_end_to_end_at_a_small_size(dvc_repo, tmp_path):
             "train.max_steps": 2, "train.num_workers": 1, "roi.hidden_dim": 64,
             "anchors.scales": [2, 4],  # 32 and 64 px: inside a 128 px image
             "rpn.min_size": 4.0, "eval.num_pictures": 2,
-            # 1 trial at 64 px (4 trials: tests/pipeline/sweep/test_driver.py)
+            # 1 trial at 64 px (a failing one too: tests/pipeline/test_cluster.py)
             "sweep.image_size": 64, "sweep.max_train_images": 4, "sweep.num_samples": 1,
             "train.storage_path": f"{bucket}/checkpoints",
             "sweep.storage_path": f"{bucket}/sweeps"})

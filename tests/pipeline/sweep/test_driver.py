@@ -1,13 +1,14 @@
 """pipeline.sweep.driver: where a sweep lives and when it resumes; ``frcnn sweep`` for real (Ray
 Tune trials that each fit a Ray Train worker group, on the CPU).
 
-- :func:`test_tiny_sweep_on_a_local_ray`: 4 trials at 64 x 64, 2 at a time, 2 epochs, ASHA on;
-  the outputs and the MLflow parent / child runs (about 100 s on 2 cores).
 - :func:`test_sweep_job_on_a_local_cluster_is_stopped_and_resumed`: ``ray start --head`` on
   127.0.0.1 (free ports, its own temp folder, so no other Ray on the machine is touched or
   found), ``ray job submit`` of a 2-trial sweep, ``ray job stop`` once the first trial has
   finished, ``ray job submit ... frcnn sweep --resume``; the finished trial is not trained
-  again, no child run is duplicated (about 100 s).
+  again, no child run is duplicated (about 100 s); the outputs and the MLflow parent / child
+  runs. (The sweep inside a whole `dvc repro`, with a failing trial, on one machine and on a
+  multi-node cluster: tests/pipeline/test_dvc_repro.py, tests/pipeline/test_cluster.py; the
+  ASHA settings: test_scheduler.py.)
 
 Each trial's Ray Train worker group costs about 20-25 s of start-up here; the training itself is
 a few seconds.
@@ -18,7 +19,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -140,27 +140,6 @@ def _print_table(title: str, table: pd.DataFrame, seconds: float) -> None:
 
 # --------------------------------------------------------------------------------------------
 # Local Ray
-
-
-@pytest.mark.slow
-def test_tiny_sweep_on_a_local_ray(tmp_path):
-    # 8 validation images, so that the trials' recall can tell them apart
-    write_prepared(tmp_path / "data" / "prepared", size=128, num_images=6, num_eval=8)
-    write_params(tmp_path / "params.yaml", project_params=True, overrides={
-        **TINY_SWEEP, "sweep.num_samples": 4, "sweep.max_concurrent_trials": 2,
-        "sweep.epochs": 2})
-    started = time.perf_counter()
-    done = subprocess.run([sys.executable, "-m", "pipeline", "sweep"], cwd=tmp_path,
-                          env=subprocess_env(), capture_output=True, text=True, timeout=480)
-    seconds = time.perf_counter() - started
-    assert done.returncode == 0, done.stdout[-4000:] + done.stderr[-4000:]
-    table = _check_outputs(tmp_path, trials=4, epochs=2)
-    _check_mlflow(tmp_path, table, epochs=2)
-    assert "sweep: best trial" in done.stdout
-    # finished and stopped trials leave no Ray Train checkpoints behind
-    runs = tmp_path / "ray_results" / "anchor_sweep" / "train_runs"
-    assert not list(runs.iterdir())
-    _print_table("tiny sweep (local Ray, 2 trials at a time)", table, seconds)
 
 
 # --------------------------------------------------------------------------------------------
