@@ -15,7 +15,9 @@ from typing import Any, Literal, Mapping
 
 from pipeline.errors import ConfigError
 
-SWEEP_DISTRIBUTIONS = ("choice", "uniform", "loguniform", "randint")
+SWEEP_DISTRIBUTIONS = ("choice", "grid", "uniform", "loguniform", "randint")
+#: distributions that list their values (the others give ``[low, high]``)
+LISTED = ("choice", "grid")
 
 
 def build_section(cls: type, section: str, values: Mapping[str, Any]) -> Any:
@@ -132,9 +134,12 @@ def check_sweep_space(cfg: Any) -> None:
                               f"{', '.join(SWEEP_DISTRIBUTIONS)}")
         if not isinstance(arg, (list, tuple)) or not arg:
             raise ConfigError(f"{where}.{kind}: expected a non-empty list, got {arg!r}")
-        if kind != "choice" and len(arg) != 2:
+        if kind not in LISTED and len(arg) != 2:
             raise ConfigError(f"{where}.{kind}: expected [low, high], got {arg!r}")
-        for value in (arg if kind == "choice" else arg):  # every choice / both ends must be valid
+        if kind == "grid" and cfg.sweep.search != "random":
+            raise ConfigError(f"{where}.grid: a grid needs sweep.search=random ({cfg.sweep.search} "
+                              f"samples every value itself: use choice)")
+        for value in arg:  # every listed value / both ends must be valid
             _validate_value(cfg, key, value, where)
 
 

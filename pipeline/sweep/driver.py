@@ -190,7 +190,7 @@ def _make_tuner(cfg: Config, setup: dict[str, Any], experiment: str, resume: boo
         print(f"sweep: resuming {redact(experiment)}", flush=True)
         return _Tuner(tune.Tuner.restore(experiment, trainable=trainable,
                                          resume_unfinished=True, resume_errored=True))
-    print(f"sweep: {cfg.sweep.num_samples} trial(s) of {len(cfg.sweep.space)} parameter(s), "
+    print(f"sweep: {space.trial_count(cfg)} trial(s) of {len(cfg.sweep.space)} parameter(s), "
           f"{cfg.sweep.search} search, ASHA on {cfg.sweep.metric} ({cfg.sweep.mode}); trials "
           f"at {space.trial_image_size(cfg)} px, {space.worker_resources(cfg)} x "
           f"{cfg.sweep.workers_per_trial} worker(s) each; in {redact(experiment)}", flush=True)

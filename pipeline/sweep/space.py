@@ -5,6 +5,8 @@
 
 - ``{choice: [v1, v2, ...]}``: one of the values; a value may itself be a list
   (``anchors.scales: {choice: [[8, 16, 32], [4, 8, 16]]}`` chooses among sets);
+- ``{grid: [v1, v2, ...]}``: every value, each in its own trials (Tune's ``grid_search``: the
+  trials are ``sweep.num_samples`` x the product of the grids' lengths); random search only;
 - ``{uniform: [low, high]}``, ``{loguniform: [low, high]}``: a float;
 - ``{randint: [low, high]}``: an integer, both ends included.
 
@@ -82,6 +84,8 @@ def search_space(space: Mapping[str, Mapping[str, Any]]) -> dict[str, Any]:
         (kind, arg), = spec.items()
         if kind == "choice":
             out[key] = tune.choice([encode(v) for v in arg])
+        elif kind == "grid":
+            out[key] = tune.grid_search([encode(v) for v in arg])
         elif kind == "uniform":
             out[key] = tune.uniform(float(arg[0]), float(arg[1]))
         elif kind == "loguniform":
@@ -91,6 +95,15 @@ def search_space(space: Mapping[str, Mapping[str, Any]]) -> dict[str, Any]:
         else:  # pipeline.config refuses other kinds first
             raise ConfigError(f"sweep.space.{key}: unknown distribution {kind!r}")
     return out
+
+
+def trial_count(cfg: Config) -> int:
+    """How many trials the sweep runs: ``sweep.num_samples`` x the length of every grid."""
+    count = cfg.sweep.num_samples
+    for spec in cfg.sweep.space.values():
+        (kind, arg), = spec.items()
+        count *= len(arg) if kind == "grid" else 1
+    return count
 
 
 def decode(space: Mapping[str, Mapping[str, Any]], sampled: Mapping[str, Any]) -> dict[str, Any]:
@@ -109,7 +122,7 @@ def decode(space: Mapping[str, Mapping[str, Any]], sampled: Mapping[str, Any]) -
                               f"changed under a resumed sweep?)")
         (kind, arg), = spec.items()
         value = sampled[key]
-        if kind == "choice":
+        if kind in ("choice", "grid"):
             encoded = [encode(v) for v in arg]
             if value not in encoded:
                 raise ConfigError(f"sweep.space.{key}: trial value {value!r} is not one of "

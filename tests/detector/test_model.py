@@ -9,6 +9,7 @@ import pytest
 import torch
 
 from detector import FasterRCNN, NonFiniteLossError
+from tests.support.detections import same_detections
 
 SMALL = dict(image_size=64, anchor_scales=(1.0, 2.0, 4.0), roi_hidden_dim=32, rpn_min_size=4.0,
              rpn_allow_border=-1.0)
@@ -85,15 +86,18 @@ def test_eval_returns_detections_and_propose_returns_proposals(device: str, smal
 
 def test_batch_gives_each_image_its_own_results(small_model: FasterRCNN) -> None:
     model = small_model.eval()
+    # class scores spread well apart (an untrained head gives ~1/(K+1) to every class, so
+    # near-ties that NMS could break either way)
+    torch.nn.init.normal_(model.roi_heads.cls_score.weight, std=1.0)
     images = torch.rand(3, 3, 64, 64)
     with torch.no_grad():
         together = model(images)
         alone = [model(images[i : i + 1])[0] for i in range(3)]
     for a, b in zip(together, alone):
-        torch.testing.assert_close(a["boxes"], b["boxes"], atol=1e-3, rtol=1e-4)
-        assert torch.equal(a["labels"], b["labels"])
-    for (a, _), (b, _) in zip(model.propose(images), [model.propose(images[i : i + 1])[0] for i in range(3)]):
-        torch.testing.assert_close(a, b, atol=1e-3, rtol=1e-4)
+        assert len(a["boxes"]) > 0 and same_detections(a, b), (a, b)
+    alone_proposals = [model.propose(images[i : i + 1])[0] for i in range(3)]
+    for (a, sa), (b, sb) in zip(model.propose(images), alone_proposals):
+        assert same_detections({"boxes": a, "scores": sa}, {"boxes": b, "scores": sb})
 
 
 def test_rpn_only_trains_the_rpn_alone_and_freezes_nothing() -> None:

@@ -22,7 +22,9 @@ names, artifacts, error texts, the database's and the artifact folder's bytes) n
 While ``train_rpn`` runs (3 epochs, a checkpoint every step), once a checkpoint is in the bucket
 the node of one worker is killed (SIGKILL to its raylet and workers): Ray Train restarts the
 worker group on the nodes left (the third node has room) from the last checkpoint, and the stage
-ends with exactly the planned steps and epochs, one restart on its MLflow run.
+ends with exactly the planned steps and epochs. How many restarts the loss costs depends on
+timing (under load Ray may also restart a group whose new placement is not ready yet): at least
+one, at most ``train.max_failures``, and the run's ``restarts`` tag says how many.
 """
 
 from __future__ import annotations
@@ -54,9 +56,10 @@ def _overrides(cluster, server, bucket: str) -> dict:
         "train.loader_workers": 0, "train.max_failures": 2,
         "train.storage_path": f"{bucket}/checkpoints", "eval.num_pictures": 1,
         **{k: v for k, v in TINY_SWEEP.items() if k.startswith("sweep.")},
-        "sweep.num_samples": 2, "sweep.seed": 1, "sweep.cpus_per_trial": 0.5,
+        "sweep.num_samples": 1, "sweep.seed": 1, "sweep.cpus_per_trial": 0.5,
         "sweep.max_train_images": 4, "sweep.storage_path": f"{bucket}/sweeps",
-        "sweep.space": {"rpn.pos_iou": {"choice": [0.7, 0.25]}},      # 0.25 < rpn.neg_iou
+        # a grid: both values run, whatever the random draws (0.25 < rpn.neg_iou fails)
+        "sweep.space": {"rpn.pos_iou": {"grid": [0.7, 0.25]}},
         "tracking.uri": server.url.replace("://", f"://alice:{URI_SECRETS[0]}@"),
         "anchors.scales": [2, 4], "rpn.min_size": 4.0,
     }
@@ -76,13 +79,14 @@ def _objects(s3, prefix: str) -> list[str]:
 
 
 def _kill_a_worker_node_after_a_checkpoint(cluster, s3, proc, timeout: float = 600) -> str:
-    """Once ``train_rpn`` has a checkpoint of step >= 2 in the bucket, SIGKILL the node of
-    one of its workers; returns that node's name."""
+    """Once ``train_rpn`` has a checkpoint of step >= 2 in the bucket and not yet its last
+    (step 9), SIGKILL the node of one of its workers; returns that node's name."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         assert proc.poll() is None, "the run ended before a node could be killed"
-        steps = [int(k.split("_s")[1].split("/")[0]) for k in _objects(s3, "checkpoints/")
+        steps = [int(k.split("_s")[1].split("/")[0]) for k in _objects(s3, "checkpoints/train_rpn-")
                  if "/checkpoint_e" in k and k.endswith("progress.json")]
+        assert not steps or max(steps) < 9, "train_rpn ended before a node could be killed"
         hosts = [n for n in WORKER_NODES if n in cluster.nodes
                  and cluster.processes(n, "RayTrainWorker")]
         if steps and max(steps) >= 2 and hosts:
@@ -129,12 +133,13 @@ def test_dvc_repro_on_a_multi_node_cluster_with_a_bucket_a_tracking_server_and_n
 
 def _check_training(out: str, repo: Path, store: str, s3) -> None:
     """train_rpn: workers read the staged table; exactly the planned steps after the node loss,
-    one restart; train_frcnn: its steps."""
+    between one restart and ``train.max_failures`` (2); train_frcnn: its steps."""
     assert f"workers read s3://***@{s3.bucket}/checkpoints/staged/" in out
     rpn = json.loads((repo / "metrics" / "train_rpn.json").read_text())
     assert (rpn["steps"], rpn["epochs"]) == (9, 3)     # 6 images / 2 workers x 3 epochs
     run = mlflow_store.only_run(store, "train_rpn")
-    assert run.info.status == "FINISHED" and run.data.tags["restarts"] == "1"
+    assert run.info.status == "FINISHED"
+    assert 1 <= int(run.data.tags["restarts"]) <= 2, run.data.tags   # train.max_failures: 2
     assert mlflow_store.metric_steps(store, run.info.run_id, "loss")[-1] == 9
     frcnn = json.loads((repo / "metrics" / "train_frcnn.json").read_text())
     assert (frcnn["steps"], frcnn["epochs"]) == (3, 1)

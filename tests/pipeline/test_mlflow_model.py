@@ -32,6 +32,7 @@ from pipeline.cli import main
 from pipeline.config import Config
 from pipeline import tracking
 from tests.support import BIN, mlflow_store
+from tests.support.detections import same_detections
 from tests.support.procs import free_ports, kill_session, subprocess_env
 from tests.support.servers import wait_for
 
@@ -47,8 +48,10 @@ def logged(tmp_path_factory):
 
     folder = tmp_path_factory.mktemp("served")
     torch.manual_seed(0)
-    weights = save_model(folder / "frcnn.pt", FasterRCNN(2, image_size=64, roi_hidden_dim=32),
-                         stage="frcnn", classes=["cat", "dog"])
+    model = FasterRCNN(2, image_size=64, roi_hidden_dim=32)
+    # class scores spread apart (untrained, every class scores ~1/3: near-ties everywhere)
+    torch.nn.init.normal_(model.roi_heads.cls_score.weight, std=1.0)
+    weights = save_model(folder / "frcnn.pt", model, stage="frcnn", classes=["cat", "dog"])
     store = f"sqlite:///{folder / 'mlflow.db'}"
     cfg = Config().replace({"tracking.uri": store, "eval.batch_size": 2})
     example = _image(folder / "example.png", 40, 30).read_bytes()
@@ -110,11 +113,14 @@ def test_served_model_answers_like_frcnn_predict(logged, tmp_path, monkeypatch, 
     predictions = answer["predictions"]
     assert len(predictions) == 4
     assert predictions[1] == {"image": 1, "error": "unreadable image (UnidentifiedImageError)"}
+    # another process, other batches: the same detections to the printed precision, in any
+    # order of near-tied scores
     for got, want in zip([predictions[0], *predictions[2:]], expected):
-        assert {k: v for k, v in got.items() if k != "image"} == \
-            {k: v for k, v in want.items() if k != "image"}
+        assert (got["width"], got["height"]) == (want["width"], want["height"])
+        assert got["boxes"] and same_detections(got, want, box_tol=0.02, score_tol=2e-4), (got, want)
+        assert sorted(zip(got["labels"], got["classes"])) == sorted(zip(want["labels"], want["classes"]))
     assert (predictions[0]["width"], predictions[0]["height"]) == (120, 80)
-    assert again["predictions"][0] == predictions[0]              # still serving after a bad row
+    assert same_detections(again["predictions"][0], predictions[0], box_tol=0.02, score_tol=2e-4)
 
 
 def test_frcnn_predict_reads_registered_and_run_models(logged, tmp_path, monkeypatch, capsys):

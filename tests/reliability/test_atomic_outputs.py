@@ -9,6 +9,7 @@ half-written file; no temporary file is left beside it after a failure the proce
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import shutil
@@ -75,9 +76,10 @@ def test_prepare_killed_mid_write_leaves_the_previous_output(tmp_path):
         while time.monotonic() < deadline and proc.poll() is None:
             temps = list((tmp_path / "data").glob(".prepared.*.tmp"))
             tables = [p for t in temps for p in t.glob("train.parquet")]
-            if tables and tables[0].stat().st_size > 100_000:  # row groups on their way
-                partial = tables[0]
-                break
+            with contextlib.suppress(FileNotFoundError):   # renamed between glob and stat
+                if tables and tables[0].stat().st_size > 100_000:  # row groups on their way
+                    partial = tables[0]
+                    break
             time.sleep(0.05)
         assert partial is not None and proc.poll() is None, "prepare was not caught mid-write"
     finally:

@@ -174,7 +174,9 @@ def test_sweep_job_on_a_local_cluster_is_stopped_and_resumed(tmp_path):
     job_dir.mkdir()
     # absolute paths: the job runs in a copy of job_dir that Ray unpacks elsewhere
     write_params(job_dir / "params.yaml", project_params=True, overrides={
-        **TINY_SWEEP, "sweep.num_samples": 2, "sweep.max_concurrent_trials": 1,
+        # three trials one at a time: when the first has finished, two are left, so the stop
+        # lands mid-sweep however fast the machine trains
+        **TINY_SWEEP, "sweep.num_samples": 3, "sweep.max_concurrent_trials": 1,
         "sweep.epochs": 1, "data.out_dir": str(out / "data" / "prepared"),
         "sweep.storage_path": str(out / "ray_results"),
         "sweep.table_path": str(out / "reports" / "sweep.parquet"),
@@ -219,8 +221,8 @@ def test_sweep_job_on_a_local_cluster_is_stopped_and_resumed(tmp_path):
                     client.stop_job(job)
     seconds = time.perf_counter() - started
     assert "sweep: resuming" in logs
-    table = _check_outputs(out, trials=2, epochs=1)
-    assert list(table["status"]) == ["finished", "finished"]
+    table = _check_outputs(out, trials=3, epochs=1)
+    assert list(table["status"]) == ["finished"] * 3
     parent, by_trial = _check_mlflow(out, table, epochs=1)
     assert parent.data.tags["resumed"] == "true"
     # the trial finished before the stop was not trained again: one loss point per step

@@ -102,3 +102,20 @@ def test_check_names_the_allowed_metrics():
 def test_sweep_config_checks(override, match):
     with pytest.raises(ConfigError, match=match):
         Config().replace(override)
+
+
+def test_a_grid_runs_every_value_num_samples_times():
+    from ray.tune.search.variant_generator import generate_variants
+
+    space = {"anchors.scales": {"grid": [[8, 16, 32], [2, 4, 8, 16]]},
+             "rpn.pos_iou": {"grid": [0.6, 0.7, 0.8]}, "train.lr": {"uniform": [1e-4, 1e-3]}}
+    cfg = Config().replace({"sweep.space": space, "sweep.num_samples": 2})
+    assert sweep_space.trial_count(cfg) == 2 * 2 * 3
+    drawn = [sweep_space.decode(space, sampled)
+             for _ in range(2) for _, sampled in generate_variants(sweep_space.search_space(space))]
+    pairs = sorted((tuple(v["anchors.scales"]), v["rpn.pos_iou"]) for v in drawn)
+    assert pairs == sorted([(s, p) for s in ((8, 16, 32), (2, 4, 8, 16)) for p in (0.6, 0.7, 0.8)] * 2)
+    with pytest.raises(ConfigError, match="grid needs sweep.search=random"):
+        Config().replace({"sweep.space": space, "sweep.search": "optuna"})
+    with pytest.raises(ConfigError, match="pos_iou"):
+        Config().replace({"sweep.space": {"rpn.pos_iou": {"grid": [0.7, 1.5]}}})

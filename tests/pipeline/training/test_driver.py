@@ -147,7 +147,7 @@ def test_workers_read_the_drivers_files_locally_and_staged_copies_on_a_cluster(t
 def test_train_rpn_on_two_ray_workers(tmp_path):
     project = _project(tmp_path, **{"train.rpn_epochs": 2, "train.checkpoint_every": 2,
                                     "train.keep_checkpoints": True,
-                                    "tracking.system_metrics_interval": 1.0})
+                                    "tracking.system_metrics_interval": 0.5})
     done = _frcnn(project, "--stage", "rpn")
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     assert "train_rpn: 2 worker(s), CPU" in done.stdout
