@@ -14,6 +14,11 @@ corner, half a cell away). An anchor of scale ``s`` and ratio ``r = height / wid
 ``size = s * stride`` at ratio 1 and keeps the area ``size**2`` at every ratio:
 ``width = size / sqrt(r)``, ``height = size * sqrt(r)`` (not rounded to whole pixels).
 
+Explicit shapes: instead of ``scales`` x ``ratios``, ``shapes`` lists the ``a`` anchors of a cell
+as ``(width, height)`` pixels (fitted to a dataset, say: ``frcnn anchors --fit``), in the given
+order. A shape is the type ``(ratio, scale) = (height / width, sqrt(width * height) / stride)``,
+so everything that speaks of types works for both.
+
 Anchor types: the ``a`` (ratio, scale) pairs of a cell, in the same ratio-major order. A type
 whose anchors all cross the image border by more than ``allow_border`` pixels is never labelled
 for training (:func:`trainable_anchor_counts`, :func:`untrained_anchor_types`): its channels of
@@ -31,7 +36,9 @@ from torch import Tensor, nn
 
 __all__ = [
     "AnchorGenerator",
+    "anchor_sizes",
     "cell_anchors",
+    "describe_anchor_types",
     "generate_anchors",
     "inside_image",
     "trainable_anchor_counts",
@@ -39,16 +46,28 @@ __all__ = [
 ]
 
 
-def cell_anchors(stride: int, scales: Sequence[float], ratios: Sequence[float]) -> Tensor:
-    """The ``a`` anchors of one cell, centred on ``(0, 0)``: ``(a, 4)`` float32, ratio-major."""
-    rows = []
-    for ratio in ratios:
-        for scale in scales:
-            size = float(scale) * stride
-            half_w = 0.5 * size / math.sqrt(ratio)
-            half_h = 0.5 * size * math.sqrt(ratio)
-            rows.append((-half_w, -half_h, half_w, half_h))
-    return torch.tensor(rows, dtype=torch.float32)
+def anchor_sizes(stride: int, scales: Sequence[float], ratios: Sequence[float],
+                 shapes: Sequence[Sequence[float]] | None = None) -> tuple[tuple[float, float], ...]:
+    """``(width, height)`` in pixels of the ``a`` anchors of a cell: ``shapes`` as given, or
+    ``scales`` x ``ratios`` ratio-major (side ``scale * stride`` at ratio 1, constant area)."""
+    if shapes:
+        sizes = tuple((float(w), float(h)) for w, h in shapes)
+        if min(min(wh) for wh in sizes) <= 0:
+            raise ValueError(f"anchor shapes must be positive (width, height) pairs (got {shapes})")
+        return sizes
+    if not scales or not ratios:
+        raise ValueError(f"anchors need at least one scale and one ratio (got {scales}, {ratios})")
+    if min(scales) <= 0 or min(ratios) <= 0:
+        raise ValueError(f"anchor scales and ratios must be positive (got {scales}, {ratios})")
+    return tuple((float(s) * stride / math.sqrt(r), float(s) * stride * math.sqrt(r))
+                 for r in ratios for s in scales)
+
+
+def cell_anchors(sizes: Sequence[tuple[float, float]]) -> Tensor:
+    """The anchors of one cell centred on ``(0, 0)``: ``(a, 4)`` float32 x1y1x2y2, from their
+    ``(width, height)`` (:func:`anchor_sizes`)."""
+    half = torch.tensor(sizes, dtype=torch.float64) / 2  # (a, 2) half width, half height
+    return torch.cat([-half, half], dim=1).float()
 
 
 def generate_anchors(
@@ -57,6 +76,7 @@ def generate_anchors(
     scales: Sequence[float] = (8, 16, 32),
     ratios: Sequence[float] = (0.5, 1.0, 2.0),
     *,
+    shapes: Sequence[Sequence[float]] | None = None,
     device: torch.device | str | None = None,
 ) -> Tensor:
     """All anchors of a feature map, in input-image pixels.
@@ -67,18 +87,16 @@ def generate_anchors(
             that ``scales`` multiply.
         scales: anchor sides at ratio 1, in units of ``stride``.
         ratios: height / width ratios.
+        shapes: ``(width, height)`` pixels of each anchor of a cell, used instead of ``scales``
+            and ``ratios`` when given.
         device: where to build them.
 
     Returns:
         ``(H * W * a, 4)`` float32 x1y1x2y2, in the order described in the module docstring
         (``feature_size=(40, 40)`` with the defaults gives 14,400).
     """
-    if not scales or not ratios:
-        raise ValueError(f"anchors need at least one scale and one ratio (got {scales}, {ratios})")
-    if min(scales) <= 0 or min(ratios) <= 0:
-        raise ValueError(f"anchor scales and ratios must be positive (got {scales}, {ratios})")
     h, w = feature_size
-    base = cell_anchors(stride, scales, ratios).to(device)  # (a, 4)
+    base = cell_anchors(anchor_sizes(stride, scales, ratios, shapes)).to(device)  # (a, 4)
     ys = (torch.arange(h, dtype=torch.float32, device=device) + 0.5) * stride
     xs = (torch.arange(w, dtype=torch.float32, device=device) + 0.5) * stride
     cy, cx = torch.meshgrid(ys, xs, indexing="ij")  # (H, W) each, x varying fastest
@@ -94,39 +112,46 @@ class AnchorGenerator(nn.Module):
     plain tensors; a handful of feature sizes and devices is all a run ever sees.
     """
 
-    def __init__(self, *, stride: int, scales: Sequence[float], ratios: Sequence[float]) -> None:
+    def __init__(self, *, stride: int, scales: Sequence[float], ratios: Sequence[float],
+                 shapes: Sequence[Sequence[float]] | None = None) -> None:
         super().__init__()
         self.stride = int(stride)
         self.scales = tuple(float(s) for s in scales)
         self.ratios = tuple(float(r) for r in ratios)
         if self.stride < 1:
             raise ValueError(f"anchor stride must be a positive integer (got {stride})")
-        if not self.scales or not self.ratios or min(self.scales + self.ratios) <= 0:
-            raise ValueError(
-                f"anchor scales and ratios must be non-empty and positive (got {scales}, {ratios})")
+        #: ``(width, height)`` pixels of each anchor of a cell (:func:`anchor_sizes`)
+        self.sizes = anchor_sizes(self.stride, self.scales, self.ratios, shapes)
+        self.shapes = self.sizes if shapes else None
         self._cache: dict[tuple[int, int, str], Tensor] = {}
 
     @property
     def num_per_cell(self) -> int:
         """``a``: anchors per feature-map cell."""
-        return len(self.scales) * len(self.ratios)
+        return len(self.sizes)
 
     @property
     def types(self) -> tuple[tuple[float, float], ...]:
-        """The ``a`` anchor types of a cell as ``(ratio, scale)`` pairs, ratio-major (anchor
-        ``j`` of a cell has type ``types[j]``)."""
-        return tuple((r, s) for r in self.ratios for s in self.scales)
+        """The ``a`` anchor types of a cell as ``(ratio, scale)`` pairs, in cell order (anchor
+        ``j`` of a cell has type ``types[j]``): ratio-major for ``scales`` x ``ratios``; for
+        explicit shapes ``(height / width, sqrt(width * height) / stride)``."""
+        if self.shapes is None:
+            return tuple((r, s) for r in self.ratios for s in self.scales)
+        return tuple((h / w, math.sqrt(w * h) / self.stride) for w, h in self.sizes)
 
     def forward(self, feature_size: tuple[int, int], device: torch.device) -> Tensor:
         """``(H * W * a, 4)`` float32 anchors for a feature map of ``feature_size`` on ``device``."""
         key = (int(feature_size[0]), int(feature_size[1]), str(device))
         anchors = self._cache.get(key)
         if anchors is None:
-            anchors = generate_anchors(key[:2], self.stride, self.scales, self.ratios, device=device)
+            anchors = generate_anchors(key[:2], self.stride, self.scales, self.ratios,
+                                       shapes=self.shapes, device=device)
             self._cache[key] = anchors
         return anchors
 
     def extra_repr(self) -> str:
+        if self.shapes is not None:
+            return f"stride={self.stride}, shapes={self.shapes}"
         return f"stride={self.stride}, scales={self.scales}, ratios={self.ratios}"
 
 
@@ -171,3 +196,15 @@ def untrained_anchor_types(generator: AnchorGenerator, image_size: int | tuple[i
     :func:`trainable_anchor_counts`), in ``generator.types`` order; empty when every type trains."""
     counts = trainable_anchor_counts(generator, image_size, allow_border).tolist()
     return [t for t, n in zip(generator.types, counts) if n == 0]
+
+
+def describe_anchor_types(generator: AnchorGenerator, types: Sequence[tuple[float, float]]) -> str:
+    """``"ratio 0.5 x scale 32 (724x362 px), ..."``: anchor types of ``generator`` with their
+    sizes in pixels (explicit shapes: ``"shape 24x40 px"``)."""
+    sizes = dict(zip(generator.types, generator.sizes))
+    parts = []
+    for t in types:
+        w, h = sizes[t]
+        parts.append(f"shape {w:.0f}x{h:.0f} px" if generator.shapes is not None
+                     else f"ratio {t[0]:g} x scale {t[1]:g} ({w:.0f}x{h:.0f} px)")
+    return ", ".join(parts)

@@ -9,14 +9,13 @@ deviation itself (the statistics that torchvision's VGG-16 weights expect).
 
 from __future__ import annotations
 
-import math
 import warnings
 from typing import Any, Sequence
 
 import torch
 from torch import Tensor, nn
 
-from detector.anchors import AnchorGenerator, untrained_anchor_types
+from detector.anchors import AnchorGenerator, describe_anchor_types, untrained_anchor_types
 from detector.backbone import (IMAGENET_MEAN, IMAGENET_STD, VGG16Backbone, apply_vgg16_weights,
                                load_vgg16_state_dict, vgg16_blocks)
 from detector.boxes import pad_boxes
@@ -51,7 +50,9 @@ class FasterRCNN(nn.Module):
             head (the RPN stage); nothing more is frozen, and eval / :meth:`propose` still run
             everything.
         anchor_*: :class:`detector.anchors.AnchorGenerator` (the stride must be the
-            backbone's, 16).
+            backbone's, 16); ``anchor_shapes``, ``(width, height)`` pixels per anchor of a cell,
+            replaces ``anchor_scales`` x ``anchor_ratios`` when given (the RPN head's channels
+            follow the count).
         rpn_pos_iou .. rpn_allow_border: :class:`detector.rpn.AnchorMatching`;
             ``rpn_allow_border=-1`` (the default) trains border-crossing anchors too. An anchor
             type that never lies inside the image (with ``allow_border >= 0``) is never trained:
@@ -93,6 +94,7 @@ class FasterRCNN(nn.Module):
         anchor_stride: int = 16,
         anchor_scales: Sequence[float] = (8.0, 16.0, 32.0),
         anchor_ratios: Sequence[float] = (0.5, 1.0, 2.0),
+        anchor_shapes: Sequence[Sequence[float]] | None = None,
         rpn_pos_iou: float = 0.7,
         rpn_neg_iou: float = 0.3,
         rpn_num_samples: int = 256,
@@ -123,8 +125,7 @@ class FasterRCNN(nn.Module):
         config = dict(locals())
         for name in ("self", "__class__"):
             config.pop(name, None)
-        self.config: dict[str, Any] = {k: tuple(v) if isinstance(v, list) else v
-                                       for k, v in config.items()}
+        self.config: dict[str, Any] = {k: _as_tuples(v) for k, v in config.items()}
         _check_config(self.config)
         self.num_classes = int(num_classes)
         self.image_size = int(image_size)
@@ -138,7 +139,8 @@ class FasterRCNN(nn.Module):
         self.rpn = _build_rpn(self.config)
         self.roi_heads = _build_roi_heads(self.config)
         self._init_backbone(backbone_weights, backbone_freeze_blocks)
-        _warn_if_untrained_anchor_types(self.untrained_anchor_types, self.config)
+        _warn_if_untrained_anchor_types(self.untrained_anchor_types, self.rpn.anchor_generator,
+                                        self.config)
 
     def _init_backbone(self, weights: str, freeze_blocks: int) -> None:
         """Load pretrained ``weights`` (backbone, fc6 / fc7), then freeze the first
@@ -240,6 +242,13 @@ class FasterRCNN(nn.Module):
         return proposals.unpad()
 
 
+def _as_tuples(value: Any) -> Any:
+    """Lists (nested too) as tuples: the config compares equal however it was given."""
+    if isinstance(value, (list, tuple)):
+        return tuple(_as_tuples(v) for v in value)
+    return value
+
+
 def _check_config(c: dict[str, Any]) -> None:
     """Raise ValueError for a constructor value that no sub-module checks itself."""
     if c["num_classes"] < 1:
@@ -258,7 +267,7 @@ def _build_rpn(c: dict[str, Any]) -> RegionProposalNetwork:
     """The RPN of a :class:`FasterRCNN` config (its ``anchor_*`` and ``rpn_*`` keywords)."""
     return RegionProposalNetwork(
         anchor_generator=AnchorGenerator(stride=c["anchor_stride"], scales=c["anchor_scales"],
-                                         ratios=c["anchor_ratios"]),
+                                         ratios=c["anchor_ratios"], shapes=c["anchor_shapes"]),
         in_channels=VGG16Backbone.out_channels,
         matching=AnchorMatching(pos_iou=c["rpn_pos_iou"], neg_iou=c["rpn_neg_iou"],
                                 num_samples=c["rpn_num_samples"],
@@ -290,17 +299,16 @@ def _build_roi_heads(c: dict[str, Any]) -> RoIHeads:
     )
 
 
-def _warn_if_untrained_anchor_types(types: list[tuple[float, float]], c: dict[str, Any]) -> None:
+def _warn_if_untrained_anchor_types(types: list[tuple[float, float]], generator: AnchorGenerator,
+                                    c: dict[str, Any]) -> None:
     """Warn, naming them, when some anchor types never lie inside the image: the RPN never
     labels them, so their head channels get no gradient, and at inference their proposals keep
     untrained scores that can outrank every trained proposal (trained background falls)."""
     if not types:
         return
-    stride, size = c["anchor_stride"], c["image_size"]
-    named = ", ".join(f"(ratio {r:g}, scale {s:g}: {s * stride / math.sqrt(r):.0f}x"
-                      f"{s * stride * math.sqrt(r):.0f} px)" for r, s in types)
+    size = c["image_size"]
     warnings.warn(
         f"{len(types)} anchor type(s) never lie inside a {size}x{size} image with "
-        f"rpn_allow_border={c['rpn_allow_border']}, so the RPN never trains them: {named}. "
-        f"Use rpn_allow_border=-1 (keep border-crossing anchors), a larger rpn_allow_border or "
-        f"smaller anchor_scales", stacklevel=3)
+        f"rpn_allow_border={c['rpn_allow_border']}, so the RPN never trains them: "
+        f"{describe_anchor_types(generator, types)}. Use rpn_allow_border=-1 (keep "
+        f"border-crossing anchors), a larger rpn_allow_border or smaller anchors", stacklevel=3)

@@ -11,8 +11,11 @@ Box offsets use weights ``(10, 10, 5, 5)`` (torchvision / Detectron), regression
 (``4 (K + 1)`` outputs, the background's unused). Losses: cross-entropy over the sampled RoIs and
 smooth L1 with ``beta = 1`` (the original Fast R-CNN) on the foreground RoIs' true-class
 offsets, both divided by the number of sampled RoIs (as the original and torchvision), the
-regression term times ``reg_weight``. RoI align uses ``sampling_ratio=2``, ``aligned=False``
-(torchvision's Faster R-CNN); ``pool="pool"`` uses ``roi_pool`` (the original's RoI max pooling).
+regression term times ``reg_weight``. RoI align uses ``sampling_ratio=2`` and ``aligned=True``
+(Detectron2's choice): it maps image ``x`` to feature ``x / 16 - 0.5``, so feature cell ``j``
+is read at the centre of its 16-pixel patch, ``16 j + 8``, where the anchors sit
+(:mod:`detector.anchors`); torchvision's ``aligned=False`` reads half a cell (8 px) away.
+``pool="pool"`` uses ``roi_pool`` (the original's RoI max pooling, which rounds to whole cells).
 """
 
 from __future__ import annotations
@@ -178,7 +181,7 @@ class RoIHeads(nn.Module):
         features = features.float()
         if self.pool == "align":
             return roi_align(features, rois, self.pool_size, self.spatial_scale,
-                             sampling_ratio=2, aligned=False)
+                             sampling_ratio=2, aligned=True)
         return roi_pool(features, rois, self.pool_size, self.spatial_scale)
 
     def _drop(self, x: Tensor) -> Tensor:

@@ -165,8 +165,8 @@ def test_bad_inputs_are_refused(small_model: FasterRCNN) -> None:
 
 def test_untrained_anchor_types_are_named_in_a_warning_and_listed_on_the_model() -> None:
     with pytest.warns(UserWarning, match=r"2 anchor type\(s\) never lie inside a 640x640 image "
-                      r"with rpn_allow_border=0.0.*\(ratio 0.5, scale 32: 724x362 px\), "
-                      r"\(ratio 2, scale 32: 362x724 px\)") as record:
+                      r"with rpn_allow_border=0.0.*ratio 0.5 x scale 32 \(724x362 px\), "
+                      r"ratio 2 x scale 32 \(362x724 px\)") as record:
         model = FasterRCNN(2, rpn_allow_border=0.0, roi_hidden_dim=8)
     assert record[0].filename == __file__  # points at the caller
     assert model.untrained_anchor_types == [(0.5, 32.0), (2.0, 32.0)]
@@ -194,7 +194,7 @@ def test_bad_configuration_is_refused(kwargs: dict, match: str) -> None:
 def test_config_rebuilds_the_model(small_model: FasterRCNN) -> None:
     cfg = small_model.config
     assert cfg["num_classes"] == 3 and cfg["image_size"] == 64 and cfg["roi_nms_iou"] == 0.3
-    assert len(cfg) == 33  # num_classes + the 32 keywords of the constructor contract
+    assert len(cfg) == 34  # num_classes + the 33 keywords of the constructor contract
     assert cfg["roi_dropout"] == 0.5 and cfg["backbone_freeze_blocks"] == 2
     rebuilt = FasterRCNN(**cfg)
     assert rebuilt.config == cfg
