@@ -32,8 +32,10 @@ STAGES = {
                                         "pictures"),
     "sweep": ("pipeline.sweep", "Ray Tune sweep over anchor and sampling hyperparameters"),
     "predict": ("pipeline.predict", "Run the detector on image files; print JSON or draw boxes"),
-    "anchors": ("pipeline.evaluation.anchors", "Anchor coverage: trainable positions per anchor type, "
-                                    "anchor-only recall per class (no model needed)"),
+    "anchors": ("pipeline.anchor_coverage", "Anchor coverage: trainable positions per anchor "
+                                            "type, anchor-only recall and the stride's ceiling "
+                                            "per class (no model needed); --fit: anchor shapes "
+                                            "fitted to the train split"),
 }
 
 
@@ -65,7 +67,14 @@ def build_parser() -> argparse.ArgumentParser:
                                   help="continue an interrupted sweep (Tune restore) without "
                                        "repeating finished trials")
     parsers["anchors"].add_argument("--split", default="test", choices=("train", "val", "test"),
-                                    help="prepared split to measure the anchor-only recall on")
+                                    help="prepared split to measure the coverage on")
+    parsers["anchors"].add_argument("--fit", action="store_true",
+                                    help="fit anchor shapes to the train split's boxes "
+                                         "(class-balanced coverage on the stride grid)")
+    parsers["anchors"].add_argument("--num", type=int, default=9, metavar="K",
+                                    help="shapes to fit (default 9)")
+    parsers["anchors"].add_argument("--out", default="overlays/fitted_anchors.yaml",
+                                    metavar="FILE", help="the params overlay --fit writes")
     parsers["predict"].add_argument("images", nargs="+", metavar="IMAGE", help="image files")
     parsers["predict"].add_argument("--model", default=None,
                                     help="model file (default: train.frcnn_model)")

@@ -47,15 +47,19 @@ def plot_recall_vs_iou(curve: pd.DataFrame, path: str | Path, *, anchor_budget: 
         curve: columns ``budget, iou, recall``.
         path: the PNG to write.
         anchor_budget: the budget of the anchor baseline's rows
-            (:data:`pipeline.evaluation.recall.ANCHOR_BUDGET`).
+            (:data:`pipeline.evaluation.recall.ANCHOR_BUDGET`); other negative budgets are the
+            stride's ceiling (dotted).
     """
     fig = Figure(figsize=(6, 4.5))
     ax = fig.add_subplot()
     for budget, group in curve.sort_values(["budget", "iou"]).groupby("budget", sort=True):
-        anchors = int(budget) == anchor_budget
-        ax.plot(group["iou"], group["recall"], marker="." if not anchors else None,
-                linestyle="--" if anchors else "-", color="grey" if anchors else None,
-                label="all anchors" if anchors else f"top {int(budget)}")
+        if int(budget) == anchor_budget:
+            style = dict(linestyle="--", color="grey", label="all anchors")
+        elif int(budget) < 0:  # the stride's ceiling: any anchor shape at a cell centre
+            style = dict(linestyle=":", color="black", label="ceiling (stride)")
+        else:
+            style = dict(marker=".", label=f"top {int(budget)}")
+        ax.plot(group["iou"], group["recall"], **style)
     ax.set(xlabel="IoU threshold", ylabel="recall", ylim=(0, 1.02), title=title or "Recall vs IoU")
     ax.grid(alpha=0.3)
     if len(curve):

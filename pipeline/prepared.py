@@ -16,7 +16,8 @@ image           binary                   the resized ``S x S`` RGB image, PNG or
 boxes           list<fixed_size_list     ``(N, 4)`` x1y1x2y2 in the ``S``-pixel frame
                 <float32>[4]>
 labels          list<int64>              ``(N,)`` class ids 1..K (0 is background)
-difficult       list<bool>               ``(N,)`` VOC difficult / COCO iscrowd
+difficult       list<bool>               ``(N,)`` VOC ``<difficult>1``
+crowd           list<bool>               ``(N,)`` COCO ``iscrowd: 1`` (a region of many objects)
 scale_x         float64                  ``x_resized = x_orig * scale_x + pad_x``
 scale_y         float64                  ``y_resized = y_orig * scale_y + pad_y``
 pad_x           float64                  letterbox offset (0 for stretch)
@@ -57,6 +58,7 @@ SCHEMA = pa.schema([
     ("boxes", pa.list_(pa.list_(pa.float32(), 4))),
     ("labels", pa.list_(pa.int64())),
     ("difficult", pa.list_(pa.bool_())),
+    ("crowd", pa.list_(pa.bool_())),
     ("scale_x", pa.float64()),
     ("scale_y", pa.float64()),
     ("pad_x", pa.float64()),
@@ -64,7 +66,7 @@ SCHEMA = pa.schema([
 ])
 SPLITS = ("train", "val", "test")
 #: The columns the model's readers need (training, evaluation, the sweep's trial tables).
-MODEL_COLUMNS = ("image_id", "image", "boxes", "labels", "difficult")
+MODEL_COLUMNS = ("image_id", "image", "boxes", "labels", "difficult", "crowd")
 CLASSES_FILE = "classes.json"
 REJECTED_FILE = "rejected.csv"
 REJECTED_COLUMNS = ("source", "reason", "image_id", "box_index")
@@ -162,6 +164,11 @@ class GroundTruth:
     boxes: list[torch.Tensor]        # (G, 4) float32 each, x1y1x2y2 in the S-pixel frame
     labels: list[torch.Tensor]       # (G,) int64 each, 1..K
     difficult: list[torch.Tensor]    # (G,) bool each
+    crowd: list[torch.Tensor] | None = None  # (G,) bool each; None: no crowd regions
+
+    def __post_init__(self) -> None:
+        if self.crowd is None:
+            self.crowd = [d.new_zeros(d.shape) for d in self.difficult]
 
     def __len__(self) -> int:
         return len(self.image_ids)
@@ -181,22 +188,26 @@ def read_ground_truth(path: str | Path, name: str, *, data: bytes | None = None)
     import torch
 
     path = Path(path)
-    columns = ["image_id", "boxes", "labels", "difficult"]
+    columns = ["image_id", "boxes", "labels", "difficult", "crowd"]
     if data is not None:
         rows = pq.read_table(pa.BufferReader(data), columns=columns).to_pydict()
     else:
         rows = open_table(path, columns).read(columns=columns).to_pydict()
-    boxes, labels, difficult = [], [], []
-    for image_id, b, lab, d in zip(rows["image_id"], rows["boxes"], rows["labels"],
-                                   rows["difficult"]):
+    boxes, labels, difficult, crowd = [], [], [], []
+    for image_id, b, lab, d, c in zip(rows["image_id"], rows["boxes"], rows["labels"],
+                                      rows["difficult"], rows["crowd"]):
         boxes.append(torch.tensor(b or [], dtype=torch.float32).reshape(-1, 4))
         labels.append(torch.tensor(lab or [], dtype=torch.int64).reshape(-1))
-        flags = d if d is not None else [False] * len(labels[-1])
-        difficult.append(torch.tensor(flags, dtype=torch.bool).reshape(-1))
-        if not boxes[-1].shape[0] == labels[-1].shape[0] == difficult[-1].shape[0]:
+        for flags, out in ((d, difficult), (c, crowd)):
+            flags = flags if flags is not None else [False] * len(labels[-1])
+            out.append(torch.tensor(flags, dtype=torch.bool).reshape(-1))
+        if not (boxes[-1].shape[0] == labels[-1].shape[0] == difficult[-1].shape[0]
+                == crowd[-1].shape[0]):
             raise DataError(f"{path}: image {image_id!r} has {boxes[-1].shape[0]} boxes, "
-                            f"{labels[-1].shape[0]} labels, {difficult[-1].shape[0]} flags")
-    return GroundTruth(name, path, [str(i) for i in rows["image_id"]], boxes, labels, difficult)
+                            f"{labels[-1].shape[0]} labels, {difficult[-1].shape[0]} difficult "
+                            f"and {crowd[-1].shape[0]} crowd flags")
+    return GroundTruth(name, path, [str(i) for i in rows["image_id"]], boxes, labels, difficult,
+                       crowd)
 
 
 def load_split(out_dir: str | Path, split: str, columns: list[str] | None = None):

@@ -84,11 +84,14 @@ class AnchorConfig:
     stride: int = _p(16, ge=1)
     scales: tuple[float, ...] = _p((8.0, 16.0, 32.0), gt=0)
     ratios: tuple[float, ...] = _p((0.5, 1.0, 2.0), gt=0)
+    shapes: tuple[tuple[float, float], ...] | None = _p(
+        None, gt=0, doc="[width, height] pixels at data.image_size per anchor of a cell, "
+                        "used instead of scales x ratios (frcnn anchors --fit writes them)")
 
     @property
     def num_anchors(self) -> int:
         """Anchors per feature-map cell."""
-        return len(self.scales) * len(self.ratios)
+        return len(self.shapes) if self.shapes else len(self.scales) * len(self.ratios)
 
 
 @dataclass(frozen=True)
@@ -198,10 +201,12 @@ class SweepConfig:
     num_samples: int = _p(2, ge=1, doc="trials")
     max_concurrent_trials: int = _p(1, ge=1)
     epochs: int = _p(1, ge=1, doc="RPN epochs per trial")
-    image_size: int = _p(320, ge=0, doc="trials train at this size (0: data.image_size)")
+    image_size: int = _p(0, ge=0, doc="trials train and score at this size (0: data.image_size; "
+                                      "another size biases the sweep: it warns)")
     max_train_images: int = _p(8, ge=0, doc="first N training images per trial (0: all)")
-    metric: str = _p("AR@300", doc="AR@<N> (N in eval.proposal_budgets) | recall@0.5/300 | "
-                                   "recall@0.7/300")
+    metric: str = _p("AR@300/mean_class", doc="AR@<N> (N in eval.proposal_budgets) | "
+                                              "recall@0.5/300 | recall@0.7/300, or any of them "
+                                              "/mean_class (the mean over classes)")
     mode: Literal["max", "min"] = _p("max")
     split: Literal["train", "val", "test"] = _p("val", doc="split the metric is measured on")
     search: Literal["random", "optuna"] = _p("random", doc="optuna: pip install 'frcnn[optuna]'")

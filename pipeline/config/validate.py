@@ -62,6 +62,8 @@ def coerce(value: Any, tp: Any, name: str) -> Any:
     if origin is tuple:
         if not isinstance(value, (list, tuple)) or len(value) == 0:
             raise ConfigError(f"{name}: expected a non-empty list, got {value!r}")
+        if args[-1] is not Ellipsis and len(value) != len(args):  # tuple[float, float]: a pair
+            raise ConfigError(f"{name}: expected a list of {len(args)} values, got {value!r}")
         return tuple(coerce(v, args[0], f"{name}[{i}]") for i, v in enumerate(value))
     if origin in (collections.abc.Mapping, dict):
         if not isinstance(value, Mapping):
@@ -90,9 +92,15 @@ def coerce(value: Any, tp: Any, name: str) -> Any:
     raise TypeError(f"{name}: unsupported annotation {tp!r}")  # programming error
 
 
+def _numbers(value: Any) -> list[Any]:
+    """``value`` itself, or the leaves of a (nested) tuple."""
+    if isinstance(value, tuple):
+        return [leaf for v in value for leaf in _numbers(v)]
+    return [value]
+
+
 def check_bounds(value: Any, meta: Mapping[str, Any], name: str) -> None:
-    items = value if isinstance(value, tuple) else (value,)
-    for v in items:
+    for v in _numbers(value):
         if not isinstance(v, (int, float)) or isinstance(v, bool):
             continue
         for op, bound, ok in (("ge", meta.get("ge"), lambda a, b: a >= b),
@@ -115,16 +123,22 @@ def range_text(meta: Mapping[str, Any]) -> str:
 TUNABLE_SECTIONS = ("backbone", "anchors", "rpn", "roi", "train")
 
 
+#: a listed value of ``anchors`` / ``anchors.shapes`` that the sweep resolves itself (shapes fitted
+#: on the train split: :func:`pipeline.sweep.space.resolve_fit`)
+FIT = "fit"
+
+
 def check_sweep_space(cfg: Any) -> None:
-    """Each ``sweep.space`` entry names a real ``section.key`` and a valid distribution."""
+    """Each ``sweep.space`` entry names a real ``section.key`` (or ``anchors``, whole anchor
+    settings) and a valid distribution."""
     for key, spec in cfg.sweep.space.items():
         where = f"sweep.space.{key}"
         section, _, leaf = key.partition(".")
         fields = ({f.name for f in dataclasses.fields(getattr(cfg, section))}
                   if section in TUNABLE_SECTIONS else set())
-        if leaf not in fields:
+        if leaf not in fields and key != "anchors":
             raise ConfigError(f"{where}: not a tunable parameter; use section.key with section one "
-                              f"of {', '.join(TUNABLE_SECTIONS)}")
+                              f"of {', '.join(TUNABLE_SECTIONS)}, or anchors (whole settings)")
         if not isinstance(spec, Mapping) or len(spec) != 1:
             kinds = " | ".join(SWEEP_DISTRIBUTIONS)
             raise ConfigError(f"{where}: expected one of {{{kinds}: ...}}")
@@ -136,11 +150,29 @@ def check_sweep_space(cfg: Any) -> None:
             raise ConfigError(f"{where}.{kind}: expected a non-empty list, got {arg!r}")
         if kind not in LISTED and len(arg) != 2:
             raise ConfigError(f"{where}.{kind}: expected [low, high], got {arg!r}")
+        if key == "anchors" and kind not in LISTED:
+            raise ConfigError(f"{where}: whole anchor settings are listed: {{choice: [...]}} or "
+                              f"{{grid: [...]}}")
         if kind == "grid" and cfg.sweep.search != "random":
             raise ConfigError(f"{where}.grid: a grid needs sweep.search=random ({cfg.sweep.search} "
                               f"samples every value itself: use choice)")
         for value in arg:  # every listed value / both ends must be valid
-            _validate_value(cfg, key, value, where)
+            if value == FIT and key in ("anchors", "anchors.shapes"):
+                continue
+            if key == "anchors":
+                _validate_anchor_setting(cfg, value, where)
+            else:
+                _validate_value(cfg, key, value, where)
+
+
+def _validate_anchor_setting(cfg: Any, value: Any, where: str) -> None:
+    """A whole anchor setting: a mapping of ``anchors`` keys with valid values."""
+    fields = [f.name for f in dataclasses.fields(cfg.anchors)]
+    if not isinstance(value, Mapping) or not value or set(value) - set(fields):
+        raise ConfigError(f"{where}: {value!r} is not an anchor setting; expected a mapping of "
+                          f"{', '.join(fields)}, or {FIT}")
+    for leaf, v in value.items():
+        _validate_value(cfg, f"anchors.{leaf}", v, where)
 
 
 def _validate_value(cfg: Any, key: str, value: Any, where: str) -> None:

@@ -6,8 +6,10 @@
 the model (:class:`pipeline.training.loader.DetectionDataset`, no flips).
 
 Per image and budget N, the best IoU of the top-N proposals with each ground-truth box
-(:mod:`.recall`), plus the anchor baseline (the best IoU over *all* anchors); detections go to
-PASCAL VOC AP (:mod:`.voc_ap`).
+(:mod:`.recall`), plus the anchor baseline (the best IoU over *all* anchors) and the stride's
+ceiling (:mod:`pipeline.anchor_coverage`); detections go to PASCAL VOC AP (:mod:`.voc_ap`).
+COCO crowd regions (``crowd``) are left out of recall and ignored by AP; VOC ``difficult`` boxes
+count for recall and are ignored by AP.
 """
 
 from __future__ import annotations
@@ -26,6 +28,7 @@ from PIL import Image
 from torch import Tensor, nn
 from torch.utils.data import DataLoader
 
+from pipeline.anchor_coverage import coverage_rows
 from pipeline.evaluation import recall as R
 from pipeline.evaluation.voc_ap import ClassResult, evaluate_detections
 from pipeline.prepared import GroundTruth
@@ -82,14 +85,6 @@ def proposal_top_n(model: nn.Module, top_n: int) -> Iterator[None]:
         yield
     finally:
         rpn.proposal_settings = saved
-
-
-def model_anchors(model: nn.Module, image_size: int, device: torch.device) -> Tensor:
-    """All ``(A, 4)`` anchors of a ``image_size`` x ``image_size`` input, as the model makes them
-    (feature map ``image_size // stride`` on a side: VGG-16's four 2x2 poolings floor)."""
-    gen = model.rpn.anchor_generator
-    side = image_size // gen.stride
-    return gen((side, side), device)
 
 
 # --------------------------------------------------------------------------------------------
@@ -153,7 +148,8 @@ def evaluate_model(*, rpn_model: nn.Module, detector: nn.Module | None,
     rpn_model.eval().to(device)
     if detector is not None:
         detector.eval().to(device)
-    anchors = model_anchors(rpn_model, image_size, device)
+    generator = rpn_model.rpn.anchor_generator
+    num_anchors = generator.num_per_cell * (image_size // generator.stride) ** 2
 
     rows, counts, ap, num_images, pictures = [], {}, {}, {}, []
     for split_index, split in enumerate(splits):
@@ -168,21 +164,20 @@ def evaluate_model(*, rpn_model: nn.Module, detector: nn.Module | None,
             with torch.inference_mode():
                 dets = detector(images) if detector is not None else [None] * len(idx)
             for i, (boxes, _), det in zip(idx, props, dets):
-                gt = split.boxes[i].to(device)
+                counted = ~split.crowd[i]            # crowd regions: no recall to find
+                gt = split.boxes[i][counted].to(device)
                 kept += np.minimum(np.asarray(budgets), boxes.shape[0])
-                common = dict(image_id=split.image_ids[i], split=split.name,
-                              gt_boxes=split.boxes[i], labels=split.labels[i],
-                              difficult=split.difficult[i])
                 rows.append(R.image_recall_rows(
-                    **common, budgets=budgets, best_iou=R.best_iou_at_budgets(gt, boxes, budgets)))
-                rows.append(R.image_recall_rows(
-                    **common, budgets=[R.ANCHOR_BUDGET],
-                    best_iou=R.best_iou_all(gt, anchors)[:, None]))
+                    image_id=split.image_ids[i], split=split.name, gt_boxes=split.boxes[i][counted],
+                    labels=split.labels[i][counted], difficult=split.difficult[i][counted],
+                    budgets=budgets, best_iou=R.best_iou_at_budgets(gt, boxes, budgets)))
                 if det is not None:
                     detections.append({k: det[k].detach().cpu()
                                        for k in ("boxes", "scores", "labels")})
+                    # AP ignores difficult boxes and crowd regions alike (a detection on one is
+                    # neither right nor wrong), as VOC's and COCO's evaluations do
                     truths.append({"boxes": split.boxes[i], "labels": split.labels[i],
-                                   "difficult": split.difficult[i]})
+                                   "difficult": split.difficult[i] | split.crowd[i]})
                 if split_index == 0 and len(pictures) < num_pictures:
                     pictures.append(_picture(split, i, boxes, det))
         if split_index == 0:
@@ -190,7 +185,10 @@ def evaluate_model(*, rpn_model: nn.Module, detector: nn.Module | None,
                 pic.image = image
         n = max(len(split), 1)
         counts |= {(split.name, b): kept[j] / n for j, b in enumerate(budgets)}
-        counts[(split.name, R.ANCHOR_BUDGET)] = anchors.shape[0]
+        counts[(split.name, R.ANCHOR_BUDGET)] = num_anchors
+        # the anchor-only baseline and the stride's ceiling (crowd regions left out)
+        rows += coverage_rows(split, generator.sizes, stride=generator.stride,
+                              image_size=image_size)
         num_images[split.name] = len(split)
         if detector is not None:
             ap[split.name] = evaluate_detections(detections, truths, num_classes)

@@ -17,7 +17,9 @@ Choices, stated once:
   out; detection mAP (:mod:`pipeline.evaluation.voc_ap`) ignores them as PASCAL VOC does.
 - The anchor baseline has no ranking: its ``best_iou`` is over **all** anchors of the image, and
   its rows carry ``budget = -1`` (:data:`ANCHOR_BUDGET`); the summary labels them
-  ``proposals = "anchors"`` and records the anchor count in ``num_proposals``.
+  ``proposals = "anchors"`` and records the anchor count in ``num_proposals``. The stride's
+  ceiling (the best one anchor of any shape could do, :mod:`pipeline.anchor_coverage`) has
+  ``budget = -2`` (:data:`CEILING_BUDGET`), ``proposals = "ceiling"``.
 - Size buckets follow COCO: small ``area < 32**2``, large ``area >= 96**2``, medium in between,
   where ``area`` is measured in a 640 x 640 frame (:data:`REFERENCE_SIZE`): at another
   ``image_size`` S the table's ``area`` (in S x S pixels) is scaled by ``(640 / S)**2`` before
@@ -44,6 +46,9 @@ from torchvision.ops import box_iou
 
 IOU_THRESHOLDS: tuple[float, ...] = tuple(round(0.50 + 0.05 * i, 2) for i in range(10))
 ANCHOR_BUDGET = -1
+CEILING_BUDGET = -2
+#: the summary's ``proposals`` of the budgets that are no proposals
+COVERAGE = {ANCHOR_BUDGET: "anchors", CEILING_BUDGET: "ceiling"}
 REFERENCE_SIZE = 640
 SMALL_AREA = 32 ** 2
 LARGE_AREA = 96 ** 2
@@ -105,26 +110,6 @@ def best_iou_at_budgets(gt_boxes: Tensor, proposals: Tensor, budgets: Sequence[i
     running = iou.cummax(dim=1).values                     # (G, n): best of the first k+1
     cols = torch.tensor([min(b, n) - 1 for b in budgets], device=gt.device)
     return running[:, cols]                                # (G, B)
-
-
-def best_iou_all(gt_boxes: Tensor, boxes: Tensor, chunk: int = 4096) -> Tensor:
-    """Best IoU of any of ``boxes`` (unranked, e.g. all anchors) with each ground-truth box.
-
-    Args:
-        gt_boxes: ``Tensor[G, 4]``.
-        boxes: ``Tensor[M, 4]``; processed ``chunk`` boxes at a time to bound memory.
-
-    Returns:
-        ``Tensor[G]`` float32; 0 when ``boxes`` is empty.
-    """
-    gt = gt_boxes.float()
-    boxes = boxes.to(device=gt.device, dtype=torch.float32)
-    best = gt.new_zeros(gt.shape[0])
-    if gt.shape[0] == 0:
-        return best
-    for start in range(0, boxes.shape[0], chunk):
-        best = torch.maximum(best, box_iou(gt, boxes[start:start + chunk]).max(dim=1).values)
-    return best
 
 
 # --------------------------------------------------------------------------------------------
@@ -258,7 +243,7 @@ def summarize(table: pd.DataFrame, *, image_size: int = REFERENCE_SIZE,
         ious = table["best_iou"].to_numpy()[index]
         count = (num_proposals or {}).get((str(split), int(budget)), math.nan)
         base = {"split": str(split), "budget": int(budget), "num_proposals": float(count),
-                "proposals": "anchors" if int(budget) == ANCHOR_BUDGET else "rpn"}
+                "proposals": COVERAGE.get(int(budget), "rpn")}
         groups = [(size, ALL, ious if size == ALL else ious[sizes[index] == size])
                   for size in SIZES]
         groups += [(ALL, _class_name(label, class_names), ious[labels[index] == label])
@@ -309,7 +294,8 @@ def lookup(summary: pd.DataFrame, *, split: str, budget: int, metric: str,
 
 
 def recall_vs_iou(summary: pd.DataFrame, split: str) -> pd.DataFrame:
-    """``budget, iou, recall`` rows of one split, all boxes (anchors: ``budget == -1``)."""
+    """``budget, iou, recall`` rows of one split, all boxes (anchors: ``budget == -1``, the
+    ceiling: ``-2``)."""
     sel = summary[(summary["split"] == split) & (summary["size"] == ALL)
                   & (summary["class_name"] == ALL) & (summary["metric"] == "recall")]
     out = sel[["budget", "iou_threshold", "value"]].rename(
@@ -321,12 +307,12 @@ def iou_curve_columns(curve: pd.DataFrame) -> pd.DataFrame:
     """:func:`recall_vs_iou` rows -> one column per budget: ``iou, top<N>..., anchors``.
 
     The shape DVC's line template wants (one ``y`` column per line); ``anchors`` is the
-    ``budget == -1`` baseline.
+    ``budget == -1`` baseline, ``ceiling`` the stride's ceiling (``budget == -2``).
     """
     wide = curve.pivot(index="iou", columns="budget", values="recall").sort_index()
-    order = sorted(b for b in wide.columns if b != ANCHOR_BUDGET)
-    order += [ANCHOR_BUDGET] if ANCHOR_BUDGET in wide.columns else []
-    wide = wide[order].rename(columns=lambda b: "anchors" if b == ANCHOR_BUDGET else f"top{b}")
+    order = sorted(b for b in wide.columns if b > 0)
+    order += [b for b in COVERAGE if b in wide.columns]
+    wide = wide[order].rename(columns=lambda b: COVERAGE.get(b, f"top{b}"))
     wide.columns.name = None
     return wide.reset_index()
 
@@ -336,7 +322,7 @@ def recall_vs_proposals(summary: pd.DataFrame, split: str,
     """``budget, recall@0.5, recall@0.7`` rows of one split, RPN budgets only, all boxes."""
     sel = summary[(summary["split"] == split) & (summary["size"] == ALL)
                   & (summary["class_name"] == ALL) & (summary["metric"] == "recall")
-                  & (summary["budget"] != ANCHOR_BUDGET)]
+                  & (summary["budget"] > 0)]
     budgets = sorted(int(b) for b in sel["budget"].unique())
     data: dict[str, list] = {"budget": budgets}
     for t in thresholds:

@@ -3,9 +3,10 @@
 Inputs (paths from the config, mirrored by ``dvc.yaml``): ``data.out_dir``'s ``<split>.parquet``
 and ``classes.json`` for each split of ``eval.splits``; ``train.rpn_model`` (the trained RPN: its
 proposals are scored for recall, its anchors give the anchor baseline); ``train.frcnn_model``
-(the full detector, scored for mAP). Outputs: :mod:`pipeline.evaluation.outputs`; metrics:
-:mod:`pipeline.evaluation.metrics`; MLflow: the ``evaluate`` run holds every metric and every
-file as an artifact.
+(the full detector, scored for mAP; its own RPN, which kept training in the joint stage and is
+what the detector's mAP rests on, is scored for recall too: ``detector_rpn/...``). Outputs:
+:mod:`pipeline.evaluation.outputs`; metrics: :mod:`pipeline.evaluation.metrics`; MLflow: the
+``evaluate`` run holds every metric and every file as an artifact.
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ from pipeline.config import Config
 from pipeline.errors import DataError
 from pipeline.evaluation import recall as R
 from pipeline.evaluation.core import evaluate_model
-from pipeline.evaluation.metrics import format_summary, metrics
+from pipeline.evaluation.metrics import DETECTOR_RPN, add_prefixed, format_summary, metrics
 from pipeline.evaluation.outputs import OutputPaths, artifact_dir, write_outputs
 from pipeline.modeling import load_model_file
 from pipeline.digests import file_digest
@@ -66,6 +67,12 @@ def evaluate_stage(cfg: Config) -> dict[str, Any]:
                                  num_workers=2 if device.type == "cuda" else 0,
                                  class_names=class_names)
         values = metrics(results, list(cfg.eval.splits), budgets, class_names)
+        own = evaluate_model(rpn_model=models[1], detector=None, splits=splits, budgets=budgets,
+                             num_classes=len(class_names), image_size=image_size,
+                             batch_size=cfg.eval.batch_size, device=device, progress=False,
+                             class_names=class_names)
+        add_prefixed(values, metrics(own, list(cfg.eval.splits), budgets, class_names),
+                     DETECTOR_RPN)
         written = write_outputs(results, values, paths, cfg.eval.splits[0], class_names)
         run.log_metrics(tracking.flatten_metrics(values))
         for path in written:

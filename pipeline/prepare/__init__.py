@@ -16,7 +16,8 @@ Conventions, stated once for the whole package:
 - **COCO** ``bbox`` ``[x, y, w, h]`` becomes ``[x, y, x + w, y + h]``.
 - **Labels** are class ids ``1..K`` in the order of ``classes.json``'s ``"classes"`` list; id 0 is
   reserved for background (the detector's convention).
-- **difficult**: VOC ``<difficult>1``, and COCO ``iscrowd: 1``, are kept and flagged ``True``.
+- **difficult**: VOC ``<difficult>1`` boxes are kept and flagged ``difficult``; COCO
+  ``iscrowd: 1`` boxes are kept and flagged ``crowd``.
 
 Modules: :mod:`.records` (what a reader produces; box checks), :mod:`.synthetic`, :mod:`.voc`,
 :mod:`.coco` (readers), :mod:`.splits` (train/val/test assignment), :mod:`.process` (decode,

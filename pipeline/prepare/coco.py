@@ -3,7 +3,8 @@
 Image ids are ``str(image["id"])``; the image file is ``<image_root>/<file_name>``
 (``image_root`` defaults to the ``images/`` folder beside the JSON) and must stay inside
 ``image_root``. Classes are the categories in id order, or ``data.classes`` (matched by name).
-``iscrowd: 1`` boxes are kept and flagged like VOC's ``difficult``. An image without annotations
+``iscrowd: 1`` boxes are kept and flagged ``crowd`` (training drops them; recall and AP leave
+them out, as COCO's own evaluation does). An image without annotations
 is kept (all background).
 
 A file that is not valid JSON or lacks the three top-level lists is refused whole
@@ -56,8 +57,8 @@ def read_coco(json_path: str | Path, *, image_root: str | Path | None = None,
         anns = per_image.get(image_id, [])
         path = root / entry["file_name"]
         items.append(ImageItem.make(
-            image_id, str(path), [a[0] for a in anns], [a[1] for a in anns], [a[2] for a in anns],
-            path=path, declared_size=(int(entry["width"]), int(entry["height"]))))
+            image_id, str(path), [a[0] for a in anns], [a[1] for a in anns], [False] * len(anns),
+            crowd=[a[2] for a in anns], path=path, declared_size=(int(entry["width"]), int(entry["height"]))))
     return Reading(items=items, classes=names, problems=problems, listed_ids=sorted(listed))
 
 

@@ -70,18 +70,24 @@ class ImageItem:
     boxes: np.ndarray                  # (N, 4) float64
     labels: np.ndarray                 # (N,) int64, 1..K
     difficult: np.ndarray              # (N,) bool
+    crowd: np.ndarray                  # (N,) bool: COCO iscrowd
     path: Path | None = None
     synthetic: SyntheticKey | None = None
     declared_size: tuple[int, int] | None = None
 
     @staticmethod
     def make(image_id: str, source: str, boxes: Sequence[Sequence[float]], labels: Sequence[int],
-             difficult: Sequence[bool], **kwargs) -> "ImageItem":
-        """Build an item from plain lists (the arrays get their canonical dtypes and shapes)."""
+             difficult: Sequence[bool], crowd: Sequence[bool] | None = None,
+             **kwargs) -> "ImageItem":
+        """Build an item from plain lists (the arrays get their canonical dtypes and shapes);
+        ``crowd`` defaults to none."""
+        flags = np.asarray(difficult, dtype=bool).reshape(-1)
         return ImageItem(image_id=image_id, source=source,
                          boxes=np.asarray(boxes, dtype=np.float64).reshape(-1, 4),
                          labels=np.asarray(labels, dtype=np.int64).reshape(-1),
-                         difficult=np.asarray(difficult, dtype=bool).reshape(-1), **kwargs)
+                         difficult=flags,
+                         crowd=(np.zeros_like(flags) if crowd is None
+                                else np.asarray(crowd, dtype=bool).reshape(-1)), **kwargs)
 
 
 @dataclass

@@ -1,21 +1,25 @@
 """The sweep's driver: ``frcnn sweep [--resume]``, a Ray Tune search over ``sweep.space``.
 
 Each trial trains the RPN with :func:`pipeline.training.loop.train`, the loop of ``frcnn train
---stage rpn``, on a Ray Train worker group of its own (Ray 2.60's ``Tuner`` cannot take a
-``TorchTrainer``, so every trial is a function that builds one and fits it, its results passed
-on to Tune by ``TuneReportCallback``: :mod:`pipeline.sweep.trial`). After each epoch the trial's
-rank 0 measures proposal recall on ``sweep.split`` with
-:func:`pipeline.evaluation.core.evaluate_model` (metric names of
-:func:`pipeline.sweep.space.metric_names`: ``AR@<N>``, ``recall@0.5/300``, ``recall@0.7/300``);
-that is what Tune, the ASHA scheduler and the tables see. Trial configuration, image size and
-the anchor rescaling: :mod:`pipeline.sweep.space`; the trials' data: :mod:`pipeline.sweep.data`;
-search and scheduler: :mod:`pipeline.sweep.scheduler`; the outputs: :mod:`pipeline.sweep.report`.
+--stage rpn``: in its Tune trainable when it has one worker, on a Ray Train worker group of its
+own (DDP) when ``sweep.workers_per_trial > 1`` (Ray 2.60's ``Tuner`` cannot take a
+``TorchTrainer``, so such a trial is a function that builds one and fits it:
+:mod:`pipeline.sweep.trial`). After each epoch the trial measures proposal recall on
+``sweep.split`` with :func:`pipeline.evaluation.core.evaluate_model` (metric names of
+:func:`pipeline.sweep.space.metric_names`: ``AR@<N>``, ``recall@0.5/300``, ``recall@0.7/300``,
+each also ``/mean_class``; and per class); that is what Tune, the ASHA scheduler and the tables
+see. Before any trial the space's ``fit`` choices become shapes fitted on the train split, and a
+sweep whose trials run at another size than ``data.image_size`` warns what that biases. Trial
+configuration, image size and the anchor rescaling: :mod:`pipeline.sweep.space`; the trials'
+data: :mod:`pipeline.sweep.data`; search and scheduler: :mod:`pipeline.sweep.scheduler`; the
+outputs: :mod:`pipeline.sweep.report`.
 
-Search: ``sweep.num_samples`` trials, at most ``sweep.max_concurrent_trials`` at a time.
+Search: ``sweep.num_samples`` trials (times every grid's length), at most
+``sweep.max_concurrent_trials`` at a time; a failed trial is run once more from its start.
 
-Resources: each trial holds one unit of the custom resource ``trial_slot`` (zero CPU: Tune
-refuses a trial with no resources at all) and its workers ``sweep.cpus_per_trial`` CPUs and
-``sweep.gpus_per_trial`` GPUs (fractions allowed) split over ``sweep.workers_per_trial``.
+Resources: each trial holds one unit of the custom resource ``trial_slot``, and its one worker's
+``sweep.cpus_per_trial`` CPUs and ``sweep.gpus_per_trial`` GPUs (the trainable trains itself),
+or with several workers those split over ``sweep.workers_per_trial`` (fractions allowed).
 A local Ray offers ``sweep.max_concurrent_trials`` slots; a cluster (``train.ray_address``,
 or ``RAY_ADDRESS`` as set by ``ray job submit``) offers what its nodes declare (``cluster.yaml``:
 one per GPU worker).
@@ -23,9 +27,9 @@ one per GPU worker).
 Storage (``E = sweep.storage_path/sweep.name``, a folder or a bucket URI)::
 
     E/                       Tune's experiment (what --resume restores) and trial folders
-    E/train_runs/<trial>/    each trial's Ray Train run (checkpoints); removed at the end
-                             for trials that finished or were stopped (train.keep_checkpoints
-                             keeps them)
+    E/train_runs/<trial>/    a multi-worker trial's Ray Train run (checkpoints); removed at
+                             the end for trials that finished or were stopped
+                             (train.keep_checkpoints keeps them); one-worker trials write none
     E/trials/<trial>.json    written by a trial whose training finished
     E/frcnn_sweep.json       the MLflow parent run id and the key of the sweep's inputs
     E/outputs/               copies of the three outputs below
@@ -55,13 +59,14 @@ ends FINISHED (finished), KILLED (stopped early) or FAILED (errored).
 from __future__ import annotations
 
 import hashlib
+import sys
 import time
 from typing import Any
 
 from pipeline import storage, tracking
 from pipeline.config import Config
 from pipeline.errors import DataError, RunFailedError
-from pipeline.prepared import MODEL_COLUMNS, read_classes, read_ground_truth
+from pipeline.prepared import MODEL_COLUMNS, read_classes, read_ground_truth, split_path
 from pipeline.redaction import redact
 from pipeline.sweep import report, space, trial
 from pipeline.sweep.data import inputs_key, trial_tables
@@ -90,7 +95,14 @@ def sweep(cfg: Config, *, resume: bool = False) -> dict[str, Any]:
 
     wall_start = time.perf_counter()
     classes = [str(c) for c in read_classes(cfg.data.out_dir)["classes"]]
+    cfg = space.resolve_fit(cfg, lambda: _fit_anchors(cfg))
+    warning = space.size_warning(cfg)
+    if warning:
+        print(warning, file=sys.stderr, flush=True)
     tables = trial_tables(cfg)
+    # the anchor coverage of every trial is measured at data.image_size, where training runs
+    coverage_split = read_ground_truth(split_path(cfg.data.out_dir, cfg.sweep.split),
+                                       cfg.sweep.split)
     experiment = experiment_path(cfg)
     key = inputs_key(cfg, tables)
     state = storage.read_json(f"{experiment}/{STATE}")
@@ -106,11 +118,11 @@ def sweep(cfg: Config, *, resume: bool = False) -> dict[str, Any]:
                                                      "inputs_key": key})
         _log_tables(parent, cfg, tables)
         setup = {"params": cfg.to_dict(), "tables": ray.put(tables), "classes": classes,
-                 "experiment": experiment, "parent": parent, "ray_job_id": job_id}
+                 "experiment": experiment, "parent": parent, "ray_job_id": job_id,
+                 "coverage_split": coverage_split}
         grid = _make_tuner(cfg, setup, experiment, resume).fit_or_stop()
-        split = read_ground_truth("eval.parquet", cfg.sweep.split, data=tables["eval"])
-        summary = _finish(cfg, report.collect(cfg, grid, experiment, split=split, classes=classes),
-                          experiment, parent, key)
+        records = report.collect(cfg, grid, experiment, split=coverage_split, classes=classes)
+        summary = _finish(cfg, records, experiment, parent, key)
         summary["wall_seconds"] = time.perf_counter() - wall_start
         parent.log_metrics({"wall_seconds": summary["wall_seconds"]})
         print(f"sweep: best trial {summary['best_trial']} {cfg.sweep.metric} "
@@ -118,6 +130,19 @@ def sweep(cfg: Config, *, resume: bool = False) -> dict[str, Any]:
               f"{cfg.sweep.best_params_path}, {cfg.sweep.plot_path} "
               f"({summary['wall_seconds']:.0f} s)", flush=True)
         return summary
+
+
+def _fit_anchors(cfg: Config) -> list[tuple[float, float]]:
+    """The ``fit`` choice of the space: anchor shapes fitted on the train split at
+    ``data.image_size`` (as many as the configured anchors have per cell)."""
+    from pipeline.anchor_coverage import fit_to_split
+
+    train = read_ground_truth(split_path(cfg.data.out_dir, "train"), "train")
+    shapes = fit_to_split(cfg, train, cfg.anchors.num_anchors)
+    print(f"sweep: anchors 'fit': {len(shapes)} shapes fitted on the train split "
+          f"({sum(len(b) for b in train.boxes)} boxes): "
+          + ", ".join(f"{w:g}x{h:g}" for w, h in shapes), flush=True)
+    return shapes
 
 
 def _log_tables(parent: tracking.RunHandle, cfg: Config, tables: dict[str, bytes]) -> None:
@@ -185,7 +210,7 @@ def _make_tuner(cfg: Config, setup: dict[str, Any], experiment: str, resume: boo
     from ray import tune
 
     trainable = tune.with_resources(tune.with_parameters(trial.trial, setup=setup),
-                                    {"trial_slot": 1})
+                                    space.trial_resources(cfg))
     if resume:
         print(f"sweep: resuming {redact(experiment)}", flush=True)
         return _Tuner(tune.Tuner.restore(experiment, trainable=trainable,
@@ -203,7 +228,8 @@ def _make_tuner(cfg: Config, setup: dict[str, Any], experiment: str, resume: boo
             max_concurrent_trials=cfg.sweep.max_concurrent_trials,
             trial_dirname_creator=trial.trial_dirname),
         run_config=tune.RunConfig(name=cfg.sweep.name, storage_path=experiment.rsplit("/", 1)[0],
-                                  failure_config=tune.FailureConfig(max_failures=0), verbose=1),
+                                  # a failed trial (a lost node) runs once more from its start
+                                  failure_config=tune.FailureConfig(max_failures=1), verbose=1),
     ))
 
 

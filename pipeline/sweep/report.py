@@ -5,13 +5,17 @@ Input: one :class:`TrialRecord` per trial (built by :func:`collect` from Tune's 
 - :func:`trial_table` -> one row per trial: ``trial_id``; every swept ``section.key`` as its own
   column (values as ``frcnn train`` would take them: lists for anchor sets); ``final_<m>`` for
   every reported metric ``m`` (its last value) and ``best_<metric>`` / ``best_epoch`` for
-  ``sweep.metric`` (best over the trial's epochs); ``epochs`` (run); ``status``
-  (:data:`STATUSES`); ``wall_seconds`` (from the trial's start to its last report, Tune's
-  ``time_total_s``, or the trial's own clock when longer); ``error`` (the message of an errored
-  trial, else null); the anchor coverage of the trial's settings on ``sweep.split``, known
-  without training (:mod:`pipeline.anchors`): ``anchors/AR``, ``anchors/recall@0.5``,
-  ``anchors/recall@0.7``, per class ``anchors/recall@0.5/<class>`` and ``anchors/AR/<class>``,
-  and ``untrained_anchor_types`` (the types that never train, empty when none).
+  ``sweep.metric`` (best over the trial's epochs), per class too (``final_AR@300/<class>``, ...);
+  ``epochs`` (run); ``status`` (:data:`STATUSES`); ``wall_seconds`` (from the trial's start to
+  its last report, Tune's ``time_total_s``, or the trial's own clock when longer),
+  ``train_seconds`` (the training loop) and ``score_seconds`` (scoring recall after each epoch):
+  the rest of ``wall_seconds`` is the trial's overhead; ``error`` (the message of an errored
+  trial, else null); the anchor coverage of the trial's settings on ``sweep.split`` at
+  ``data.image_size``, known without training (:mod:`pipeline.anchor_coverage`): ``anchors/AR``,
+  ``anchors/recall@0.5``, ``anchors/recall@0.7``, the same for the stride's ``ceiling/...``, per
+  class ``anchors/recall@0.5/<class>``, ``anchors/AR/<class>``, ``ceiling/...``; and
+  ``untrained_anchor_types`` (the types that never train, empty when none). A whole ``anchors``
+  setting is its YAML text (``{scales: [8, 16, 32]}``).
 - :func:`best_overlay` -> ``{"anchors": {"scales": [...]}, "rpn": {...}, ...}``: the swept
   values of the trial with the best *final* ``sweep.metric`` (a trial stopped early competes
   with the value it was stopped at), in ``params.yaml``'s shape; :func:`overlay_yaml` writes it
@@ -32,12 +36,11 @@ from typing import Any, Mapping, Sequence
 import pandas as pd
 import yaml
 
-from pipeline import anchors, files, plots, storage, tracking
+from pipeline import anchor_coverage, files, plots, storage, tracking
 from pipeline.config import Config, ConfigError
-from pipeline.evaluation.anchors import anchor_recall
 from pipeline.prepared import GroundTruth
 from pipeline.redaction import redact
-from pipeline.sweep import space
+from pipeline.sweep import space, trial
 from pipeline.sweep.trial import MARKERS
 
 OUTPUTS = "outputs"  # E/outputs: copies of the outputs beside the sweep
@@ -86,7 +89,9 @@ def trial_table(records: Sequence[TrialRecord], *, space_keys: Sequence[str],
     rows = []
     for rec in sorted(records, key=lambda r: r.trial_id):
         row: dict[str, Any] = {"trial_id": rec.trial_id}
-        row.update({key: rec.sampled.get(key) for key in space_keys})
+        # a whole anchors setting (a mapping) as its YAML text
+        row.update({key: space.encode(value) if isinstance(value, Mapping) else value
+                    for key in space_keys for value in [rec.sampled.get(key)]})
         for name in metrics:
             values = _values(rec.history, name)
             row[f"final_{name}"] = values[-1][1] if values else math.nan
@@ -101,15 +106,22 @@ def trial_table(records: Sequence[TrialRecord], *, space_keys: Sequence[str],
         row["epochs"] = max(epochs, default=0)
         row["status"] = rec.status
         row["wall_seconds"] = float(rec.wall_seconds)
+        # the loop's clock less scoring: training alone
+        score = (_values(rec.history, "score_seconds") or [(0, math.nan)])[-1][1]
+        loop_clock = (_values(rec.history, "train_seconds") or [(0, math.nan)])[-1][1]
+        row["train_seconds"], row["score_seconds"] = loop_clock - score, score
         row["error"] = rec.error
         row.update(rec.coverage)
         rows.append(row)
     coverage = list(dict.fromkeys(k for rec in records for k in rec.coverage))
     columns = (["trial_id", *space_keys, *(f"final_{m}" for m in metrics), f"best_{metric}",
-                "best_epoch", "epochs", "status", "wall_seconds", "error", *coverage])
+                "best_epoch", "epochs", "status", "wall_seconds", "train_seconds",
+                "score_seconds", "error", *coverage])
     frame = pd.DataFrame(rows, columns=columns)
     return frame.astype({"trial_id": "string", "best_epoch": "int64", "epochs": "int64",
-                         "status": "string", "wall_seconds": "float64", "error": "string"})
+                         "status": "string", "wall_seconds": "float64",
+                         "train_seconds": "float64", "score_seconds": "float64",
+                         "error": "string"})
 
 
 def best_trial(table: pd.DataFrame, *, metric: str, mode: str) -> pd.Series | None:
@@ -125,13 +137,19 @@ def best_trial(table: pd.DataFrame, *, metric: str, mode: str) -> pd.Series | No
 def best_overlay(row: pd.Series, space_keys: Sequence[str]) -> dict[str, dict[str, Any]]:
     """The swept values of ``row`` as a nested ``{section: {key: value}}`` params overlay."""
     tree: dict[str, dict[str, Any]] = {}
-    for key in space_keys:
+    for key, value in space.expand({k: _plain(k, row[k]) for k in space_keys}).items():
         section, leaf = key.split(".", 1)
-        value = row[key]
-        if hasattr(value, "tolist"):  # NumPy arrays (list columns) and scalars -> plain
-            value = value.tolist()
         tree.setdefault(section, {})[leaf] = value
     return tree
+
+
+def _plain(key: str, value: Any) -> Any:
+    """A table cell as params.yaml takes it: NumPy values plain, an anchors setting a mapping."""
+    if hasattr(value, "tolist"):  # NumPy arrays (list columns) and scalars -> plain
+        value = value.tolist()
+    if key == "anchors" and isinstance(value, str):
+        value = yaml.safe_load(value)
+    return value
 
 
 def overlay_yaml(overlay: Mapping[str, Any], header: Sequence[str]) -> str:
@@ -165,18 +183,18 @@ def trial_coverage(cfg: Config, sampled: Mapping[str, Any], split: GroundTruth,
                    classes: Sequence[str]) -> dict[str, Any]:
     """The anchor coverage columns of a trial's settings (empty when they are invalid)."""
     try:
-        trial_cfg = space.trial_config(cfg, sampled)
+        trial_cfg = cfg.replace(space.expand(sampled))   # at data.image_size
     except ConfigError:
         return {}
-    untrained = anchors.untrained_types(trial_cfg)
-    return {**anchor_recall(trial_cfg, split, classes),
-            anchors.TAG: anchors.describe_types(trial_cfg, untrained)}
+    untrained = anchor_coverage.untrained_types(trial_cfg)
+    return {**anchor_coverage.coverage_metrics(trial_cfg, split, classes),
+            anchor_coverage.TAG: anchor_coverage.describe_types(trial_cfg, untrained)}
 
 
 def collect(cfg: Config, grid: Any, experiment: str, *, split: GroundTruth,
             classes: Sequence[str]) -> list[TrialRecord]:
     """One :class:`TrialRecord` per trial of Tune's ``ResultGrid``, with the anchor coverage
-    of its settings on ``split`` (the sweep's split at the trials' size)."""
+    of its settings on ``split`` (the sweep's split at ``data.image_size``)."""
     records = []
     for result in grid:
         trial_id = Path(str(result.path).rstrip("/")).name
@@ -192,8 +210,8 @@ def collect(cfg: Config, grid: Any, experiment: str, *, split: GroundTruth,
             error = redact(lines[-1] if lines else type(result.error).__name__)[:500]
         try:
             sampled = space.decode(cfg.sweep.space, result.config or {})
-            flat = cfg.replace(sampled).flat()
-            sampled = {k: flat[k] for k in sampled}  # canonical: lists, floats
+            flat = cfg.replace(space.expand(sampled)).flat()
+            sampled = {k: flat.get(k, v) for k, v in sampled.items()}  # canonical: lists, floats
         except ConfigError:
             sampled = {k: (result.config or {}).get(k) for k in cfg.sweep.space}
         marker = storage.read_json(f"{experiment}/{MARKERS}/{trial_id}.json")
@@ -216,9 +234,11 @@ def write_outputs(cfg: Config, records: list[TrialRecord], experiment: str,
     metrics and artifacts. Returns ``{"best_trial", "best_value", "counts"}``."""
     metric, mode = cfg.sweep.metric, cfg.sweep.mode
     keys = list(cfg.sweep.space)
-    table = trial_table(records, space_keys=keys,
-                                     metrics=space.metric_names(cfg.eval.proposal_budgets),
-                                     metric=metric, mode=mode)
+    names = space.metric_names(cfg.eval.proposal_budgets)
+    per_class = sorted({k for rec in records for row in rec.history for k in row
+                        if k.startswith(trial.PER_CLASS_PREFIXES) and k not in names})
+    table = trial_table(records, space_keys=keys, metrics=names + per_class,
+                        metric=metric, mode=mode)
     best = best_trial(table, metric=metric, mode=mode)
     best_id = None if best is None else str(best["trial_id"])
     paths = [Path(cfg.sweep.table_path), Path(cfg.sweep.plot_path)]

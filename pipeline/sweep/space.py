@@ -10,19 +10,36 @@
 - ``{uniform: [low, high]}``, ``{loguniform: [low, high]}``: a float;
 - ``{randint: [low, high]}``: an integer, both ends included.
 
+Whole anchor settings: the key ``anchors`` (no ``.key``) chooses among settings of the anchors
+section, each a mapping of its keys or ``fit``::
+
+    anchors: {grid: [{scales: [8, 16, 32]}, {scales: [2, 4, 8, 16]}, fit]}
+
+A setting replaces ``anchors.scales``, ``ratios`` and ``shapes`` together (``shapes`` is null
+unless it gives them); ``fit`` is ``anchors.shapes`` fitted by
+:func:`pipeline.anchor_coverage.fit_shapes` on the train split (never the split the trials are
+scored on), as many shapes as the configured anchors have per cell, once when the sweep starts
+(:func:`resolve_fit`). ``anchors.shapes`` choices may be ``fit`` too.
+
+Every key must act on what a trial measures: a trial trains the RPN alone and scores its
+proposals at every budget of ``eval.proposal_budgets``, so the keys of :func:`inert_reason`
+(the training proposal layer, the RoI head, the settings the sweep sets itself, operational
+settings) are refused before any work.
+
 List-valued choices travel through Tune as their YAML text (``"[8, 16, 32]"``): Optuna's
 categorical distributions take only scalars, and the text reads well in Tune's trial table.
 :func:`decode` maps them back.
 
 A trial trains the RPN with ``base.replace(sampled)`` adjusted by :func:`trial_config`: at
-``sweep.image_size`` (the prepared images are resized for the sweep), for ``sweep.epochs``
-epochs, on ``sweep.workers_per_trial`` workers. Sampled values are always in the frame of
-``data.image_size`` (what ``frcnn train`` will use), so a trial at another size scales the
-pixel-sized settings by ``sweep.image_size / data.image_size``: anchor sizes
-(``anchors.scales`` x ``anchors.stride``) and ``rpn.min_size``. An anchor then covers the same
-part of the picture as it will at full size, and the best trial's values apply unchanged.
-The counts (``rpn.num_samples``, pre/post-NMS top-N) are not scaled; at a smaller size there are
-fewer anchors (``(S / stride)^2`` per scale and ratio) to choose from.
+``sweep.image_size`` (0, the default: ``data.image_size``; the prepared images are resized for
+the sweep otherwise), for ``sweep.epochs`` epochs, on ``sweep.workers_per_trial`` workers.
+Sampled values are always in the frame of ``data.image_size`` (what ``frcnn train`` will use),
+so a trial at another size scales the pixel-sized settings by ``sweep.image_size /
+data.image_size``: anchor sizes (``anchors.scales`` x ``anchors.stride``, or ``anchors.shapes``)
+and ``rpn.min_size``. The stride stays 16 pixels, though, so at a smaller size the anchor
+centres are coarser relative to the objects and small anchors lose coverage most: such a sweep
+under-rates small-scale settings (:func:`size_warning`). The counts (``rpn.num_samples``,
+pre-NMS top-N) are not scaled.
 """
 
 from __future__ import annotations
@@ -32,36 +49,128 @@ from typing import Any, Mapping
 import yaml
 
 from pipeline.config import Config, ConfigError
+from pipeline.evaluation.metrics import MEAN_CLASS
 
 #: ``sweep.metric`` values besides ``AR@<N>``: proposal recall at IoU 0.5 / 0.7 of the top 300
 #: proposals (when 300 is a budget), named as :func:`pipeline.evaluation.metrics.split_metrics` names them.
 RECALL_AT_300 = ("recall@0.5/300", "recall@0.7/300")
+FIT = "fit"                # an anchors choice: shapes fitted on the train split
+
+_RPN_ONLY = "trials train the RPN alone"
+_OPERATIONAL = "operational: where and how a run executes, not what it learns"
+#: ``sweep.space`` keys a trial never reads, and why
+INERT = {
+    "rpn.pre_nms_top_n_train": f"{_RPN_ONLY}, which never runs the training proposal layer",
+    "rpn.post_nms_top_n_train": f"{_RPN_ONLY}, which never runs the training proposal layer",
+    "rpn.post_nms_top_n_test": "recall is scored at every eval.proposal_budgets, which set how "
+                               "many proposals are kept",
+    "anchors.stride": "the backbone fixes it (16)",
+    "train.frcnn_epochs": _RPN_ONLY,
+    "train.rpn_epochs": "sweep.epochs sets a trial's epochs",
+    "train.num_workers": "sweep.workers_per_trial sets a trial's workers",
+    "train.use_gpu": "sweep.gpus_per_trial sets a trial's devices",
+    "train.cpus_per_worker": "sweep.cpus_per_trial sets a trial's resources",
+    "train.gpus_per_worker": "sweep.gpus_per_trial sets a trial's resources",
+    "train.checkpoint_every": "trials report at epoch ends",
+    **{f"train.{key}": _OPERATIONAL for key in (
+        "keep_checkpoints", "storage_path", "ray_address", "rpn_model", "frcnn_model",
+        "metrics_dir", "log_every", "loader_workers", "max_failures", "worker_resources")},
+}
 
 
 def metric_names(budgets: tuple[int, ...] | list[int]) -> list[str]:
     """What a trial reports each epoch and ``sweep.metric`` may name, for ``eval.proposal_budgets``.
 
-    ``AR@<N>`` for every budget, and ``recall@0.5/300`` and ``recall@0.7/300`` when 300 is a
-    budget (as :func:`pipeline.evaluation.metrics.split_metrics` names them).
+    ``AR@<N>`` for every budget, ``recall@0.5/300`` and ``recall@0.7/300`` when 300 is a budget,
+    and each of them as the mean over classes (``AR@<N>/mean_class``, ``recall@0.5/300/
+    mean_class``: every class weighs the same), as
+    :func:`pipeline.evaluation.metrics.split_metrics` names them. Trials also report each class's
+    ``AR@300/<class>`` and ``recall@<t>/300/<class>`` (not a choice for ``sweep.metric``).
     """
     names = [f"AR@{int(b)}" for b in sorted(budgets)]
     if 300 in budgets:
         names += list(RECALL_AT_300)
-    return names
+    return names + [f"{name}/{MEAN_CLASS}" for name in names]
+
+
+def inert_reason(key: str, cfg: Config) -> str | None:
+    """Why a trial never reads ``sweep.space`` key ``key`` under ``cfg``; None when it does."""
+    if key in INERT:
+        return INERT[key]
+    if key.startswith("roi."):
+        return f"{_RPN_ONLY}; the RoI head never runs"
+    if key in ("anchors.scales", "anchors.ratios") and cfg.anchors.shapes:
+        return "anchors.shapes is set, and replaces scales x ratios"
+    return None
 
 
 def check(cfg: Config) -> None:
     """Sweep settings that :mod:`pipeline.config` cannot check alone.
 
     Raises:
-        ConfigError: ``sweep.metric`` is not reported (naming what is), or the space is empty.
+        ConfigError: a key of the space that no trial reads (naming it and why), a whole
+            ``anchors`` setting beside ``anchors.<key>`` entries, ``sweep.metric`` not reported
+            (naming what is), or an empty space.
     """
+    if not cfg.sweep.space:
+        raise ConfigError("sweep.space: empty; name at least one section.key to sweep")
+    for key in cfg.sweep.space:
+        reason = inert_reason(key, cfg)
+        if reason:
+            raise ConfigError(f"sweep.space.{key}: a trial never reads it ({reason}); remove it "
+                              f"from the space")
+    if "anchors" in cfg.sweep.space:
+        also = [k for k in cfg.sweep.space if k.startswith("anchors.")]
+        if also:
+            raise ConfigError(f"sweep.space.anchors: chooses whole anchor settings; "
+                              f"{', '.join(also)} would be overridden by it: put them in its "
+                              f"choices")
     allowed = metric_names(list(cfg.eval.proposal_budgets))
     if cfg.sweep.metric not in allowed:
         raise ConfigError(f"sweep.metric: {cfg.sweep.metric!r} is not reported by a trial; "
                           f"allowed (from eval.proposal_budgets): {', '.join(allowed)}")
-    if not cfg.sweep.space:
-        raise ConfigError("sweep.space: empty; name at least one section.key to sweep")
+
+
+def size_warning(cfg: Config) -> str | None:
+    """The warning of a sweep whose trials run at another size than training; None when the
+    sizes agree."""
+    size, full = trial_image_size(cfg), cfg.data.image_size
+    if size == full:
+        return None
+    return (f"sweep: warning: trials train and score at {size} px but training runs at {full} px "
+            f"(sweep.image_size): anchors scale by {size / full:g} while the stride stays 16 px, "
+            f"so anchor centres are {full / size:g}x coarser relative to the objects and small "
+            f"anchors lose most coverage: the sweep under-rates small-scale settings. The "
+            f"anchors/... and ceiling/... columns are at {full} px; sweep.image_size: 0 scores "
+            f"at {full} px")
+
+
+def expand(sampled: Mapping[str, Any]) -> dict[str, Any]:
+    """Decoded values -> ``{"section.key": value}`` overrides: a whole ``anchors`` setting
+    becomes its keys, with ``anchors.shapes`` null unless it gives shapes."""
+    out: dict[str, Any] = {}
+    for key, value in sampled.items():
+        if key == "anchors":
+            out["anchors.shapes"] = None
+            out.update({f"anchors.{k}": v for k, v in dict(value).items()})
+        else:
+            out[key] = value
+    return out
+
+
+def resolve_fit(cfg: Config, fit: Any) -> Config:
+    """``cfg`` with every ``fit`` choice of the space replaced by ``{shapes: fit()}`` (``anchors``)
+    or ``fit()`` (``anchors.shapes``); ``fit()`` is called once, only when the space has one."""
+    space, shapes = {}, None
+    for key, spec in cfg.sweep.space.items():
+        (kind, arg), = spec.items()
+        if key in ("anchors", "anchors.shapes") and kind in ("choice", "grid") and FIT in arg:
+            if shapes is None:
+                shapes = [[float(w), float(h)] for w, h in fit()]
+            value = {"shapes": shapes} if key == "anchors" else shapes
+            arg = [value if v == FIT else v for v in arg]
+        space[key] = {kind: arg}
+    return cfg if shapes is None else cfg.replace({"sweep.space": space})
 
 
 # --------------------------------------------------------------------------------------------
@@ -69,9 +178,13 @@ def check(cfg: Config) -> None:
 
 
 def encode(value: Any) -> Any:
-    """A choice as Tune carries it: lists become their YAML flow text, scalars stay."""
+    """A choice as Tune carries it: lists and mappings become their YAML flow text, scalars
+    stay."""
     if isinstance(value, (list, tuple)):
-        return yaml.safe_dump(list(value), default_flow_style=True).strip()
+        return yaml.safe_dump(list(value), default_flow_style=True, width=10**6).strip()
+    if isinstance(value, Mapping):
+        return yaml.safe_dump(dict(value), default_flow_style=True, sort_keys=False,
+                              width=10**6).strip()
     return value
 
 
@@ -152,13 +265,15 @@ def trial_config(base: Config, sampled: Mapping[str, Any]) -> Config:
         ConfigError: the sampled values are invalid together (e.g. ``rpn.neg_iou`` above
             ``rpn.pos_iou``); the trial then ends as errored.
     """
-    requested = base.replace(dict(sampled))
+    requested = base.replace(expand(sampled))
     size = trial_image_size(base)
     factor = size / base.data.image_size
     sweep = base.sweep
     overrides: dict[str, Any] = {
         "data.image_size": size,
         "anchors.scales": [s * factor for s in requested.anchors.scales],
+        "anchors.shapes": (None if requested.anchors.shapes is None else
+                           [[w * factor, h * factor] for w, h in requested.anchors.shapes]),
         "rpn.min_size": requested.rpn.min_size * factor,
         "train.rpn_epochs": sweep.epochs,
         "train.num_workers": sweep.workers_per_trial,
@@ -171,6 +286,15 @@ def trial_config(base: Config, sampled: Mapping[str, Any]) -> Config:
     if sweep.gpus_per_trial > 0:
         overrides["train.gpus_per_worker"] = sweep.gpus_per_trial / sweep.workers_per_trial
     return requested.replace(overrides)
+
+
+def trial_resources(cfg: Config) -> dict[str, float]:
+    """Ray resources of a trial's Tune trainable: one ``trial_slot`` (which bounds how many
+    run at once); with one worker the trainable trains itself, so it also holds the worker's
+    resources (:func:`worker_resources`), which a multi-worker trial's workers hold instead."""
+    if cfg.sweep.workers_per_trial > 1:
+        return {"trial_slot": 1}
+    return {"trial_slot": 1, **worker_resources(cfg)}
 
 
 def worker_resources(cfg: Config) -> dict[str, float]:

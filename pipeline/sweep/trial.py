@@ -1,11 +1,18 @@
-"""Inside a sweep trial: the Tune function trainable, its Ray Train workers, and MLflow children.
+"""Inside a sweep trial: the Tune function trainable, its training, and its MLflow child run.
 
 :func:`trial` (one per trial, run by Tune) decodes the sampled values, opens the trial's MLflow
-child run, and fits a ``TorchTrainer`` of :func:`trial_worker` whose reports reach Tune through
-``TuneReportCallback``; :func:`trial_worker` (every Ray Train worker) runs
-:func:`pipeline.training.loop.train` of the RPN with :func:`validation_recall` on rank 0 after
-each epoch. A trial whose training ends writes a marker ``E/trials/<trial>.json`` so a resumed sweep
-does not train it again. The layout of ``E`` and the MLflow runs: :mod:`pipeline.sweep.driver`.
+child run, logs the anchor coverage of its settings, and trains the RPN with
+:func:`pipeline.training.loop.train`, scoring proposal recall on the sweep's split after each
+epoch (:class:`Scorer`):
+
+- one worker (``sweep.workers_per_trial: 1``, the default): the loop runs right in the Tune
+  trainable, which holds the trial's CPUs / GPUs, reports each epoch with ``tune.report`` and
+  writes no checkpoint (nothing resumes a trial: a failed one is run again from its start);
+- several: a ``TorchTrainer`` of :func:`trial_worker` (DDP), whose checkpoints let Ray Train
+  restart a lost worker group, its reports passed on to Tune by ``TuneReportCallback``.
+
+A trial whose training ends writes a marker ``E/trials/<trial>.json`` so a resumed sweep does
+not train it again. The layout of ``E`` and the MLflow runs: :mod:`pipeline.sweep.driver`.
 
 Files under ``E`` go through :mod:`pipeline.storage`, so ``sweep.storage_path`` may be a folder
 or a bucket URI.
@@ -13,11 +20,12 @@ or a bucket URI.
 
 from __future__ import annotations
 
+import contextlib
 import shutil
 import tempfile
 import time
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any, Iterator, Mapping
 
 from pipeline import storage, tracking
 from pipeline.config import from_dict
@@ -25,61 +33,90 @@ from pipeline.sweep import space
 
 TRAIN_RUNS = "train_runs"
 MARKERS = "trials"
+#: per-class metrics a trial reports beside :func:`pipeline.sweep.space.metric_names`
+PER_CLASS_PREFIXES = ("AR@300/", "recall@0.5/300/", "recall@0.7/300/")
 
 
 def validation_recall(model: Any, split: Any, *, budgets: tuple[int, ...], batch_size: int,
-                      device: Any) -> dict[str, float]:
+                      device: Any, classes: Any = ()) -> dict[str, float]:
     """Proposal recall of ``model`` on ``split`` (a :class:`pipeline.prepared.GroundTruth`):
-    ``{name: value}`` for :func:`pipeline.sweep.space.metric_names` (a metric that cannot be
-    computed, e.g. without boxes, is left out)."""
+    ``{name: value}`` for :func:`pipeline.sweep.space.metric_names` and each class's
+    ``AR@300/<class>`` and ``recall@<t>/300/<class>`` (a metric that cannot be computed, e.g.
+    without boxes, is left out)."""
     from pipeline.evaluation.core import evaluate_model
     from pipeline.evaluation.metrics import split_metrics
 
     results = evaluate_model(rpn_model=model, detector=None, splits=[split], budgets=budgets,
                              num_classes=model.num_classes, image_size=model.image_size,
-                             batch_size=batch_size, device=device, progress=False)
-    values = split_metrics(results.summary, split.name, budgets, None, [])
+                             batch_size=batch_size, device=device, progress=False,
+                             class_names=classes)
+    values = split_metrics(results.summary, split.name, budgets, None, classes)
     wanted = set(space.metric_names(budgets))
-    return {k: float(v) for k, v in values.items() if k in wanted}
+    return {k: float(v) for k, v in values.items()
+            if k in wanted or k.startswith(PER_CLASS_PREFIXES)}
 
 
-def trial_worker(config: dict[str, Any]) -> None:
-    """Runs on every Ray Train worker of a trial: :func:`pipeline.training.loop.train` of the
-    RPN (through :func:`pipeline.training.ray_worker.fit_on_worker`), recall measured after
-    each epoch on rank 0."""
+class Scorer:
+    """A trial's ``on_epoch_end``: proposal recall on the sweep's split after each epoch
+    (:func:`validation_recall`), with ``score_seconds``, the time spent scoring so far."""
+
+    def __init__(self, split: Any, *, budgets: tuple[int, ...], batch_size: int, device: Any,
+                 classes: Any) -> None:
+        self.split, self.budgets, self.batch_size = split, budgets, batch_size
+        self.device, self.classes, self.seconds = device, list(classes), 0.0
+
+    def __call__(self, model: Any, epoch: int) -> dict[str, float]:
+        started = time.perf_counter()
+        values = validation_recall(model, self.split, budgets=self.budgets,
+                                   batch_size=self.batch_size, device=self.device,
+                                   classes=self.classes)
+        self.seconds += time.perf_counter() - started
+        return {**values, "score_seconds": self.seconds}
+
+
+@contextlib.contextmanager
+def trial_files(setup: Mapping[str, Any]) -> Iterator[Path]:
+    """A temporary folder holding the trial tables, ``train.parquet`` and ``eval.parquet``."""
     import ray
-    import torch
 
-    from pipeline.prepared import read_ground_truth
-    from pipeline.training import ray_worker
-
-    worker = ray_worker.worker_context(config)
-    cfg, device = worker.cfg, worker.device
     folder = Path(tempfile.mkdtemp(prefix="frcnn-sweep-"))
     try:
-        for name, data in ray.get(config["tables"]).items():
+        for name, data in ray.get(setup["tables"]).items():
             (folder / f"{name}.parquet").write_bytes(data)
-        on_epoch_end = log = None
-        if worker.rank == 0:
-            split = read_ground_truth(folder / "eval.parquet", config["split"])
-            budgets = tuple(cfg.eval.proposal_budgets)
-
-            def on_epoch_end(model: torch.nn.Module, epoch: int) -> dict[str, float]:
-                return validation_recall(model, split, budgets=budgets,
-                                         batch_size=cfg.eval.batch_size, device=device)
-
-            log = config["run"].log_metrics
-        ray_worker.fit_on_worker(worker, stage="rpn", train_path=folder / "train.parquet",
-                                 num_classes=config["num_classes"], log=log,
-                                 model_meta={"classes": config["classes"]},
-                                 on_epoch_end=on_epoch_end)
+        yield folder
     finally:
         shutil.rmtree(folder, ignore_errors=True)
 
 
+def _scorer(cfg: Any, folder: Path, split: str, classes: Any, device: Any) -> Scorer:
+    from pipeline.prepared import read_ground_truth
+
+    return Scorer(read_ground_truth(folder / "eval.parquet", split),
+                  budgets=tuple(cfg.eval.proposal_budgets), batch_size=cfg.eval.batch_size,
+                  device=device, classes=classes)
+
+
+def trial_worker(config: dict[str, Any]) -> None:
+    """Runs on every Ray Train worker of a multi-worker trial: the RPN loop (through
+    :func:`pipeline.training.ray_worker.fit_on_worker`), recall measured after each epoch on
+    rank 0."""
+    from pipeline.training import ray_worker
+
+    worker = ray_worker.worker_context(config)
+    with trial_files(config) as folder:
+        lead = worker.rank == 0
+        ray_worker.fit_on_worker(
+            worker, stage="rpn", train_path=folder / "train.parquet",
+            num_classes=len(config["classes"]), log=config["run"].log_metrics if lead else None,
+            model_meta={"classes": config["classes"]},
+            on_epoch_end=_scorer(worker.cfg, folder, config["split"], config["classes"],
+                                 worker.device) if lead else None)
+
+
 def trial(config: dict[str, Any], setup: dict[str, Any]) -> None:
-    """One trial (a Tune function trainable): build the trial's config, fit a ``TorchTrainer``
-    of :func:`trial_worker` whose reports go to Tune, mark the trial finished."""
+    """One trial (a Tune function trainable): build the trial's config, log its anchor
+    coverage, train and score it (in this process, or on a ``TorchTrainer`` of several
+    workers), mark the trial finished."""
     from ray import tune
 
     started = time.perf_counter()
@@ -87,52 +124,78 @@ def trial(config: dict[str, Any], setup: dict[str, Any]) -> None:
     trial_id = tune.get_context().get_trial_id()
     sampled = space.decode(base.sweep.space, config)
     run = tracking.child_run(setup["parent"], trial_id,
-                             params={f"sampled.{k}": v for k, v in sampled.items()},
+                             params={f"sampled.{k}": space.encode(v) for k, v in sampled.items()},
                              tags={"sweep": base.sweep.name, "ray_job_id": setup["ray_job_id"]})
     marker = f"{setup['experiment']}/{MARKERS}/{trial_id}.json"
     done = storage.read_json(marker)
     if done.get("finished"):
         # finished before an interruption that Tune's saved state predates: report the end
-        # again instead of starting its workers
+        # again instead of training again
         tune.report(done["metrics"])
         run.end(tracking.FINISHED)
         return
     try:
         cfg = space.trial_config(base, sampled)
         tracking.log_config(run, cfg)
-        _log_anchor_coverage(run, cfg, setup, trial_id)
-        result = _fit_trial(cfg, base, setup, trial_id, run)
+        _log_anchor_coverage(run, base.replace(space.expand(sampled)), setup, trial_id)
+        fit = _fit_here if cfg.train.num_workers == 1 else _fit_on_workers
+        metrics = fit(cfg, base, setup, trial_id, run)
     except Exception as exc:
         run.end(tracking.FAILED, f"{type(exc).__name__}: {exc}")
         raise
-    storage.write_json(marker, {"finished": True, "metrics": tracking.finite(result.metrics),
+    storage.write_json(marker, {"finished": True, "metrics": tracking.finite(metrics),
                                 "wall_seconds": time.perf_counter() - started})
     run.end(tracking.FINISHED)
 
 
 def _log_anchor_coverage(run: tracking.RunHandle, cfg: Any, setup: Mapping[str, Any],
                          trial_id: str) -> None:
-    """Before any training: the trial's anchor-only recall on the sweep's split (metrics
-    ``anchors/...`` on its run) and, when its settings leave anchor types untrained, a warning
-    and the tag :data:`pipeline.anchors.TAG`."""
-    import ray
+    """Before any training: the anchor coverage of the trial's settings at ``data.image_size``
+    (``cfg``, the frame training will use) on the sweep's split (metrics ``anchors/...`` and
+    ``ceiling/...``) and, when its settings leave anchor types untrained, a warning and the tag
+    :data:`pipeline.anchor_coverage.TAG`."""
+    from pipeline import anchor_coverage
 
-    from pipeline import anchors
-    from pipeline.evaluation.anchors import anchor_recall
-    from pipeline.prepared import read_ground_truth
-
-    untrained = anchors.warn_untrained(cfg, trial_id)
+    untrained = anchor_coverage.warn_untrained(cfg, trial_id)
     if untrained:
-        run.set_tags({anchors.TAG: untrained})
-    split = read_ground_truth("eval.parquet", cfg.sweep.split,
-                              data=ray.get(setup["tables"])["eval"])
-    run.log_metrics(anchor_recall(cfg, split, setup["classes"]))
+        run.set_tags({anchor_coverage.TAG: untrained})
+    run.log_metrics(anchor_coverage.coverage_metrics(cfg, setup["coverage_split"],
+                                                     setup["classes"]))
 
 
-def _fit_trial(cfg: Any, base: Any, setup: Mapping[str, Any], trial_id: str,
-               run: tracking.RunHandle) -> Any:
-    """The trial's ``TorchTrainer`` of :func:`trial_worker`, fitted; its reports reach Tune
-    through ``TuneReportCallback``."""
+def _fit_here(cfg: Any, base: Any, setup: Mapping[str, Any], trial_id: str,
+              run: tracking.RunHandle) -> dict[str, float]:
+    """One worker: the loop in this process (the Tune trainable holds the trial's resources),
+    each epoch's metrics to Tune, no checkpoint written. Returns the last report."""
+    import torch
+    from ray import tune
+
+    from pipeline.training import loop
+
+    use_gpu = base.sweep.gpus_per_trial > 0 and torch.cuda.is_available()
+    device = torch.device("cuda" if use_gpu else "cpu")
+    if device.type == "cpu":
+        torch.set_num_threads(max(1, round(base.sweep.cpus_per_trial)))
+    last: dict[str, float] = {}
+
+    def report(metrics: dict[str, float], _folder: Any, _name: str) -> None:
+        last.clear()
+        last.update(metrics)
+        tune.report(dict(metrics))
+
+    with trial_files(setup) as folder:
+        loop.train(cfg, stage="rpn", train_path=folder / "train.parquet",
+                   num_classes=len(setup["classes"]), device=device, report=report,
+                   log=run.log_metrics, model_meta={"classes": setup["classes"]},
+                   on_epoch_end=_scorer(cfg, folder, base.sweep.split, setup["classes"], device),
+                   write_checkpoints=False)
+    return last
+
+
+def _fit_on_workers(cfg: Any, base: Any, setup: Mapping[str, Any], trial_id: str,
+                    run: tracking.RunHandle) -> dict[str, float]:
+    """Several workers: a ``TorchTrainer`` of :func:`trial_worker`, fitted; its reports reach
+    Tune through ``TuneReportCallback``. Returns its last metrics."""
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
     from ray.tune.integration.ray_train import TuneReportCallback
@@ -142,7 +205,7 @@ def _fit_trial(cfg: Any, base: Any, setup: Mapping[str, Any], trial_id: str,
         trial_worker,
         train_loop_config={
             "params": cfg.to_dict(), "tables": setup["tables"], "split": base.sweep.split,
-            "num_classes": len(setup["classes"]), "classes": setup["classes"], "run": run,
+            "classes": setup["classes"], "run": run,
             "threads": max(1, round(resources["CPU"])),
         },
         scaling_config=ScalingConfig(num_workers=cfg.train.num_workers,
@@ -154,7 +217,7 @@ def _fit_trial(cfg: Any, base: Any, setup: Mapping[str, Any], trial_id: str,
             failure_config=FailureConfig(max_failures=cfg.train.max_failures),
             checkpoint_config=CheckpointConfig(num_to_keep=1)),
     )
-    return trainer.fit()
+    return dict(trainer.fit().metrics)
 
 
 def trial_dirname(trial: Any) -> str:

@@ -45,7 +45,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from pipeline import anchors, files, tracking
+from pipeline import files, modeling, tracking
 from pipeline.config import Config
 from pipeline.errors import DataError, MissingInputError, RunFailedError
 from pipeline.prepared import MODEL_COLUMNS, read_classes, split_path
@@ -141,9 +141,9 @@ def train_stage(cfg: Config, stage: str) -> dict[str, Any]:
 
     with tracking.stage_run(cfg, inputs.name, run_id=old_run) as mlrun:
         write_run_state(root, run_name, mlrun.run_id)
-        untrained = anchors.warn_untrained(cfg, inputs.name)
+        untrained = modeling.warn_untrained(cfg, inputs.name)
         if untrained:
-            mlrun.set_tags({anchors.TAG: untrained})
+            mlrun.set_tags({modeling.UNTRAINED_TAG: untrained})
         rows = pq.ParquetFile(inputs.train_path).metadata.num_rows
         tracking.log_split(mlrun, name="train", source=str(inputs.train_path),
                            digest=inputs.train_digest, rows=rows, columns=MODEL_COLUMNS,

@@ -80,6 +80,7 @@ class DetectionDataset(Dataset):
         meta = table.read(columns=[c for c in MODEL_COLUMNS if c != "image"]).to_pydict()
         self._ids, self._boxes = meta["image_id"], meta["boxes"]
         self._labels, self._difficult = meta["labels"], meta["difficult"]
+        self._crowd = meta["crowd"]
         sizes = [table.metadata.row_group(i).num_rows for i in range(table.num_row_groups)]
         self._starts = list(itertools.accumulate(sizes, initial=0))  # row group g: [starts[g], starts[g+1])
         self._cached: tuple[int, Any] | None = None  # (row group, its image column)
@@ -114,9 +115,13 @@ class DetectionDataset(Dataset):
         if boxes.shape[0] != labels.shape[0]:
             raise DataError(f"{self.path}: image {self._ids[index]!r} has {boxes.shape[0]} "
                             f"boxes but {labels.shape[0]} labels")
-        difficult = self._difficult[index]
-        if not self.use_difficult and difficult:
-            keep = ~torch.tensor(difficult, dtype=torch.bool)
+        # crowd regions (COCO iscrowd) never train as objects; difficult ones on request
+        n = labels.shape[0]
+        drop = [bool(c) or (bool(d) and not self.use_difficult)
+                for d, c in zip(self._difficult[index] or [False] * n,
+                                self._crowd[index] or [False] * n)]
+        if any(drop):
+            keep = ~torch.tensor(drop, dtype=torch.bool)
             boxes, labels = boxes[keep], labels[keep]
         if flip_decision(self.seed, self.epoch, index, self.hflip):
             image, boxes = hflip(image, boxes)

@@ -71,6 +71,7 @@ class _Run:
     say: Callable[[str], None]
     on_epoch_end: Callable[[nn.Module, int], dict[str, float]] | None
     model_meta: Mapping[str, Any]
+    write_checkpoints: bool
     started: float = field(default_factory=time.perf_counter)
 
     @property
@@ -115,8 +116,8 @@ def train(cfg: Config, *, stage: str, train_path: str | Path, num_classes: int,
           model_meta: Mapping[str, Any] | None = None,
           model_fn: Callable[[], nn.Module] | None = None,
           say: Callable[[str], None] = _print,
-          on_epoch_end: Callable[[nn.Module, int], dict[str, float]] | None = None
-          ) -> TrainResult:
+          on_epoch_end: Callable[[nn.Module, int], dict[str, float]] | None = None,
+          write_checkpoints: bool = True) -> TrainResult:
     """Train one stage on this rank's shard; see the module docstring.
 
     Args:
@@ -132,6 +133,8 @@ def train(cfg: Config, *, stage: str, train_path: str | Path, num_classes: int,
             ``device``.
         report: receives every checkpoint (see :data:`pipeline.training.checkpoints.ReportFn`);
             None: checkpoints are not written.
+        write_checkpoints: False: ``report`` gets the metrics of each checkpoint but no folder
+            (a sweep trial, which nothing resumes, reports without writing ~1 GB a time).
         log: ``log(metrics, step)`` on rank 0 for step metrics (loss terms, ``loss``, ``lr``,
             ``images_per_s``, ``gpu_mem_gb``) and, at step = epoch, ``epoch/*`` means.
         model_meta: stored with the final model (e.g. the class names).
@@ -155,7 +158,8 @@ def train(cfg: Config, *, stage: str, train_path: str | Path, num_classes: int,
                  image_size=image_size, shard_size=sampler.shard_size, saved=saved,
                  init_model=init_model, model_fn=model_fn, wrap_model=wrap_model,
                  hooks=dict(report=report, log=log, say=say, on_epoch_end=on_epoch_end,
-                            model_meta=dict(model_meta or {})))
+                            model_meta=dict(model_meta or {}),
+                            write_checkpoints=write_checkpoints))
     loop = LoopState(LOSS_TERMS[stage])
     resumed_from = None
     if saved is not None:
@@ -227,8 +231,9 @@ def _setup(cfg: Config, stage: str, num_classes: int, *, device: torch.device, r
     elif init_model is not None:
         counts = init_from_rpn(model, init_model)
         if lead:
-            hooks["say"](f"train_{stage}: initialised {counts['loaded']} tensors from "
-                         f"{init_model} ({counts['new']} left at their initialisation)")
+            hooks["say"](f"train_{stage}: initialised the backbone and RPN ({counts['loaded']} "
+                         f"tensors) from {init_model}; the Fast R-CNN head ({counts['new']} "
+                         f"tensors) starts from its initialisation")
     if stage == "rpn" and hasattr(model, "roi_heads"):
         # The RPN stage trains backbone + RPN; the Fast R-CNN head gets no gradients. Freezing
         # it keeps it out of the optimiser and out of DDP's gradient all-reduce.
@@ -338,7 +343,7 @@ def _checkpoint(run: _Run, loop: LoopState, metrics: dict[str, float], *, final:
     metrics = dict(metrics, images=loop.images, train_seconds=seconds,
                    images_per_s=loop.images / seconds if loop.images else 0.0)
     name = checkpoints.checkpoint_name(loop.epoch, loop.step)
-    if not run.lead:
+    if not run.lead or not run.write_checkpoints:
         run.report(metrics, None, name)
         return
     folder = Path(tempfile.mkdtemp(prefix=f"{run.name}-ckpt-"))

@@ -56,7 +56,7 @@ def test_evaluate_stage_declares_inputs_parameters_and_outputs():
     assert {next(iter(p)) for p in stage["plots"]} == {
         str(paths.plots / "recall_vs_iou.png"), str(paths.plots / "recall_vs_proposals.png")}
     plots = {next(iter(p)): next(iter(p.values())) for p in spec["plots"]}
-    iou_columns = [f"top{b}" for b in cfg.eval.proposal_budgets] + ["anchors"]
+    iou_columns = [f"top{b}" for b in cfg.eval.proposal_budgets] + ["anchors", "ceiling"]
     assert plots["recall_vs_iou"]["y"] == {str(paths.plots / "recall_vs_iou.csv"): iou_columns}
     assert plots["recall_vs_proposals"]["y"] == {
         str(paths.plots / "recall_vs_proposals.csv"): ["recall@0.5", "recall@0.7"]}

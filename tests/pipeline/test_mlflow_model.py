@@ -48,7 +48,9 @@ def logged(tmp_path_factory):
 
     folder = tmp_path_factory.mktemp("served")
     torch.manual_seed(0)
-    model = FasterRCNN(2, image_size=64, roi_hidden_dim=32)
+    # explicit anchor shapes (anchors.shapes): the served model rebuilds them from its file
+    model = FasterRCNN(2, image_size=64, roi_hidden_dim=32,
+                       anchor_shapes=((16.0, 16.0), (40.0, 24.0), (24.0, 40.0), (48.0, 48.0)))
     # class scores spread apart (untrained, every class scores ~1/3: near-ties everywhere)
     torch.nn.init.normal_(model.roi_heads.cls_score.weight, std=1.0)
     weights = save_model(folder / "frcnn.pt", model, stage="frcnn", classes=["cat", "dog"])

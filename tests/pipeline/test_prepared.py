@@ -85,7 +85,7 @@ def test_read_ground_truth_refuses_boxes_and_labels_that_disagree(tmp_path):
     pq.write_table(pa.Table.from_pylist(table, schema=SCHEMA), split_path(folder, "test"))
     n = len(table[1]["boxes"])
     with pytest.raises(DataError, match=f"image 'test_001' has {n} boxes, {n + 1} labels, "
-                                        f"{n} flags"):
+                                        f"{n} difficult and {n} crowd flags"):
         read_ground_truth(split_path(folder, "test"), "test")
 
 

@@ -223,7 +223,7 @@ def test_evaluate_reports_failing_half_way_are_each_old_or_new(tmp_path, monkeyp
     assert {k: v for k, v in after.items() if k.startswith("pictures")} == \
         {k: v for k, v in before.items() if k.startswith("pictures")}  # folder swapped whole
     table = pd.read_parquet(paths.recall_table)  # tables: complete new versions
-    assert sorted(set(table["budget"])) == [-1, 10, 50, 300]
+    assert sorted(set(table["budget"])) == [-2, -1, 10, 50, 300]
     assert len(pd.read_parquet(paths.recall_summary)) > 0
     for name in ("recall_vs_iou.png", "recall_vs_proposals.png"):
         with Image.open(paths.plots / name) as img:

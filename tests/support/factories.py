@@ -48,21 +48,22 @@ RAY_PARAMS: dict[str, Any] = {
 }
 
 #: Data prepared at 128 x 128, trials at 64 x 64 (anchor scales halve with the size: the space's
-#: [2, 4] means 32 and 64 pixel anchors at 128, 16 and 32 at 64).
+#: [2, 4] means 32 and 64 pixel anchors at 128, 16 and 32 at 64; fitted shapes halve too).
 TINY_SWEEP: dict[str, Any] = {
     "data.image_size": 128, "rpn.min_size": 4.0, "roi.hidden_dim": 32, "roi.pool_size": 2,
     "train.batch_size": 2, "train.loader_workers": 0, "train.warmup_steps": 1,
     "eval.batch_size": 2,
     "sweep.image_size": 64, "sweep.max_train_images": 4, "sweep.cpus_per_trial": 1.0,
     "sweep.space": {
-        "anchors.scales": {"choice": [[2, 4], [1, 2, 4]]},
-        "anchors.ratios": {"choice": [[0.5, 1.0, 2.0], [1.0]]},
+        # whole anchor settings, one of them shapes fitted on the train split
+        "anchors": {"choice": [{"scales": [2, 4]}, {"scales": [1, 2, 4], "ratios": [1.0]},
+                               "fit"]},
         "rpn.pos_iou": {"uniform": [0.6, 0.8]},
         "rpn.neg_iou": {"uniform": [0.2, 0.4]},
         "rpn.num_samples": {"choice": [32, 64]},
         "rpn.pos_fraction": {"uniform": [0.25, 0.75]},
-        "rpn.pre_nms_top_n_train": {"choice": [100, 200]},
-        "rpn.post_nms_top_n_train": {"choice": [50, 100]},
+        "rpn.pre_nms_top_n_test": {"choice": [100, 200]},
+        "rpn.nms_iou": {"uniform": [0.6, 0.8]},
         "train.lr": {"loguniform": [0.001, 0.02]},
     },
 }
@@ -167,6 +168,7 @@ def write_prepared(folder: Path, *, splits: Mapping[str, int] | None = None, num
             rows.append({"image_id": f"{split}_{i:03d}", "source": "fixture",
                          "orig_width": size, "orig_height": size, "image": image,
                          "boxes": boxes, "labels": labels, "difficult": difficult,
+                         "crowd": [False] * len(labels),
                          "scale_x": 1.0, "scale_y": 1.0, "pad_x": 0.0, "pad_y": 0.0})
         pq.write_table(pa.Table.from_pylist(rows, schema=SCHEMA), split_path(folder, split))
     write_classes(folder, classes=classes, image_size=size, resize="stretch", image_format="png",

@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from detector.anchors import generate_anchors
+from pipeline.anchor_coverage import ceiling_iou
 from pipeline.evaluation import core
 from pipeline.evaluation import recall as R
 from pipeline.prepared import read_ground_truth
@@ -34,16 +35,19 @@ def test_recall_table_through_the_core_matches_loop_reference(eval_set):
     for i, image_id in enumerate(split.image_ids):
         rows = table[table["image_id"] == image_id]
         g = split.boxes[i].shape[0]
-        assert len(rows) == g * (len(budgets) + 1)
+        assert len(rows) == g * (len(budgets) + 2)          # + the anchors and the ceiling
         if g == 0:
             continue
         props = model.proposals[i][:2000]
         ref = best_iou_reference(split.boxes[i], props, budgets)             # (G, B)
-        rpn = rows[rows["budget"] != -1].sort_values(["gt_index", "budget"])
+        rpn = rows[rows["budget"] > 0].sort_values(["gt_index", "budget"])
         np.testing.assert_allclose(rpn["best_iou"].to_numpy().reshape(g, -1), ref.numpy(),
                                    atol=1e-5)
         ref_anchor = best_iou_reference(split.boxes[i], anchors, [anchors.shape[0]])[:, 0]
         np.testing.assert_allclose(rows[rows["budget"] == -1]["best_iou"], ref_anchor, atol=1e-5)
+        ceiling = ceiling_iou(split.boxes[i], stride=16, image_size=size)
+        np.testing.assert_allclose(rows[rows["budget"] == -2]["best_iou"], ceiling, atol=1e-6)
+        assert (rows[rows["budget"] == -2]["best_iou"].to_numpy() >= ref_anchor.numpy() - 1e-6).all()
         per_box = rows.groupby("gt_index")["difficult"]
         assert (per_box.nunique() == 1).all()
         assert per_box.first().tolist() == split.difficult[i].tolist()

@@ -26,7 +26,8 @@ def test_split_metrics_leave_out_what_cannot_be_computed():
                                labels=torch.tensor([1]), difficult=torch.tensor([False]),
                                best_iou=torch.full((1, 2), 0.8), budgets=(100, 2000))
     values = M.split_metrics(R.summarize(R.recall_table([rows])), "val", (100, 2000), None, [])
-    assert values == {"AR@100": 0.7, "AR@2000": 0.7}
+    assert values == {"AR@100": 0.7, "AR@2000": 0.7,                # one class: its mean
+                      "AR@100/mean_class": 0.7, "AR@2000/mean_class": 0.7}
 
 
 def test_format_summary_lists_the_headline_values_in_columns(perfect):

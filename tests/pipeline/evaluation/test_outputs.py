@@ -28,7 +28,8 @@ def test_outputs_of_a_perfect_model(perfect, tmp_path):
     assert tuple(summary.columns) == R.SUMMARY_COLUMNS
     assert set(summary["size"]) <= set(R.SIZES) and set(summary["metric"]) == {"recall", "AR"}
     iou_csv = pd.read_csv(paths.plots / "recall_vs_iou.csv")
-    assert list(iou_csv.columns) == ["iou", *(f"top{b}" for b in perfect.budgets), "anchors"]
+    assert list(iou_csv.columns) == ["iou", *(f"top{b}" for b in perfect.budgets), "anchors",
+                                     "ceiling"]
     assert len(iou_csv) == 10 and (iou_csv["top300"] == 1.0).all()
     prop_csv = pd.read_csv(paths.plots / "recall_vs_proposals.csv")
     assert list(prop_csv.columns) == ["budget", "recall@0.5", "recall@0.7"]

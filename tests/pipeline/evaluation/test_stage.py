@@ -81,6 +81,11 @@ def test_run_writes_everything_and_logs_to_mlflow(tmp_path, monkeypatch, capsys)
     assert "AR@300" in out and "mAP@0.5" in out
     values = json.loads(Path(cfg.eval.metrics_path).read_text())
     assert {"recall@0.5/300", "recall@0.7/300", "AR@300", "mAP@0.5", "val"} <= set(values)
+    # the detector's own RPN (frcnn.pt), whose proposals the mAP rests on, and the ceiling
+    assert {"detector_rpn/AR@300", "detector_rpn/recall@0.5/300", "detector_rpn/AR@300/mean_class",
+            "ceiling/AR", "AR@300/mean_class"} <= set(values)
+    assert "detector_rpn/AR@300" in values["val"]
+    assert not [k for k in values if k.startswith("detector_rpn/") and "/class" in k]
     db = tmp_path / "mlflow.db"
     (logged,) = mlflow_store.runs(db)
     assert logged.info.run_name == "evaluate" and logged.info.status == "FINISHED"

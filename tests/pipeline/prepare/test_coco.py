@@ -23,8 +23,9 @@ def test_reads_boxes_as_x1y1x2y2_with_iscrowd_flagged(tmp_path):
     one, two, three = reading.items
     assert (one.image_id, two.image_id, three.image_id) == ("1", "2", "3")
     np.testing.assert_array_equal(one.boxes, [[10, 5, 30, 15], [0.5, 1.5, 30.5, 21.5]])
-    assert one.labels.tolist() == [2, 1] and one.difficult.tolist() == [False, True]
-    assert two.labels.tolist() == [1] and two.difficult.tolist() == [False]
+    assert one.labels.tolist() == [2, 1] and one.difficult.tolist() == [False, False]
+    assert one.crowd.tolist() == [False, True]
+    assert two.labels.tolist() == [1] and two.crowd.tolist() == [False]
     assert three.boxes.shape == (0, 4)                    # no annotations: all background
     assert one.path == tmp_path / "images" / "one.png" and one.declared_size == (80, 40)
 

@@ -136,7 +136,8 @@ def test_coco_end_to_end(tmp_path):
     row = load_split(out, "train").set_index("image_id").loc["1"]
     # 80x40 -> 40x40: x / 2, y unchanged.
     np.testing.assert_allclose(np.stack(row.boxes), [[5, 5, 15, 15], [0.25, 1.5, 15.25, 21.5]])
-    assert list(row.labels) == [2, 1] and list(row.difficult) == [False, True]
+    assert list(row.labels) == [2, 1] and list(row.difficult) == [False, False]
+    assert list(row.crowd) == [False, True]                             # iscrowd: 1
     assert row.source == str(tmp_path / "coco" / "images" / "one.png")
 
 

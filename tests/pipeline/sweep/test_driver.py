@@ -24,6 +24,7 @@ from pathlib import Path
 
 import pandas as pd
 import pytest
+import yaml
 
 from pipeline.config import Config, load_config
 from pipeline.errors import DataError
@@ -35,6 +36,7 @@ from tests.support.ray_cluster import ray_cluster
 from tests.support.procs import subprocess_env
 
 SPACE_KEYS = list(TINY_SWEEP["sweep.space"])
+METRIC = "AR@300/mean_class"  # params.yaml's sweep.metric
 
 
 # --------------------------------------------------------------------------------------------
@@ -95,17 +97,25 @@ def _check_outputs(out: Path, *, trials: int, epochs: int) -> pd.DataFrame:
     table = pd.read_parquet(out / "reports" / "sweep.parquet")
     assert len(table) == trials and table["trial_id"].is_unique
     assert set(SPACE_KEYS) <= set(table.columns)
-    assert {"final_AR@300", "best_AR@300", "best_epoch", "epochs", "status",
-            "wall_seconds"} <= set(table.columns)
+    assert {"final_AR@300", f"best_{METRIC}", f"final_{METRIC}", "best_epoch", "epochs", "status",
+            "wall_seconds", "train_seconds", "score_seconds", "anchors/AR", "ceiling/AR"
+            } <= set(table.columns)
+    assert any(c.startswith("final_AR@300/class") for c in table.columns)   # per class
+    assert (table["train_seconds"] > 0).all() and (table["score_seconds"] > 0).all()
+    assert (table["train_seconds"] + table["score_seconds"] <= table["wall_seconds"] + 1).all()
     assert set(table["status"]) <= {"finished", "stopped early"}, table["error"].tolist()
     assert (table["epochs"] >= 1).all() and (table["epochs"] <= epochs).all()
     assert ((table["status"] == "finished") == (table["epochs"] == epochs)).all()
     assert table["final_AR@300"].between(0, 1).all() and (table["wall_seconds"] > 0).all()
     # the overlay: the best trial's values, and it applies over params.yaml
-    best = table.loc[table["final_AR@300"].idxmax()]
+    best = table.loc[table[f"final_{METRIC}"].idxmax()]
     overlay = out / "sweeps" / "best_params.yaml"
     cfg = load_config([ROOT / "params.yaml", overlay])
-    assert list(cfg.anchors.scales) == list(best["anchors.scales"])
+    setting = yaml.safe_load(best["anchors"])              # the whole anchor setting, as text
+    if "shapes" in setting:                                # 'fit': fitted on the train split
+        assert [list(s) for s in cfg.anchors.shapes] == setting["shapes"]
+    else:
+        assert cfg.anchors.shapes is None and list(cfg.anchors.scales) == setting["scales"]
     assert cfg.train.lr == pytest.approx(best["train.lr"])
     assert (out / "reports" / "sweep.png").stat().st_size > 1000
     return table
@@ -116,7 +126,8 @@ def _check_mlflow(out: Path, table: pd.DataFrame, *, epochs: int) -> tuple:
     parents, children = mlflow_store.sweep_runs(db)
     (parent,) = parents
     assert parent.info.status == "FINISHED"
-    assert parent.data.metrics["best/AR_at_300"] == pytest.approx(table["final_AR@300"].max())
+    assert parent.data.metrics[f"best/{METRIC.replace('@', '_at_')}"] == pytest.approx(
+        table[f"final_{METRIC}"].max())
     assert {c.data.tags["trial_id"] for c in children} == set(table["trial_id"])
     assert len(children) == len(table)  # one child per trial, none duplicated
     by_trial = {c.data.tags["trial_id"]: c for c in children}

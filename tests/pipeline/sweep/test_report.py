@@ -18,7 +18,8 @@ PARAMS = ROOT / "params.yaml"
 
 def _records() -> list[sweep_report.TrialRecord]:
     def hist(*values):
-        return [{"epoch": e + 1, "AR@300": v, "AR@50": v / 2} for e, v in enumerate(values)]
+        return [{"epoch": e + 1, "AR@300": v, "AR@50": v / 2, "train_seconds": 5.0 * (e + 1),
+                 "score_seconds": 1.0 * (e + 1)} for e, v in enumerate(values)]
 
     return [
         sweep_report.TrialRecord("t2", {"anchors.scales": [4.0, 8.0], "train.lr": 0.01},
@@ -37,13 +38,16 @@ def test_trial_table_one_row_per_trial():
                                      metrics=["AR@50", "AR@300"], metric="AR@300", mode="max")
     assert list(table.columns) == [
         "trial_id", "anchors.scales", "train.lr", "final_AR@50", "final_AR@300", "best_AR@300",
-        "best_epoch", "epochs", "status", "wall_seconds", "error"]
+        "best_epoch", "epochs", "status", "wall_seconds", "train_seconds", "score_seconds", "error"]
     assert list(table["trial_id"]) == ["t1", "t2", "t3", "t4"]
     assert list(table["status"]) == ["finished", "finished", "stopped early", "errored"]
     assert list(table["epochs"]) == [3, 2, 1, 0]
     assert table["final_AR@300"].tolist()[:3] == [0.4, 0.5, 0.1]
     assert table["best_AR@300"].tolist()[:3] == [0.45, 0.5, 0.1]
     assert table["best_epoch"].tolist() == [2, 2, 1, -1]
+    # the loop's clock less its scoring, and the scoring (t1: 3 epochs of 5 s, 1 s scored each)
+    assert table["train_seconds"].tolist()[:3] == [12.0, 8.0, 4.0]
+    assert table["score_seconds"].tolist()[:3] == [3.0, 2.0, 1.0]
     assert math.isnan(table["final_AR@300"].iloc[3]) and "neg_iou" in table["error"].iloc[3]
     # Parquet keeps the list column
     buf = io.BytesIO()
@@ -84,22 +88,24 @@ def test_plot_trials_writes_a_png(tmp_path):
 
 
 def test_trial_coverage_columns_need_no_training(tmp_path):
-    """Each trial's anchor coverage on the sweep's split (at the trials' size, anchors scaled)
-    and the types its settings leave untrained; an invalid combination has none."""
+    """Each trial's anchor coverage on the sweep's split at data.image_size (what training will
+    see, whatever size the trials run at) and the types its settings leave untrained; an invalid
+    combination has none."""
     import torch
 
     from pipeline.prepared import GroundTruth
 
     cfg = load_config([PARAMS], ["sweep.image_size=320", "rpn.allow_border=0"])
-    # at 320 px the trial's anchors are halved: scale 8 -> 64 px, centred at 8 + 16 k: this box is one
+    # at 640 px, scale 4 is a 64 px anchor, centred at 8 + 16 k: this box is one
     split = GroundTruth("val", tmp_path / "val.parquet", ["a"],
                         [torch.tensor([[120.0, 120.0, 184.0, 184.0]])], [torch.tensor([1])],
                         [torch.tensor([False])])
-    coverage = sweep_report.trial_coverage(cfg, {"anchors.scales": [8.0, 16.0, 32.0]}, split,
+    coverage = sweep_report.trial_coverage(cfg, {"anchors.scales": [4.0, 8.0, 32.0]}, split,
                                            ["cell"])
     assert coverage["anchors/recall@0.5/cell"] == 1.0 and coverage["anchors/AR/cell"] == 1.0
+    assert coverage["ceiling/AR/cell"] == 1.0
     assert coverage["untrained_anchor_types"] == \
-        "ratio 0.5 x scale 16 (362x181 px), ratio 2 x scale 16 (181x362 px)"
+        "ratio 0.5 x scale 32 (724x362 px), ratio 2 x scale 32 (362x724 px)"
     assert sweep_report.trial_coverage(cfg, {"rpn.neg_iou": 0.9}, split, ["cell"]) == {}
     records = _records()
     records[0].coverage = coverage

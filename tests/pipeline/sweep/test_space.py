@@ -79,9 +79,65 @@ def test_metric_names_are_what_evaluate_reports():
     values = split_metrics(summary, "val", budgets, None, [])
     names = sweep_space.metric_names(budgets)
     assert set(names) <= set(values)
-    assert names == ["AR@50", "AR@100", "AR@300", "AR@1000", "AR@2000", "recall@0.5/300",
-                     "recall@0.7/300"]
-    assert sweep_space.metric_names((100, 200)) == ["AR@100", "AR@200"]
+    plain = ["AR@50", "AR@100", "AR@300", "AR@1000", "AR@2000", "recall@0.5/300", "recall@0.7/300"]
+    assert names == plain + [f"{n}/mean_class" for n in plain]
+    assert sweep_space.metric_names((100, 200)) == ["AR@100", "AR@200", "AR@100/mean_class",
+                                                    "AR@200/mean_class"]
+
+
+def test_the_class_mean_weighs_every_class_the_same():
+    # class 1: 3 boxes all found; class 2: 1 box missed -> recall 0.75 over boxes, 0.5 over classes
+    rows = R.image_recall_rows(image_id="a", split="val", gt_boxes=torch.tensor([[0., 0, 9, 9]] * 4),
+                               labels=torch.tensor([1, 1, 1, 2]), difficult=torch.zeros(4, dtype=torch.bool),
+                               best_iou=torch.tensor([[0.8], [0.8], [0.8], [0.1]]), budgets=[300])
+    values = split_metrics(R.summarize(R.recall_table([rows]), class_names=["a", "b"]), "val",
+                           [300], None, ["a", "b"])
+    assert values["recall@0.5/300"] == 0.75 and values["recall@0.5/300/mean_class"] == 0.5
+    assert values["AR@300/mean_class"] == pytest.approx((values["AR@300/a"] + 0.0) / 2)
+
+
+@pytest.mark.parametrize("key, why", [
+    ("rpn.pre_nms_top_n_train", "never runs the training proposal layer"),
+    ("rpn.post_nms_top_n_train", "never runs the training proposal layer"),
+    ("roi.fg_iou", "the RoI head never runs"),
+    ("train.frcnn_epochs", "trials train the RPN alone"),
+    ("train.rpn_epochs", "sweep.epochs"),
+    ("train.loader_workers", "operational"),
+])
+def test_a_key_no_trial_reads_is_refused_naming_it_and_why(key, why):
+    value = {"roi.fg_iou": 0.5}.get(key, 2)
+    cfg = Config().replace({f"sweep.space.{key}": {"choice": [value]}})
+    with pytest.raises(ConfigError, match=rf"sweep.space.{key}: a trial never reads it \(.*{why}"):
+        sweep_space.check(cfg)
+    shapes = Config().replace({"anchors.shapes": [[16, 16]],
+                               "sweep.space.anchors.scales": {"choice": [[2, 4]]}})
+    with pytest.raises(ConfigError, match="anchors.shapes is set"):
+        sweep_space.check(shapes)
+
+
+def test_whole_anchor_settings_and_fitted_shapes():
+    space = {"anchors": {"grid": [{"scales": [8, 16, 32]}, {"shapes": [[20, 30]]}, "fit"]},
+             "rpn.pos_iou": {"uniform": [0.6, 0.7]}}
+    base = Config().replace({"sweep.space": space, "anchors.shapes": [[50, 50]]})
+    calls = []
+    resolved = sweep_space.resolve_fit(base, lambda: calls.append(1) or [(10.0, 12.0), (40, 30)])
+    assert calls == [1]
+    (kind, values), = resolved.sweep.space["anchors"].items()
+    assert values[2] == {"shapes": [[10.0, 12.0], [40.0, 30.0]]}
+    assert sweep_space.resolve_fit(Config().replace({"sweep.space": {"rpn.pos_iou": space[
+        "rpn.pos_iou"]}}), lambda: 1 / 0).sweep.space == {"rpn.pos_iou": space["rpn.pos_iou"]}
+    trials = [sweep_space.trial_config(resolved.replace({"sweep.image_size": 0}),
+                                       {"anchors": v, "rpn.pos_iou": 0.65}) for v in values]
+    assert trials[0].anchors.shapes is None and trials[0].anchors.scales == (8.0, 16.0, 32.0)
+    assert trials[1].anchors.shapes == ((20.0, 30.0),) and trials[2].anchors.num_anchors == 2
+    half = sweep_space.trial_config(resolved.replace({"sweep.image_size": 320}),
+                                    {"anchors": values[1], "rpn.pos_iou": 0.65})
+    assert half.anchors.shapes == ((10.0, 15.0),)                    # scaled with the image
+    with pytest.raises(ConfigError, match="not an anchor setting"):
+        Config().replace({"sweep.space": {"anchors": {"choice": [{"rpn": 1}]}}})
+    with pytest.raises(ConfigError, match="would be overridden"):
+        sweep_space.check(Config().replace({"sweep.space": {**space, "anchors.ratios": {
+            "choice": [[1.0]]}}}))
 
 
 def test_check_names_the_allowed_metrics():

@@ -23,7 +23,10 @@ def test_validation_recall_reports_the_sweep_metrics(tmp_path, tiny_cfg):
     split = read_ground_truth(prepared / "val.parquet", "val")
     values = trial.validation_recall(model, split, budgets=(50, 300), batch_size=2,
                                      device=torch.device("cpu"))
-    assert set(values) == {"AR@50", "AR@300", "recall@0.5/300", "recall@0.7/300"}
+    names = {"AR@50", "AR@300", "recall@0.5/300", "recall@0.7/300"}
+    per_class = {f"{n}/{c}" for n in ("AR@300", "recall@0.5/300", "recall@0.7/300")
+                 for c in ("1", "2") if any((lab == int(c)).any() for lab in split.labels)}
+    assert set(values) == names | {f"{n}/mean_class" for n in names} | per_class
     assert all(0.0 <= v <= 1.0 for v in values.values())
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import numpy as np
 import pandas as pd
 import pytest
 import torch
@@ -63,6 +64,18 @@ def test_difficult_boxes_dropped_unless_asked(tmp_path):
     assert len(loader.DetectionDataset(folder / "train.parquet")[0][1]["labels"]) == n - 1
     kept = loader.DetectionDataset(folder / "train.parquet", use_difficult=True)[0][1]
     assert len(kept["labels"]) == n
+
+
+def test_crowd_regions_never_train(tmp_path):
+    folder = write_prepared(tmp_path / "p", num_images=1)
+    frame = pd.read_parquet(folder / "train.parquet")
+    n = len(frame.loc[0, "labels"])
+    frame.at[0, "crowd"] = [False] * (n - 1) + [True]
+    frame.to_parquet(folder / "train.parquet", index=False)
+    for use_difficult in (False, True):
+        got = loader.DetectionDataset(folder / "train.parquet", use_difficult=use_difficult)[0][1]
+        torch.testing.assert_close(got["boxes"], torch.tensor(np.stack(frame.loc[0, "boxes"][:-1]),
+                                                              dtype=torch.float32))
 
 
 def test_missing_column_is_named(tmp_path):
