@@ -172,7 +172,7 @@ def _check_outputs(repo, out: str) -> None:
     summary = pd.read_parquet(paths.recall_summary)
     assert tuple(summary.columns) == R.SUMMARY_COLUMNS
     assert list(pd.read_csv(paths.plots / "recall_vs_iou.csv").columns) == \
-        ["iou", "top50", "top100", "top300", "top1000", "top2000", "anchors"]
+        ["iou", "top50", "top100", "top300", "top1000", "top2000", "anchors", "ceiling"]
     assert list(pd.read_csv(paths.plots / "recall_vs_proposals.csv").columns) == \
         ["budget", "recall@0.5", "recall@0.7"]
     for png in ("recall_vs_iou.png", "recall_vs_proposals.png"):
