@@ -193,6 +193,8 @@ def _check_outputs(repo, out: str) -> None:
     assert len(trials) == 1 and set(trials["status"]) == {"finished"}
     assert (repo.path / "reports" / "sweep.png").stat().st_size > 1000
     best = yaml.safe_load((repo.path / "sweeps" / "best_params.yaml").read_text())
-    assert set(best) <= {"anchors", "rpn", "train"} and "scales" in best["anchors"]
+    # a whole anchor setting: scales (shapes cleared) or the shapes fitted on the train split
+    assert set(best) <= {"anchors", "rpn", "train"} and "shapes" in best["anchors"]
+    assert "scales" in best["anchors"] or best["anchors"]["shapes"]
     assert "up to date" in repo.dvc("status")
     assert "Running stage" not in repo.dvc("repro")  # nothing left to do
