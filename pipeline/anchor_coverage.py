@@ -139,7 +139,8 @@ def coverage_rows(split: Any, sizes: Sequence[Sequence[float]], *, stride: int,
         counted = ~crowd  # crowd regions: nothing to cover
         boxes = boxes[counted]
         common = dict(image_id=image_id, split=split.name, gt_boxes=boxes,
-                      labels=labels[counted], difficult=difficult[counted])
+                      labels=labels[counted], difficult=difficult[counted],
+                      gt_index=torch.nonzero(counted).flatten())
         if boxes.shape[0] == 0:
             continue
         best = grid_iou(boxes, sizes, stride=stride, image_size=image_size).max(dim=1).values

@@ -170,6 +170,7 @@ def evaluate_model(*, rpn_model: nn.Module, detector: nn.Module | None,
                 rows.append(R.image_recall_rows(
                     image_id=split.image_ids[i], split=split.name, gt_boxes=split.boxes[i][counted],
                     labels=split.labels[i][counted], difficult=split.difficult[i][counted],
+                    gt_index=torch.nonzero(counted).flatten(),
                     budgets=budgets, best_iou=R.best_iou_at_budgets(gt, boxes, budgets)))
                 if det is not None:
                     detections.append({k: det[k].detach().cpu()

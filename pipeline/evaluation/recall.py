@@ -117,7 +117,8 @@ def best_iou_at_budgets(gt_boxes: Tensor, proposals: Tensor, budgets: Sequence[i
 
 
 def image_recall_rows(*, image_id: str, split: str, gt_boxes: Tensor, labels: Tensor,
-                      difficult: Tensor, best_iou: Tensor, budgets: Sequence[int]) -> dict:
+                      difficult: Tensor, best_iou: Tensor, budgets: Sequence[int],
+                      gt_index: Tensor | None = None) -> dict:
     """Columns (as NumPy arrays) of one image's rows of the recall table.
 
     Rows are ground-truth-major: box 0 at every budget, then box 1, ...
@@ -126,6 +127,8 @@ def image_recall_rows(*, image_id: str, split: str, gt_boxes: Tensor, labels: Te
         gt_boxes: ``Tensor[G, 4]``; labels ``Tensor[G]`` int; difficult ``Tensor[G]`` bool.
         best_iou: ``Tensor[G, B]`` from :func:`best_iou_at_budgets` (or ``[G, 1]`` for anchors).
         budgets: the B budgets of ``best_iou``'s columns (``[ANCHOR_BUDGET]`` for anchors).
+        gt_index: ``Tensor[G]`` each box's index in its image (default ``0 .. G-1``; given when
+            some boxes, crowd regions, are left out).
     """
     num_gt, num_b = best_iou.shape
     if gt_boxes.shape[0] != num_gt or len(budgets) != num_b:
@@ -139,7 +142,8 @@ def image_recall_rows(*, image_id: str, split: str, gt_boxes: Tensor, labels: Te
 
     return {
         "image_id": np.full(num_gt * num_b, str(image_id), dtype=object),
-        "gt_index": per_box(np.arange(num_gt, dtype=np.int32)),
+        "gt_index": per_box(np.arange(num_gt, dtype=np.int32) if gt_index is None
+                            else gt_index.cpu().numpy().astype(np.int32).reshape(num_gt)),
         "label": per_box(labels.detach().cpu().numpy().astype(np.int32).reshape(num_gt)),
         "difficult": per_box(difficult.detach().cpu().numpy().astype(bool).reshape(num_gt)),
         "x1": per_box(boxes[:, 0]), "y1": per_box(boxes[:, 1]),

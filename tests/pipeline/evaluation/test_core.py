@@ -13,7 +13,7 @@ from pipeline.evaluation import core
 from pipeline.evaluation import recall as R
 from pipeline.prepared import read_ground_truth
 from tests.support.factories import write_prepared
-from tests.support.fakes import FakeModel
+from tests.support.fakes import FakeModel, perfect_model
 from tests.support.references import best_iou_reference, random_boxes
 
 
@@ -100,3 +100,34 @@ def test_real_model_gives_more_than_its_test_top_n(tmp_path):
     assert counts[10] == 10 and counts[20] == 20 and counts[500] > 20
     assert counts[-1] == (size // 16) ** 2 * 9
     assert set(res.ap["test"]) == {1, 2}
+
+
+def test_crowd_regions_are_left_out_of_recall_and_ignored_by_ap(eval_set):
+    """COCO's rule: a crowd region is no object to find (no recall row, no anchors / ceiling row)
+    and a detection on it is neither right nor wrong (AP as without it)."""
+    import dataclasses
+
+    split = eval_set.split("test")
+    i = next(k for k, b in enumerate(split.boxes) if b.shape[0] >= 2)
+    crowd = [c.clone() for c in split.crowd]
+    crowd[i][0] = True
+    flagged = dataclasses.replace(split, crowd=crowd)
+    kinds = {}
+    for name, data in (("plain", split), ("crowd", flagged)):
+        model = perfect_model([data])
+        # a detection on the crowd region only: it must not count as a false positive
+        det = model.detections[i]
+        det["boxes"], det["scores"], det["labels"] = det["boxes"][:1], det["scores"][:1], \
+            det["labels"][:1]
+        kinds[name] = core.evaluate_model(rpn_model=model, detector=model, splits=[data],
+                                          budgets=(300,), num_classes=2,
+                                          image_size=eval_set.size, progress=False)
+    plain, flag = kinds["plain"].table, kinds["crowd"].table
+    rows = flag[flag["image_id"] == split.image_ids[i]]
+    assert len(flag) == len(plain) - 3                # the region's rpn, anchors, ceiling rows
+    assert len(rows) == 3 * (split.boxes[i].shape[0] - 1) and 0 not in set(rows["gt_index"])
+    assert set(rows["gt_index"]) == set(range(1, split.boxes[i].shape[0]))  # original indices
+    label = int(split.labels[i][0])
+    ap_plain, ap_crowd = kinds["plain"].ap["test"][label], kinds["crowd"].ap["test"][label]
+    assert ap_crowd.num_gt == ap_plain.num_gt - 1                   # not a box to find
+    assert ap_crowd.num_detections == ap_plain.num_detections - 1   # its detection ignored
