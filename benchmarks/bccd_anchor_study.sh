@@ -4,15 +4,18 @@
 #   2. frcnn anchors: the stride's ceiling per class, the spec's anchors, and shapes fitted on
 #      train (the overlay fitted.yaml);
 #   3. a sweep, class-balanced metric (AR@300/mean_class on val), over four anchor settings
-#      (the spec's scales [8, 16, 32], [4, 8, 16], [2, 4, 8, 16] and 'fit'), one epoch of every
-#      training image each (>= 150 steps), everything else as params.yaml;
-#   4. the chosen setting and the spec's each trained through both stages (one epoch each) and
+#      (the spec's scales [8, 16, 32], [4, 8, 16], [2, 4, 8, 16] and 'fit'), two epochs of every
+#      training image each (408 steps of one image; no early stopping), SGD at lr 0.01 after 50
+#      warm-up steps (random initial weights: no ImageNet weights offline), the rest as
+#      params.yaml;
+#   4. the chosen setting and the spec's each trained through both stages (two epochs each) and
 #      evaluated on test, the two side by side (two processes, one core each).
 # Results: $WORK/summary.json and the tables printed at the end (benchmarks/RESULTS.md has them).
 #
 #   bash benchmarks/bccd_anchor_study.sh [BCCD_DIR] [WORK_DIR] [SIZE]
 #
-# Run from the repository root with .venv installed (make install); about an hour on 2 cores.
+# Run from the repository root with .venv installed (make install); about an hour and a half on
+# 2 cores.
 set -euo pipefail
 BCCD=${1:-../shared/data/bccd}
 WORK=${2:-/tmp/bccd_study}
@@ -24,21 +27,24 @@ mkdir -p "$WORK"
 COMMON=(--params params.yaml --params overlays/bccd.yaml
         --set "data.source=voc:$BCCD" --set "data.image_size=$SIZE"
         --set "data.out_dir=$WORK/prepared" --set "tracking.uri=sqlite:///$WORK/mlflow.db"
-        --set "anchors.scales=[8,16,32]" --set train.batch_size=1
+        --set train.batch_size=1 --set train.lr=0.01 --set train.warmup_steps=50
+        --set train.rpn_epochs=2 --set train.frcnn_epochs=2
         --set train.num_workers=1 --set train.cpus_per_worker=1.0 --set train.loader_workers=1
         --set eval.num_pictures=4 --set data.num_workers=2)
-time_of() { local t0=$SECONDS; "$@"; echo $((SECONDS - t0)); }
+# the spec's anchors (128 / 256 / 512 px x 0.5 / 1 / 2 at 640; 9 per cell, so 'fit' fits 9)
+SPEC=(--set "anchors.scales=[8,16,32]" --set "anchors.ratios=[0.5,1.0,2.0]" --set anchors.shapes=null)
 
 echo "== prepare"
-frcnn prepare "${COMMON[@]}"
+[ -f "$WORK/prepared/classes.json" ] || frcnn prepare "${COMMON[@]}"
 
 echo "== anchor coverage on test: the spec's anchors, k-means and fitted shapes, the ceiling"
-frcnn anchors "${COMMON[@]}" --split test --fit --num 9 --out "$WORK/fitted.yaml" \
+frcnn anchors "${COMMON[@]}" "${SPEC[@]}" --split test --fit --num 9 --out "$WORK/fitted.yaml" \
     | tee "$WORK/anchors.txt"
 
 echo "== sweep: four anchor settings, AR@300/mean_class on val"
-frcnn sweep "${COMMON[@]}" \
-    --set sweep.image_size=0 --set sweep.max_train_images=0 --set sweep.epochs=1 \
+[ -f "$WORK/sweep.parquet" ] || frcnn sweep "${COMMON[@]}" "${SPEC[@]}" \
+    --set sweep.image_size=0 --set sweep.max_train_images=0 --set sweep.epochs=2 \
+    --set sweep.grace_period=2 \
     --set sweep.num_samples=1 --set sweep.max_concurrent_trials=2 \
     --set sweep.cpus_per_trial=1.0 --set sweep.metric=AR@300/mean_class \
     --set "sweep.storage_path=$WORK/ray_results" \
@@ -49,23 +55,31 @@ frcnn sweep "${COMMON[@]}" \
     | tee "$WORK/sweep.txt"
 
 echo "== the chosen setting and the spec's, both stages, evaluated on test"
-run_setting() {  # NAME [extra --params]
+run_setting() {  # NAME ARGS...: both stages and evaluate; seconds of each in NAME/times.txt
     local name=$1; shift
     local dir="$WORK/$name"
     mkdir -p "$dir"
-    local args=("${COMMON[@]}" "$@" --set "train.storage_path=$dir/checkpoints"
+    local args=("$@" --set "train.storage_path=$dir/checkpoints"
                 --set "train.rpn_model=$dir/rpn.pt" --set "train.frcnn_model=$dir/frcnn.pt"
                 --set "train.metrics_dir=$dir/metrics" --set "eval.reports_dir=$dir/reports"
                 --set "eval.metrics_path=$dir/evaluate.json" --set "eval.splits=[test]")
-    {
-        echo "rpn_seconds $(time_of frcnn train --stage rpn "${args[@]}" > "$dir/train_rpn.log" 2>&1)"
-        echo "frcnn_seconds $(time_of frcnn train --stage frcnn "${args[@]}" > "$dir/train_frcnn.log" 2>&1)"
-        echo "evaluate_seconds $(time_of frcnn evaluate "${args[@]}" > "$dir/evaluate.log" 2>&1)"
-    } > "$dir/times.txt"
+    : > "$dir/times.txt"
+    local t0=$SECONDS
+    frcnn train --stage rpn "${args[@]}" > "$dir/train_rpn.log" 2>&1
+    echo "train_rpn_seconds $((SECONDS - t0))" >> "$dir/times.txt"; t0=$SECONDS
+    frcnn train --stage frcnn "${args[@]}" > "$dir/train_frcnn.log" 2>&1
+    echo "train_frcnn_seconds $((SECONDS - t0))" >> "$dir/times.txt"; t0=$SECONDS
+    frcnn evaluate "${args[@]}" > "$dir/evaluate.log" 2>&1
+    echo "evaluate_seconds $((SECONDS - t0))" >> "$dir/times.txt"
 }
-run_setting spec &
-run_setting chosen --params "$WORK/best_params.yaml" &
-wait
+# side by side, one core each (wall times measured concurrently, on a 2-core machine)
+run_setting spec "${COMMON[@]}" "${SPEC[@]}" &
+spec=$!
+# the sweep's choice: its overlay after the same files (every --set applies after every file,
+# and COMMON sets no anchors)
+run_setting chosen "${COMMON[@]}" --params "$WORK/best_params.yaml" &
+chosen=$!
+wait $spec && wait $chosen
 
 python - "$WORK" <<'EOF'
 import json, sys

@@ -40,11 +40,9 @@ import torch
 from torch import Tensor
 
 from pipeline.config import Config, ConfigError
-from pipeline.modeling import UNTRAINED_TAG as TAG  # noqa: F401  (the tag, for the sweep)
-from pipeline.modeling import anchor_generator as generator
-from pipeline.modeling import describe_types, untrained_types, warn_untrained  # noqa: F401
+from pipeline.evaluation.recall import IOU_THRESHOLDS
+from pipeline.modeling import anchor_generator, describe_types, warn_untrained
 
-IOU_THRESHOLDS = tuple(round(0.50 + 0.05 * i, 2) for i in range(10))  # as recall's AR
 #: a fit ranks shape sets by class-balanced AR, ties (AR moves in steps of 1/(10 boxes)) broken
 #: by the class-balanced mean best IoU with this weight
 MEAN_IOU_WEIGHT = 0.1
@@ -54,15 +52,18 @@ MEAN_IOU_WEIGHT = 0.1
 # Best IoU on the stride grid
 
 
-def _nearest_centres(boxes: Tensor, stride: int, cells: int) -> tuple[Tensor, Tensor]:
-    """``(N, 4)`` boxes -> the nearest cell centre ``(N, 2)`` (x, y) and the box sizes ``(N, 2)``.
+def _nearest_centres(boxes: Tensor, stride: int, image_size: int
+                     ) -> tuple[Tensor, Tensor, Tensor]:
+    """``(N, 4)`` boxes -> ``(nearest cell centre, box centre, box size)``, ``(N, 2)`` float64
+    each, as ``(x, y)``.
 
-    Cell ``j``'s centre is ``(j + 0.5) * stride``, ``j`` in ``0 .. cells - 1``: the nearest to a
-    coordinate is the centre of the cell that holds it (clamped to the grid)."""
+    The grid has ``image_size // stride`` cells a side (VGG-16's four floor-halving poolings);
+    cell ``j``'s centre is ``(j + 0.5) * stride``: the nearest to a coordinate is the centre of
+    the cell that holds it (clamped to the grid)."""
     boxes = boxes.double().reshape(-1, 4)
     centre = (boxes[:, :2] + boxes[:, 2:]) / 2
-    cell = torch.clamp(torch.floor(centre / stride), 0, cells - 1)
-    return (cell + 0.5) * stride, boxes[:, 2:] - boxes[:, :2]
+    cell = torch.clamp(torch.floor(centre / stride), 0, image_size // stride - 1)
+    return (cell + 0.5) * stride, centre, boxes[:, 2:] - boxes[:, :2]
 
 
 def _centred_iou(boxes: Tensor, centres: Tensor, wh: Tensor) -> Tensor:
@@ -90,7 +91,7 @@ def grid_iou(boxes: Tensor, sizes: Tensor | Sequence[Sequence[float]], *, stride
         ``(N, a)`` float64: what the best of all ``H * W * a`` anchors of that shape gives (see
         the module docstring for why the nearest cell centre is the best position).
     """
-    centres, _ = _nearest_centres(boxes, stride, image_size // stride)
+    centres, _, _ = _nearest_centres(boxes, stride, image_size)
     sizes = torch.as_tensor(sizes, dtype=torch.float64).reshape(1, -1, 2)
     return _centred_iou(boxes, centres, sizes.expand(centres.shape[0], -1, -1))
 
@@ -111,10 +112,9 @@ def ceiling_iou(boxes: Tensor, *, stride: int, image_size: int) -> Tensor:
     Returns:
         ``(N,)`` float64 in ``[0, 1]``; 1 exactly for a box centred on a cell centre.
     """
-    centres, wh = _nearest_centres(boxes, stride, image_size // stride)
+    centres, centre, wh = _nearest_centres(boxes, stride, image_size)
     if wh.shape[0] == 0:
         return wh.new_zeros(0)
-    centre = (boxes.double().reshape(-1, 4)[:, :2] + boxes.double().reshape(-1, 4)[:, 2:]) / 2
     twice = 2 * (centre - centres).abs()                                    # (N, 2): 2 dx, 2 dy
     inner, outer = (wh - twice).clamp(min=1e-9), wh + twice                 # (N, 2) each
     corners = torch.stack([torch.stack([w[:, 0], h[:, 1]], dim=-1)
@@ -130,29 +130,31 @@ def coverage_rows(split: Any, sizes: Sequence[Sequence[float]], *, stride: int,
                   image_size: int) -> list[dict]:
     """Recall-table rows (:func:`pipeline.evaluation.recall.image_recall_rows`) of a split's
     boxes, crowd regions left out: the anchor-only baseline for the anchor ``sizes`` (``budget``
-    ``ANCHOR_BUDGET``) and the stride's ceiling (``CEILING_BUDGET``)."""
+    ``ANCHOR_BUDGET``) and the stride's ceiling (``CEILING_BUDGET``). Computed for every box of
+    the split at once, then cut per image."""
     from pipeline.evaluation import recall as R
 
+    counted = [~crowd for crowd in split.crowd]                  # crowd regions: nothing to cover
+    boxes = torch.cat([b[keep] for b, keep in zip(split.boxes, counted)]).reshape(-1, 4)
+    best = grid_iou(boxes, sizes, stride=stride, image_size=image_size).max(dim=1).values
+    ceiling = ceiling_iou(boxes, stride=stride, image_size=image_size)
+    per_image = [int(keep.sum()) for keep in counted]
     rows = []
-    for image_id, boxes, labels, difficult, crowd in zip(split.image_ids, split.boxes,
-                                                         split.labels, split.difficult, split.crowd):
-        counted = ~crowd  # crowd regions: nothing to cover
-        boxes = boxes[counted]
-        common = dict(image_id=image_id, split=split.name, gt_boxes=boxes,
-                      labels=labels[counted], difficult=difficult[counted],
-                      gt_index=torch.nonzero(counted).flatten())
-        if boxes.shape[0] == 0:
+    for i, (b_best, b_ceiling) in enumerate(zip(best.split(per_image), ceiling.split(per_image))):
+        if per_image[i] == 0:
             continue
-        best = grid_iou(boxes, sizes, stride=stride, image_size=image_size).max(dim=1).values
+        keep = counted[i]
+        common = dict(image_id=split.image_ids[i], split=split.name, gt_boxes=split.boxes[i][keep],
+                      labels=split.labels[i][keep], difficult=split.difficult[i][keep],
+                      gt_index=torch.nonzero(keep).flatten())
         rows.append(R.image_recall_rows(**common, budgets=[R.ANCHOR_BUDGET],
-                                        best_iou=best.float()[:, None]))
-        ceiling = ceiling_iou(boxes, stride=stride, image_size=image_size)
+                                        best_iou=b_best.float()[:, None]))
         rows.append(R.image_recall_rows(**common, budgets=[R.CEILING_BUDGET],
-                                        best_iou=ceiling.float()[:, None]))
+                                        best_iou=b_ceiling.float()[:, None]))
     return rows
 
 
-def coverage_metrics(cfg: Config, split: Any, class_names: Sequence[str] = ()
+def coverage_metrics(cfg: Config, split: Any, *, class_names: Sequence[str] = ()
                      ) -> dict[str, float]:
     """The ``anchors/...`` and ``ceiling/...`` metrics of ``split`` (boxes in the
     ``data.image_size`` frame) for ``cfg``'s anchors: the names of
@@ -160,7 +162,7 @@ def coverage_metrics(cfg: Config, split: Any, class_names: Sequence[str] = ()
     from pipeline.evaluation import recall as R
     from pipeline.evaluation.metrics import split_metrics
 
-    gen = generator(cfg)
+    gen = anchor_generator(cfg)
     rows = coverage_rows(split, gen.sizes, stride=gen.stride, image_size=cfg.data.image_size)
     summary = R.summarize(R.recall_table(rows), image_size=cfg.data.image_size,
                           class_names=class_names)
@@ -221,8 +223,8 @@ def fit_shapes(boxes: Tensor, labels: Tensor, *, num: int, stride: int, image_si
     Args:
         boxes: ``(N, 4)`` training boxes in the ``image_size`` frame; labels ``(N,)``.
         num: shapes to fit.
-        current: the setting's shapes, among the candidates (a fit is then never worse than
-            them on ``boxes``).
+        current: the setting's shapes: among the candidates, and returned instead when the
+            search ends worse than them (it is local) with as many shapes.
         max_boxes: at most this many boxes per class are used (drawn with ``seed``).
 
     Returns:
@@ -242,6 +244,10 @@ def fit_shapes(boxes: Tensor, labels: Tensor, *, num: int, stride: int, image_si
     cand = _candidates(wh, torch.as_tensor(current, dtype=torch.float64).reshape(-1, 2),
                        classes, num)
     iou = grid_iou(boxes, cand, stride=stride, image_size=image_size)     # (N, K)
+
+    def score_of_shapes(found: Tensor) -> float:
+        best = grid_iou(boxes, found, stride=stride, image_size=image_size).max(dim=1).values
+        return float(balanced_score(best, classes, nc))
 
     def score_of(chosen: list[int]) -> float:
         best = iou[:, chosen].max(dim=1).values if chosen else iou.new_zeros(iou.shape[0])
@@ -275,15 +281,21 @@ def fit_shapes(boxes: Tensor, labels: Tensor, *, num: int, stride: int, image_si
             scores = balanced_score(torch.maximum(base[:, None], grid_iou(
                 boxes, trial, stride=stride, image_size=image_size)), classes, nc)
             shapes[i] = trial[int(scores.argmax())]
+    shapes = torch.tensor([[round(float(w), 1), round(float(h), 1)] for w, h in shapes],
+                          dtype=torch.float64)
+    start = torch.as_tensor(current, dtype=torch.float64).reshape(-1, 2)
+    if len(start) == num and score_of_shapes(start) > score_of_shapes(shapes):
+        shapes = start  # the search is local: it never hands back worse than it started from
     order = shapes.prod(dim=1).argsort()
-    return [(round(float(w), 1), round(float(h), 1)) for w, h in shapes[order]]
+    return [(float(w), float(h)) for w, h in shapes[order]]
 
 
-def fit_to_split(cfg: Config, split: Any, num: int) -> list[tuple[float, float]]:
-    """:func:`fit_shapes` on every box of ``split`` (in the ``data.image_size`` frame), with
-    ``cfg``'s anchors among the candidates."""
-    gen = generator(cfg)
-    return fit_shapes(torch.cat(split.boxes), torch.cat(split.labels), num=num,
+def fit_to_split(cfg: Config, split: Any, *, num: int) -> list[tuple[float, float]]:
+    """:func:`fit_shapes` on the boxes of ``split`` (in the ``data.image_size`` frame) that train
+    (crowd regions left out), with ``cfg``'s anchors among the candidates."""
+    gen = anchor_generator(cfg)
+    keep = torch.cat([~c for c in split.crowd])
+    return fit_shapes(torch.cat(split.boxes)[keep], torch.cat(split.labels)[keep], num=num,
                       stride=gen.stride, image_size=cfg.data.image_size, current=gen.sizes)
 
 
@@ -337,7 +349,7 @@ def run(cfg: Config, args: argparse.Namespace) -> int:
 
     if args.fit and args.num < 1:
         raise ConfigError(f"--num {args.num}: fit at least one anchor shape")
-    gen = generator(cfg)
+    gen = anchor_generator(cfg)
     counts = trainable_anchor_counts(gen, cfg.data.image_size, cfg.rpn.allow_border)
     print(f"anchors at {cfg.data.image_size}x{cfg.data.image_size}, stride {gen.stride}, "
           f"rpn.allow_border {cfg.rpn.allow_border:g}: trainable positions per type")
@@ -347,15 +359,15 @@ def run(cfg: Config, args: argparse.Namespace) -> int:
     prepared = Path(cfg.data.out_dir)
     names = [str(c) for c in read_classes(prepared, image_size=cfg.data.image_size)["classes"]]
     split = read_ground_truth(split_path(prepared, args.split), args.split)
-    columns = {"current": coverage_metrics(cfg, split, names)}
+    columns = {"current": coverage_metrics(cfg, split, class_names=names)}
     if args.fit:
         train = read_ground_truth(split_path(prepared, "train"), "train")
-        boxes = torch.cat(train.boxes)
-        shapes = fit_to_split(cfg, train, args.num)
+        boxes = torch.cat(train.boxes)[torch.cat([~c for c in train.crowd])]
+        shapes = fit_to_split(cfg, train, num=args.num)
         kmeans = kmeans_shapes(boxes[:, 2:] - boxes[:, :2], args.num).tolist()
         for name, found in (("k-means", kmeans), ("fitted", shapes)):
             columns[name] = coverage_metrics(
-                cfg.replace({"anchors.shapes": [list(s) for s in found]}), split, names)
+                cfg.replace({"anchors.shapes": [list(s) for s in found]}), split, class_names=names)
         files.write_text(Path(args.out), overlay_text(
             shapes, f"{split_path(prepared, 'train')} at {cfg.data.image_size} px"))
         print(f"fitted {args.num} shapes on train ({len(boxes)} boxes): "

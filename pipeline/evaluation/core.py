@@ -9,7 +9,10 @@ Per image and budget N, the best IoU of the top-N proposals with each ground-tru
 (:mod:`.recall`), plus the anchor baseline (the best IoU over *all* anchors) and the stride's
 ceiling (:mod:`pipeline.anchor_coverage`); detections go to PASCAL VOC AP (:mod:`.voc_ap`).
 COCO crowd regions (``crowd``) are left out of recall and ignored by AP; VOC ``difficult`` boxes
-count for recall and are ignored by AP.
+count for recall and are ignored by AP. AP ignores both by VOC's rule: a detection whose best
+same-class match (by IoU) is one of them counts neither way. COCO matches crowd regions by the
+intersection over the *detection's* area instead, so a small detection inside a large crowd
+region, which has a low IoU with it, is a false positive here and ignored by COCO's tool.
 """
 
 from __future__ import annotations

@@ -1,7 +1,8 @@
 """The sweep (``frcnn sweep [--resume]``): Ray Tune over the anchor and sampling parameters.
 
 :mod:`.driver` runs the search (:func:`sweep`); :mod:`.trial` is one trial (a Tune function
-trainable fitting its own Ray Train run of the RPN loop); :mod:`.space` the search space and each
+trainable running the RPN loop itself, or, with several workers, fitting a Ray Train run of it);
+:mod:`.space` the search space and each
 trial's config; :mod:`.data` the trials' tables; :mod:`.scheduler` search and early stopping;
 :mod:`.report` the outputs (trial table, best params overlay, plot).
 """

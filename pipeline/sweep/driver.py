@@ -138,7 +138,7 @@ def _fit_anchors(cfg: Config) -> list[tuple[float, float]]:
     from pipeline.anchor_coverage import fit_to_split
 
     train = read_ground_truth(split_path(cfg.data.out_dir, "train"), "train")
-    shapes = fit_to_split(cfg, train, cfg.anchors.num_anchors)
+    shapes = fit_to_split(cfg, train, num=cfg.anchors.num_anchors)
     print(f"sweep: anchors 'fit': {len(shapes)} shapes fitted on the train split "
           f"({sum(len(b) for b in train.boxes)} boxes): "
           + ", ".join(f"{w:g}x{h:g}" for w, h in shapes), flush=True)

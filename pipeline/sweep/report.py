@@ -16,7 +16,8 @@ Input: one :class:`TrialRecord` per trial (built by :func:`collect` from Tune's 
   class ``anchors/recall@0.5/<class>``, ``anchors/AR/<class>``, ``ceiling/...``; and
   ``untrained_anchor_types`` (the types that never train, empty when none). A whole ``anchors``
   setting is its YAML text (``{scales: [8, 16, 32]}``).
-- :func:`best_overlay` -> ``{"anchors": {"scales": [...]}, "rpn": {...}, ...}``: the swept
+- :func:`best_overlay` -> ``{"anchors": {"scales": [...], "shapes": None}, "rpn": {...}, ...}``
+  (a whole ``anchors`` setting as its keys, ``shapes`` null unless it gives them): the swept
   values of the trial with the best *final* ``sweep.metric`` (a trial stopped early competes
   with the value it was stopped at), in ``params.yaml``'s shape; :func:`overlay_yaml` writes it
   with a header saying where it came from.
@@ -36,7 +37,7 @@ from typing import Any, Mapping, Sequence
 import pandas as pd
 import yaml
 
-from pipeline import anchor_coverage, files, plots, storage, tracking
+from pipeline import anchor_coverage, files, modeling, plots, storage, tracking
 from pipeline.config import Config, ConfigError
 from pipeline.prepared import GroundTruth
 from pipeline.redaction import redact
@@ -186,9 +187,9 @@ def trial_coverage(cfg: Config, sampled: Mapping[str, Any], split: GroundTruth,
         trial_cfg = cfg.replace(space.expand(sampled))   # at data.image_size
     except ConfigError:
         return {}
-    untrained = anchor_coverage.untrained_types(trial_cfg)
-    return {**anchor_coverage.coverage_metrics(trial_cfg, split, classes),
-            anchor_coverage.TAG: anchor_coverage.describe_types(trial_cfg, untrained)}
+    untrained = modeling.untrained_types(trial_cfg)
+    return {**anchor_coverage.coverage_metrics(trial_cfg, split, class_names=classes),
+            modeling.UNTRAINED_TAG: modeling.describe_types(trial_cfg, untrained)}
 
 
 def collect(cfg: Config, grid: Any, experiment: str, *, split: GroundTruth,

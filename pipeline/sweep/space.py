@@ -15,10 +15,11 @@ section, each a mapping of its keys or ``fit``::
 
     anchors: {grid: [{scales: [8, 16, 32]}, {scales: [2, 4, 8, 16]}, fit]}
 
-A setting replaces ``anchors.scales``, ``ratios`` and ``shapes`` together (``shapes`` is null
-unless it gives them); ``fit`` is ``anchors.shapes`` fitted by
-:func:`pipeline.anchor_coverage.fit_shapes` on the train split (never the split the trials are
-scored on), as many shapes as the configured anchors have per cell, once when the sweep starts
+A setting overrides the keys it gives, and sets ``anchors.shapes`` null unless it gives shapes
+(so ``{scales: [4, 8, 16]}`` keeps the configured ratios and drops any configured shapes);
+``fit`` is ``anchors.shapes`` fitted by :func:`pipeline.anchor_coverage.fit_shapes` on the train
+split (never the split the trials are scored on), as many shapes as the configured anchors have
+per cell, once when the sweep starts
 (:func:`resolve_fit`). ``anchors.shapes`` choices may be ``fit`` too.
 
 Every key must act on what a trial measures: a trial trains the RPN alone and scores its
@@ -49,12 +50,12 @@ from typing import Any, Mapping
 import yaml
 
 from pipeline.config import Config, ConfigError
+from pipeline.config.validate import FIT, LISTED
 from pipeline.evaluation.metrics import MEAN_CLASS
 
 #: ``sweep.metric`` values besides ``AR@<N>``: proposal recall at IoU 0.5 / 0.7 of the top 300
 #: proposals (when 300 is a budget), named as :func:`pipeline.evaluation.metrics.split_metrics` names them.
 RECALL_AT_300 = ("recall@0.5/300", "recall@0.7/300")
-FIT = "fit"                # an anchors choice: shapes fitted on the train split
 
 _RPN_ONLY = "trials train the RPN alone"
 _OPERATIONAL = "operational: where and how a run executes, not what it learns"
@@ -101,6 +102,14 @@ def inert_reason(key: str, cfg: Config) -> str | None:
         return f"{_RPN_ONLY}; the RoI head never runs"
     if key in ("anchors.scales", "anchors.ratios") and cfg.anchors.shapes:
         return "anchors.shapes is set, and replaces scales x ratios"
+    if key == "anchors":
+        for setting in next(iter(cfg.sweep.space[key].values())):
+            if isinstance(setting, Mapping) and "stride" in setting:
+                return f"anchors.stride in {encode(setting)}: {INERT['anchors.stride']}"
+            if isinstance(setting, Mapping) and setting.get("shapes") and (
+                    {"scales", "ratios"} & set(setting)):
+                return (f"{encode(setting)} gives shapes, which replace its scales x ratios: "
+                        f"give one or the other")
     return None
 
 
@@ -164,7 +173,7 @@ def resolve_fit(cfg: Config, fit: Any) -> Config:
     space, shapes = {}, None
     for key, spec in cfg.sweep.space.items():
         (kind, arg), = spec.items()
-        if key in ("anchors", "anchors.shapes") and kind in ("choice", "grid") and FIT in arg:
+        if key in ("anchors", "anchors.shapes") and kind in LISTED and FIT in arg:
             if shapes is None:
                 shapes = [[float(w), float(h)] for w, h in fit()]
             value = {"shapes": shapes} if key == "anchors" else shapes
@@ -235,7 +244,7 @@ def decode(space: Mapping[str, Mapping[str, Any]], sampled: Mapping[str, Any]) -
                               f"changed under a resumed sweep?)")
         (kind, arg), = spec.items()
         value = sampled[key]
-        if kind in ("choice", "grid"):
+        if kind in LISTED:
             encoded = [encode(v) for v in arg]
             if value not in encoded:
                 raise ConfigError(f"sweep.space.{key}: trial value {value!r} is not one of "

@@ -29,12 +29,14 @@ from typing import Any, Iterator, Mapping
 
 from pipeline import storage, tracking
 from pipeline.config import from_dict
+from pipeline.evaluation.metrics import CURVE_THRESHOLDS, HEADLINE_BUDGET
 from pipeline.sweep import space
 
 TRAIN_RUNS = "train_runs"
 MARKERS = "trials"
 #: per-class metrics a trial reports beside :func:`pipeline.sweep.space.metric_names`
-PER_CLASS_PREFIXES = ("AR@300/", "recall@0.5/300/", "recall@0.7/300/")
+PER_CLASS_PREFIXES = (f"AR@{HEADLINE_BUDGET}/",
+                      *(f"recall@{t:g}/{HEADLINE_BUDGET}/" for t in CURVE_THRESHOLDS))
 
 
 def validation_recall(model: Any, split: Any, *, budgets: tuple[int, ...], batch_size: int,
@@ -138,8 +140,8 @@ def trial(config: dict[str, Any], setup: dict[str, Any]) -> None:
         cfg = space.trial_config(base, sampled)
         tracking.log_config(run, cfg)
         _log_anchor_coverage(run, base.replace(space.expand(sampled)), setup, trial_id)
-        fit = _fit_here if cfg.train.num_workers == 1 else _fit_on_workers
-        metrics = fit(cfg, base, setup, trial_id, run)
+        train_and_score = _fit_here if cfg.train.num_workers == 1 else _fit_on_workers
+        metrics = train_and_score(cfg, base, setup, trial_id, run)
     except Exception as exc:
         run.end(tracking.FAILED, f"{type(exc).__name__}: {exc}")
         raise
@@ -153,14 +155,14 @@ def _log_anchor_coverage(run: tracking.RunHandle, cfg: Any, setup: Mapping[str, 
     """Before any training: the anchor coverage of the trial's settings at ``data.image_size``
     (``cfg``, the frame training will use) on the sweep's split (metrics ``anchors/...`` and
     ``ceiling/...``) and, when its settings leave anchor types untrained, a warning and the tag
-    :data:`pipeline.anchor_coverage.TAG`."""
-    from pipeline import anchor_coverage
+    :data:`pipeline.modeling.UNTRAINED_TAG`."""
+    from pipeline import anchor_coverage, modeling
 
-    untrained = anchor_coverage.warn_untrained(cfg, trial_id)
+    untrained = modeling.warn_untrained(cfg, trial_id)
     if untrained:
-        run.set_tags({anchor_coverage.TAG: untrained})
+        run.set_tags({modeling.UNTRAINED_TAG: untrained})
     run.log_metrics(anchor_coverage.coverage_metrics(cfg, setup["coverage_split"],
-                                                     setup["classes"]))
+                                                     class_names=setup["classes"]))
 
 
 def _fit_here(cfg: Any, base: Any, setup: Mapping[str, Any], trial_id: str,

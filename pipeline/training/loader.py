@@ -117,12 +117,11 @@ class DetectionDataset(Dataset):
                             f"boxes but {labels.shape[0]} labels")
         # crowd regions (COCO iscrowd) never train as objects; difficult ones on request
         n = labels.shape[0]
-        drop = [bool(c) or (bool(d) and not self.use_difficult)
-                for d, c in zip(self._difficult[index] or [False] * n,
-                                self._crowd[index] or [False] * n)]
-        if any(drop):
-            keep = ~torch.tensor(drop, dtype=torch.bool)
-            boxes, labels = boxes[keep], labels[keep]
+        difficult = torch.tensor(self._difficult[index] or [False] * n, dtype=torch.bool)
+        crowd = torch.tensor(self._crowd[index] or [False] * n, dtype=torch.bool)
+        drop = crowd | (difficult & (not self.use_difficult))                  # (n,)
+        if bool(drop.any()):
+            boxes, labels = boxes[~drop], labels[~drop]
         if flip_decision(self.seed, self.epoch, index, self.hflip):
             image, boxes = hflip(image, boxes)
         return image, {"boxes": boxes, "labels": labels}, self._ids[index]

@@ -1,5 +1,5 @@
-"""pipeline.anchor_coverage: untrained anchor types, the best IoU on the stride grid, the
-anchor-only baseline, the stride's ceiling, fitted shapes, and ``frcnn anchors``."""
+"""pipeline.anchor_coverage: the best IoU on the stride grid, the anchor-only baseline, the
+stride's ceiling, fitted shapes, and ``frcnn anchors``."""
 
 from __future__ import annotations
 
@@ -19,40 +19,8 @@ from tests.support.references import iou_loop
 
 
 def anchor_recall(cfg, split, names):
-    return {k: v for k, v in C.coverage_metrics(cfg, split, names).items()
+    return {k: v for k, v in C.coverage_metrics(cfg, split, class_names=names).items()
             if k.startswith("anchors/")}
-
-
-# --------------------------------------------------------------------------------------------
-# Anchor types that never train
-
-
-def test_every_type_trains_at_the_defaults():
-    assert C.untrained_types(Config()) == []
-    assert C.warn_untrained(Config(), "train_rpn") is None
-
-
-def test_allow_border_zero_leaves_the_two_large_elongated_types_untrained(capsys):
-    cfg = Config().replace({"rpn.allow_border": 0.0})
-    assert C.untrained_types(cfg) == [(0.5, 32.0), (2.0, 32.0)]
-    text = C.warn_untrained(cfg, "train_rpn")
-    assert text == "ratio 0.5 x scale 32 (724x362 px), ratio 2 x scale 32 (362x724 px)"
-    err = capsys.readouterr().err
-    assert err.startswith("train_rpn: warning: 2 anchor type(s) never lie inside the 640x640")
-    assert text in err and "rpn.allow_border=-1" in err
-
-
-def test_a_margin_that_fits_them_trains_them():
-    # 724 px wide, centred at 312 or 328: inside a 640 px image widened by 50.04 px or more
-    assert C.untrained_types(Config().replace({"rpn.allow_border": 51.0})) == []
-    assert C.untrained_types(Config().replace({"rpn.allow_border": 40.0})) == \
-        [(0.5, 32.0), (2.0, 32.0)]
-
-
-def test_explicit_shapes_are_types_too(capsys):
-    cfg = Config().replace({"anchors.shapes": [[24, 40], [700, 300]], "rpn.allow_border": 0.0})
-    assert C.untrained_types(cfg) == [(300 / 700, (700 * 300) ** 0.5 / 16)]
-    assert C.warn_untrained(cfg, "train_rpn") == "shape 700x300 px"
 
 
 # --------------------------------------------------------------------------------------------
@@ -109,7 +77,7 @@ def test_ceiling_metrics_per_class_beside_the_anchor_baseline(tmp_path):
     split = GroundTruth("test", tmp_path / "x.parquet", ["a"],
                         [torch.tensor([[16.0, 16.0, 32.0, 32.0], [6.0, 6.0, 26.0, 26.0]])],
                         [torch.tensor([1, 2])], [torch.tensor([False, False])])
-    values = C.coverage_metrics(cfg, split, ["cat", "dog"])
+    values = C.coverage_metrics(cfg, split, class_names=["cat", "dog"])
     assert values["ceiling/recall@0.5/cat"] == 1.0 and values["ceiling/AR/cat"] == 1.0
     assert values["ceiling/recall@0.5/dog"] == 0.0                  # 0.309 at best
     assert values["ceiling/recall@0.5"] == 0.5

@@ -1,5 +1,5 @@
-"""pipeline.modeling: config -> model, the RPN stage's weights carried into the full model, and
-anchor shapes through the model and its files."""
+"""pipeline.modeling: config -> model, the RPN stage's weights carried into the full model,
+anchor shapes through the model and its files, and the anchor types a config leaves untrained."""
 
 from __future__ import annotations
 
@@ -7,6 +7,8 @@ import pytest
 import torch
 
 from detector.serialization import load_model, save_model
+from pipeline import modeling
+from pipeline.config import Config
 from pipeline.errors import DataError
 from pipeline.modeling import build_model, init_from_rpn
 from tests.support.factories import tiny_cfg
@@ -57,3 +59,35 @@ def test_anchor_shapes_go_through_the_model_its_file_and_the_rpn(tmp_path):
     back, _ = load_model(save_model(tmp_path / "m.pt", model, stage="frcnn"))
     assert back.rpn.anchor_generator.sizes == gen.sizes
     assert back.config["anchor_shapes"] == ((12.0, 20.0), (30.0, 18.0))
+
+
+# --------------------------------------------------------------------------------------------
+# Anchor types a config leaves untrained
+
+
+def test_every_type_trains_at_the_defaults():
+    assert modeling.untrained_types(Config()) == []
+    assert modeling.warn_untrained(Config(), "train_rpn") is None
+
+
+def test_allow_border_zero_leaves_the_two_large_elongated_types_untrained(capsys):
+    cfg = Config().replace({"rpn.allow_border": 0.0})
+    assert modeling.untrained_types(cfg) == [(0.5, 32.0), (2.0, 32.0)]
+    text = modeling.warn_untrained(cfg, "train_rpn")
+    assert text == "ratio 0.5 x scale 32 (724x362 px), ratio 2 x scale 32 (362x724 px)"
+    err = capsys.readouterr().err
+    assert err.startswith("train_rpn: warning: 2 anchor type(s) never lie inside the 640x640")
+    assert text in err and "rpn.allow_border=-1" in err
+
+
+def test_a_margin_that_fits_them_trains_them():
+    # 724 px wide, centred at 312 or 328: inside a 640 px image widened by 50.04 px or more
+    assert modeling.untrained_types(Config().replace({"rpn.allow_border": 51.0})) == []
+    assert modeling.untrained_types(Config().replace({"rpn.allow_border": 40.0})) == \
+        [(0.5, 32.0), (2.0, 32.0)]
+
+
+def test_explicit_shapes_are_types_too(capsys):
+    cfg = Config().replace({"anchors.shapes": [[24, 40], [700, 300]], "rpn.allow_border": 0.0})
+    assert modeling.untrained_types(cfg) == [(300 / 700, (700 * 300) ** 0.5 / 16)]
+    assert modeling.warn_untrained(cfg, "train_rpn") == "shape 700x300 px"

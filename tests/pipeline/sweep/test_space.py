@@ -175,3 +175,11 @@ def test_a_grid_runs_every_value_num_samples_times():
         Config().replace({"sweep.space": space, "sweep.search": "optuna"})
     with pytest.raises(ConfigError, match="pos_iou"):
         Config().replace({"sweep.space": {"rpn.pos_iou": {"grid": [0.7, 1.5]}}})
+
+
+def test_a_whole_anchor_setting_that_no_trial_reads_is_refused():
+    for setting, match in (({"stride": 8, "scales": [1]}, "anchors.stride"),
+                           ({"scales": [1], "shapes": [[16, 16]]}, "give one or the other")):
+        cfg = Config().replace({"sweep.space": {"anchors": {"choice": [{"scales": [2]}, setting]}}})
+        with pytest.raises(ConfigError, match=match):
+            sweep_space.check(cfg)
