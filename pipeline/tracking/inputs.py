@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import time
 from typing import Iterator, Sequence
 
 from pipeline.redaction import redact
@@ -29,14 +30,21 @@ def log_split(run: RunHandle, *, name: str, source: str, digest: str, rows: int,
         columns; context: ``training``, ``evaluation``, ``sweep``.
     """
     from mlflow.entities import Dataset, DatasetInput, InputTag
+    from mlflow.exceptions import MlflowException
 
     kind = source.split("://", 1)[0] if "://" in source else "local"
     dataset = Dataset(name=name, digest=digest[:16], source_type=kind,
                       source=json.dumps({"uri": redact(source)}),
                       schema=json.dumps({"columns": list(columns)}),
                       profile=json.dumps({"num_rows": int(rows)}))
-    run.client.log_inputs(run.run_id, datasets=[
-        DatasetInput(dataset, tags=[InputTag("mlflow.data.context", context)])])
+    inputs = [DatasetInput(dataset, tags=[InputTag("mlflow.data.context", context)])]
+    try:
+        run.client.log_inputs(run.run_id, datasets=inputs)
+    except MlflowException:
+        # two runs logging the same new dataset at once (the store's unique key on experiment,
+        # name and digest): the other one's row is there now, and a second call reuses it
+        time.sleep(0.5)
+        run.client.log_inputs(run.run_id, datasets=inputs)
 
 
 @contextlib.contextmanager

@@ -182,3 +182,28 @@ def test_mlflow_telemetry_is_off_unless_asked_for(preset: str | None, expected: 
     out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True,
                          check=True, timeout=120)
     assert out.stdout.strip() == expected
+
+
+def test_a_dataset_logged_by_two_runs_at_once_is_logged_once_each(cfg, monkeypatch):
+    """Two stages logging the same new split at the same moment: the store's unique key makes
+    the slower insert fail; log_split tries once more and finds the row the other one wrote."""
+    from mlflow.exceptions import MlflowException
+
+    with tracking.stage_run(cfg, "prepare") as first, tracking.stage_run(cfg, "prepare") as second:
+        split = dict(name="train", source="data/prepared/train.parquet", digest="ab" * 16,
+                     rows=6, columns=["image_id"], context="training")
+        tracking.log_split(first, **split)
+        real = type(second.client).log_inputs
+        calls = []
+
+        def racing(self, run_id, datasets=None, **kwargs):  # the insert the other run won
+            calls.append(run_id)
+            if len(calls) == 1:
+                raise MlflowException("UNIQUE constraint failed: datasets.experiment_id, ...")
+            return real(self, run_id, datasets=datasets, **kwargs)
+        monkeypatch.setattr(type(second.client), "log_inputs", racing)
+        tracking.log_split(second, **split)
+    assert len(calls) == 2
+    for run in (first, second):
+        (found,) = _run(cfg, run.run_id).inputs.dataset_inputs
+        assert found.dataset.name == "train" and found.dataset.digest == "ab" * 8
