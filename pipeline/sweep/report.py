@@ -156,7 +156,20 @@ def _plain(key: str, value: Any) -> Any:
 def overlay_yaml(overlay: Mapping[str, Any], header: Sequence[str]) -> str:
     """The overlay as YAML, ``header`` lines first as comments."""
     lines = [f"# {line}" for line in header]
-    return "\n".join(lines) + "\n" + yaml.safe_dump(dict(overlay), sort_keys=False)
+    return "\n".join(lines) + "\n" + yaml.dump(dict(overlay), Dumper=_OverlayDumper,
+                                               sort_keys=False, width=10**6)
+
+
+class _OverlayDumper(yaml.SafeDumper):
+    """Sections and keys as blocks, every list inline (``shapes: [[17.8, 25.0], ...]``), no
+    aliases."""
+
+    def ignore_aliases(self, data: Any) -> bool:
+        return True
+
+
+_OverlayDumper.add_representer(list, lambda dumper, value: dumper.represent_sequence(
+    "tag:yaml.org,2002:seq", value, flow_style=True))
 
 
 def plot_trials(records: Sequence[TrialRecord], path: str | Path, *, metric: str,
