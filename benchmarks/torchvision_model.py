@@ -11,7 +11,10 @@ needs) it also removes the two differences of geometry:
   their sizes, as :mod:`detector.anchors` does (torchvision's own: cells' corners, rounded);
 - input: :class:`NoResizeTransform` normalises with the ImageNet statistics this detector uses
   and neither resizes nor pads (torchvision's own interpolates even at scale 1 and pads to a
-  multiple of 32).
+  multiple of 32);
+- RoI align: :class:`AlignedRoIPool` samples with ``aligned=True`` as this detector does (cell
+  ``j`` read at its centre ``16 j + 8``, where the anchors sit); torchvision's
+  ``MultiScaleRoIAlign`` has ``aligned=False``, half a cell away.
 
 :func:`copy_weights` then copies every tensor of this detector into it (initialisation that is
 identical, not just alike), and :func:`compare_outputs` measures how far the two models' outputs
@@ -58,7 +61,7 @@ from torchvision.models.detection.image_list import ImageList
 from torchvision.models.detection.rpn import RPNHead as TVRPNHead
 from torchvision.models.detection.rpn import concat_box_prediction_layers
 from torchvision.models.detection.transform import GeneralizedRCNNTransform
-from torchvision.ops import MultiScaleRoIAlign
+from torchvision.ops import MultiScaleRoIAlign, roi_align
 
 from detector import FasterRCNN
 from detector.backbone import IMAGENET_MEAN, IMAGENET_STD, vgg16_features
@@ -107,6 +110,21 @@ class NoResizeTransform(GeneralizedRCNNTransform):
     def resize(self, image: Tensor, target: dict[str, Tensor] | None = None
                ) -> tuple[Tensor, dict[str, Tensor] | None]:
         return image, target
+
+
+class AlignedRoIPool(nn.Module):
+    """One feature map's RoI align with ``aligned=True``, in the interface of torchvision's
+    ``MultiScaleRoIAlign`` (``features`` by name, per-image ``(R_i, 4)`` boxes, image sizes)."""
+
+    def __init__(self, output_size: int, sampling_ratio: int, stride: int) -> None:
+        super().__init__()
+        self.output_size, self.sampling_ratio = output_size, sampling_ratio
+        self.spatial_scale = 1.0 / stride
+
+    def forward(self, features: dict[str, Tensor], proposals: list[Tensor],
+                image_shapes: list[tuple[int, int]]) -> Tensor:
+        return roi_align(features["0"].float(), [p.float() for p in proposals], self.output_size,
+                         self.spatial_scale, self.sampling_ratio, aligned=True)
 
 
 class DropoutTwoMLPHead(TwoMLPHead):
@@ -175,6 +193,7 @@ def build_torchvision(ours: FasterRCNN, *, same_geometry: bool = True) -> TVFast
     model.rpn.min_size = c["rpn_min_size"]  # torchvision's default is 1e-3 pixels
     if same_geometry:
         model.transform = NoResizeTransform(size)
+        model.roi_heads.box_roi_pool = AlignedRoIPool(c["roi_pool_size"], 2, c["anchor_stride"])
     if tuple(model.rpn.box_coder.weights) != RPN_BOX_WEIGHTS or \
             tuple(model.roi_heads.box_coder.weights) != ROI_BOX_WEIGHTS:
         raise RuntimeError(f"box-coder weights differ: torchvision RPN "
