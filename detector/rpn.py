@@ -123,10 +123,8 @@ class RPNHead(nn.Module):
             nn.init.zeros_(layer.bias)
 
     def forward(self, features: Tensor) -> tuple[Tensor, Tensor]:
-        """``(B, C, H, W)`` -> ``(scores (B, 2a, H, W), offsets (B, 4a, H, W))`` (raw conv maps),
-        float32 whatever the autocast: the 1x1 convs run in float32 (a few percent of the head's
-        work), since bf16's 8-bit mantissa makes objectness ties common and CUDA's top-k / NMS
-        break ties in no fixed order (proposals would then reorder from run to run)."""
+        """``(B, C, H, W)`` -> ``(scores (B, 2a, H, W), offsets (B, 4a, H, W))``, float32 under any
+        autocast: bf16 scores tie often, and CUDA's top-k / NMS break ties in no fixed order."""
         x = F.relu(self.conv(features))
         with torch.autocast(x.device.type, enabled=False):
             x = x.float()
