@@ -40,6 +40,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Mapping, Sequence
 
+import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
@@ -174,12 +175,84 @@ class GroundTruth:
         return len(self.image_ids)
 
 
-def read_ground_truth(path: str | Path, name: str, *, data: bytes | None = None) -> GroundTruth:
-    """The boxes, labels and difficult flags of a prepared table, image by image.
+@dataclass(frozen=True)
+class Annotations:
+    """The annotations of a prepared split in flat arrays: no Python object per box or image
+    (1M images of 10 boxes: ~250 MB, against gigabytes as lists). Image ``i`` owns rows
+    ``offsets[i]:offsets[i + 1]`` of ``boxes``, ``labels``, ``difficult`` and ``crowd``."""
+
+    path: Path
+    image_ids: pa.StringArray     # (N,)
+    offsets: np.ndarray           # (N + 1,) int64
+    boxes: np.ndarray             # (M, 4) float32, x1y1x2y2 in the S-pixel frame
+    labels: np.ndarray            # (M,) int64, 1..K
+    difficult: np.ndarray         # (M,) bool
+    crowd: np.ndarray             # (M,) bool
+
+    def __len__(self) -> int:
+        return len(self.image_ids)
+
+    def image_id(self, index: int) -> str:
+        return str(self.image_ids[index].as_py())
+
+    def rows(self, index: int) -> slice:
+        """Image ``index``'s rows of the flat arrays."""
+        return slice(int(self.offsets[index]), int(self.offsets[index + 1]))
+
+
+ANNOTATION_COLUMNS = ("image_id", "boxes", "labels", "difficult", "crowd")
+
+
+def read_annotations(path: str | Path, *, data: bytes | None = None) -> Annotations:
+    """A prepared table's annotations (:class:`Annotations`); the image column is not read.
 
     Args:
         path: the table's file; or, with ``data``, only its name in messages.
-        data: the table's Parquet bytes (a sweep's trial tables), read instead of ``path``.
+        data: the table's Parquet bytes, read instead of ``path``.
+
+    Raises:
+        MissingInputError: naming the path (run ``frcnn prepare``).
+        DataError: a column is missing, or boxes, labels and flags disagree in an image.
+    """
+    import pyarrow.compute as pc
+
+    path = Path(path)
+    columns = list(ANNOTATION_COLUMNS)
+    table = (pq.read_table(pa.BufferReader(data), columns=columns) if data is not None
+             else open_table(path, columns).read(columns=columns))
+    column = {name: table.column(name).combine_chunks() for name in columns}
+    ids = column["image_id"]
+
+    def lengths(name: str) -> np.ndarray:
+        return pc.fill_null(pc.list_value_length(column[name]), -1).to_numpy()
+
+    counts = np.maximum(lengths("boxes"), 0)
+    offsets = np.concatenate([[0], np.cumsum(counts)]).astype(np.int64)
+    boxes = column["boxes"].flatten().flatten().to_numpy(zero_copy_only=False)
+    boxes = np.array(boxes, dtype=np.float32).reshape(-1, 4)   # a writable copy
+    flat = {}
+    for name in ("labels", "difficult", "crowd"):
+        got = lengths(name)
+        absent = got < 0  # a null list: no labels (an error unless no boxes), no flags (False)
+        bad = np.flatnonzero(np.where(absent, 0 if name == "labels" else counts, got) != counts)
+        if bad.size:
+            i = int(bad[0])
+            raise DataError(f"{path}: image {ids[i].as_py()!r} has {int(counts[i])} boxes but "
+                            f"{max(int(got[i]), 0)} {name}")
+        values = column[name].flatten().to_numpy(zero_copy_only=False)
+        if name == "labels":
+            flat[name] = np.array(values, dtype=np.int64)
+        else:
+            flags = np.zeros(int(offsets[-1]), dtype=bool)
+            flags[np.repeat(~absent, counts)] = values
+            flat[name] = flags
+    return Annotations(path, ids, offsets, boxes, flat["labels"], flat["difficult"],
+                       flat["crowd"])
+
+
+def read_ground_truth(path: str | Path, name: str, *, data: bytes | None = None) -> GroundTruth:
+    """The boxes, labels, difficult and crowd flags of a prepared table, image by image
+    (:func:`read_annotations`, split into one tensor view per image).
 
     Raises:
         MissingInputError: naming the path (run ``frcnn prepare``).
@@ -187,27 +260,37 @@ def read_ground_truth(path: str | Path, name: str, *, data: bytes | None = None)
     """
     import torch
 
-    path = Path(path)
-    columns = ["image_id", "boxes", "labels", "difficult", "crowd"]
-    if data is not None:
-        rows = pq.read_table(pa.BufferReader(data), columns=columns).to_pydict()
-    else:
-        rows = open_table(path, columns).read(columns=columns).to_pydict()
-    boxes, labels, difficult, crowd = [], [], [], []
-    for image_id, b, lab, d, c in zip(rows["image_id"], rows["boxes"], rows["labels"],
-                                      rows["difficult"], rows["crowd"]):
-        boxes.append(torch.tensor(b or [], dtype=torch.float32).reshape(-1, 4))
-        labels.append(torch.tensor(lab or [], dtype=torch.int64).reshape(-1))
-        for flags, out in ((d, difficult), (c, crowd)):
-            flags = flags if flags is not None else [False] * len(labels[-1])
-            out.append(torch.tensor(flags, dtype=torch.bool).reshape(-1))
-        if not (boxes[-1].shape[0] == labels[-1].shape[0] == difficult[-1].shape[0]
-                == crowd[-1].shape[0]):
-            raise DataError(f"{path}: image {image_id!r} has {boxes[-1].shape[0]} boxes, "
-                            f"{labels[-1].shape[0]} labels, {difficult[-1].shape[0]} difficult "
-                            f"and {crowd[-1].shape[0]} crowd flags")
-    return GroundTruth(name, path, [str(i) for i in rows["image_id"]], boxes, labels, difficult,
-                       crowd)
+    ann = read_annotations(path, data=data)
+    sizes = np.diff(ann.offsets).tolist()
+
+    def split(values: np.ndarray) -> list[torch.Tensor]:
+        return list(torch.from_numpy(values).split(sizes))
+
+    return GroundTruth(name, Path(path), [str(i) for i in ann.image_ids.to_pylist()],
+                       split(ann.boxes), split(ann.labels), split(ann.difficult),
+                       split(ann.crowd))
+
+
+def read_image_bytes(path: str | Path, indices: Sequence[int]) -> list[bytes]:
+    """The stored PNG / JPEG bytes of rows ``indices`` of a prepared table, reading only the
+    row groups that hold them (never the whole image column)."""
+    import bisect
+    import itertools
+
+    table = pq.ParquetFile(path)
+    sizes = [table.metadata.row_group(g).num_rows for g in range(table.num_row_groups)]
+    starts = list(itertools.accumulate(sizes, initial=0))
+    out: dict[int, bytes] = {}
+    by_group: dict[int, list[int]] = {}
+    for i in indices:
+        if not 0 <= i < starts[-1]:
+            raise IndexError(f"{path}: no row {i} (the table has {starts[-1]})")
+        by_group.setdefault(bisect.bisect_right(starts, i) - 1, []).append(i)
+    for group, rows in by_group.items():
+        images = table.read_row_group(group, columns=["image"]).column("image")
+        for i in rows:
+            out[i] = images[i - starts[group]].as_py()
+    return [out[i] for i in indices]
 
 
 def load_split(out_dir: str | Path, split: str, columns: list[str] | None = None):

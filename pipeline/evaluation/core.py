@@ -25,7 +25,6 @@ from typing import Iterator, Mapping, Sequence
 
 import numpy as np
 import pandas as pd
-import pyarrow.parquet as pq
 import torch
 from PIL import Image
 from torch import Tensor, nn
@@ -34,7 +33,7 @@ from torch.utils.data import DataLoader
 from pipeline.anchor_coverage import coverage_rows
 from pipeline.evaluation import recall as R
 from pipeline.evaluation.voc_ap import ClassResult, evaluate_detections
-from pipeline.prepared import GroundTruth
+from pipeline.prepared import GroundTruth, read_image_bytes
 from pipeline.training.loader import DetectionDataset, collate
 
 PICTURE_PROPOSALS = 10
@@ -61,10 +60,9 @@ def read_images(split: GroundTruth, indices: Sequence[int]) -> list[Image.Image]
     """Images ``indices`` of a split as stored (RGB, S x S), for drawing."""
     import io
 
-    column = pq.read_table(split.path, columns=["image"]).column("image")
     out = []
-    for i in indices:
-        with Image.open(io.BytesIO(column[i].as_py())) as image:
+    for data in read_image_bytes(split.path, list(indices)):  # only their row groups
+        with Image.open(io.BytesIO(data)) as image:
             out.append(image.convert("RGB"))
     return out
 

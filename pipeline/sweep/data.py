@@ -2,9 +2,9 @@
 
 :func:`trial_tables`: the first ``sweep.max_train_images`` images of ``data.out_dir``'s train
 split and all of ``sweep.split``, resized to ``sweep.image_size`` (bilinear, boxes scaled) once
-by the driver, as Parquet bytes; they reach the trials through Ray's object store, so trials on
-other nodes need no shared folder. :func:`inputs_key`: what a resumed sweep must share with the
-interrupted one.
+by the driver a row group at a time, as Parquet bytes; they reach the trials through Ray's
+object store, so trials on other nodes need no shared folder. :func:`inputs_key`: what a
+resumed sweep must share with the interrupted one.
 """
 
 from __future__ import annotations
@@ -58,17 +58,25 @@ def trial_tables(cfg: Config) -> dict[str, bytes]:
     for name, split, limit in (("train", "train", cfg.sweep.max_train_images),
                                ("eval", cfg.sweep.split, 0)):
         path = split_path(prepared, split)
-        table = open_table(path).read(columns=list(MODEL_COLUMNS))
-        if limit:
-            table = table.slice(0, limit)
-        if table.num_rows == 0:
+        source = open_table(path)
+        schema = pa.schema([source.schema_arrow.field(c) for c in MODEL_COLUMNS])
+        sink, rows = pa.BufferOutputStream(), 0
+        with pq.ParquetWriter(sink, schema) as writer:
+            # a row group at a time: the driver never holds a split's image column whole
+            for group in range(source.num_row_groups):
+                table = source.read_row_group(group, columns=list(MODEL_COLUMNS))
+                if limit:
+                    table = table.slice(0, limit - rows)
+                if size != cfg.data.image_size:
+                    resized = table.to_pylist()
+                    _resize_rows(resized, cfg.data.image_size, size)
+                    table = pa.Table.from_pylist(resized, schema=schema)
+                writer.write_table(table)
+                rows += table.num_rows
+                if limit and rows >= limit:
+                    break
+        if rows == 0:
             raise DataError(f"{path}: no images: a sweep needs {split} images")
-        if size != cfg.data.image_size:
-            rows = table.to_pylist()
-            _resize_rows(rows, cfg.data.image_size, size)
-            table = pa.Table.from_pylist(rows, schema=table.schema)
-        sink = pa.BufferOutputStream()
-        pq.write_table(table, sink)
         out[name] = sink.getvalue().to_pybytes()
     return out
 

@@ -38,7 +38,7 @@ from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
 from pipeline.errors import DataError
 from pipeline.images import decode
-from pipeline.prepared import MODEL_COLUMNS, open_table
+from pipeline.prepared import open_table, read_annotations
 
 
 def hflip(image: torch.Tensor, boxes: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -60,10 +60,10 @@ def flip_decision(seed: int, epoch: int, index: int, probability: float) -> bool
 class DetectionDataset(Dataset):
     """One prepared split. ``dataset[i]`` -> ``(image (3,S,S) in [0, 1], target dict, image_id)``.
 
-    The small columns (ids, boxes, labels, flags) are read once; the images are read one
-    Parquet row group at a time (the last one kept), so a split of any size is never loaded
-    into memory whole: a process holds at most one row group of image bytes
-    (:data:`pipeline.prepare.writer.ROW_GROUP_ROWS` images).
+    The annotations are read once, as flat arrays (:func:`pipeline.prepared.read_annotations`:
+    no Python object per box); the images one Parquet row group at a time (the last one kept),
+    so a split of any size is never loaded into memory whole: a process holds at most one row
+    group of image bytes (:data:`pipeline.prepare.writer.ROW_GROUP_ROWS` images).
 
     Args:
         path: a prepared Parquet table.
@@ -77,10 +77,7 @@ class DetectionDataset(Dataset):
                  use_difficult: bool = False) -> None:
         self.path = Path(path)
         table = open_table(self.path)  # exists, with the model's columns (else a clear error)
-        meta = table.read(columns=[c for c in MODEL_COLUMNS if c != "image"]).to_pydict()
-        self._ids, self._boxes = meta["image_id"], meta["boxes"]
-        self._labels, self._difficult = meta["labels"], meta["difficult"]
-        self._crowd = meta["crowd"]
+        self.annotations = read_annotations(self.path)  # flat arrays, no object per box
         sizes = [table.metadata.row_group(i).num_rows for i in range(table.num_row_groups)]
         self._starts = list(itertools.accumulate(sizes, initial=0))  # row group g: [starts[g], starts[g+1])
         self._cached: tuple[int, Any] | None = None  # (row group, its image column)
@@ -90,7 +87,12 @@ class DetectionDataset(Dataset):
         self.epoch = 0
 
     def __len__(self) -> int:
-        return len(self._ids)
+        return len(self.annotations)
+
+    @property
+    def row_group_starts(self) -> list[int]:
+        """First row of each Parquet row group, then the row count."""
+        return self._starts
 
     def __getstate__(self) -> dict[str, Any]:
         return dict(self.__dict__, _cached=None)  # loader workers read their own row groups
@@ -110,21 +112,18 @@ class DetectionDataset(Dataset):
 
     def __getitem__(self, index: int) -> tuple[torch.Tensor, dict[str, torch.Tensor], str]:
         image = decode(self.image_bytes(index))
-        boxes = torch.tensor(self._boxes[index] or [], dtype=torch.float32).reshape(-1, 4)
-        labels = torch.tensor(self._labels[index] or [], dtype=torch.int64).reshape(-1)
-        if boxes.shape[0] != labels.shape[0]:
-            raise DataError(f"{self.path}: image {self._ids[index]!r} has {boxes.shape[0]} "
-                            f"boxes but {labels.shape[0]} labels")
+        ann = self.annotations
+        rows = ann.rows(index)
+        boxes = torch.from_numpy(ann.boxes[rows].copy())        # (G, 4)
+        labels = torch.from_numpy(ann.labels[rows].copy())      # (G,)
         # crowd regions (COCO iscrowd) never train as objects; difficult ones on request
-        n = labels.shape[0]
-        difficult = torch.tensor(self._difficult[index] or [False] * n, dtype=torch.bool)
-        crowd = torch.tensor(self._crowd[index] or [False] * n, dtype=torch.bool)
-        drop = crowd | (difficult & (not self.use_difficult))                  # (n,)
-        if bool(drop.any()):
-            boxes, labels = boxes[~drop], labels[~drop]
+        drop = ann.crowd[rows] | (ann.difficult[rows] & (not self.use_difficult))
+        if drop.any():
+            keep = torch.from_numpy(~drop)
+            boxes, labels = boxes[keep], labels[keep]
         if flip_decision(self.seed, self.epoch, index, self.hflip):
             image, boxes = hflip(image, boxes)
-        return image, {"boxes": boxes, "labels": labels}, self._ids[index]
+        return image, {"boxes": boxes, "labels": labels}, ann.image_id(index)
 
 
 def collate(batch: Sequence[tuple[torch.Tensor, dict[str, torch.Tensor], str]]) -> dict[str, Any]:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 
+import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
@@ -11,7 +12,8 @@ import torch
 
 from pipeline.errors import DataError, MissingInputError
 from pipeline.prepared import (CLASSES_FILE, MODEL_COLUMNS, SCHEMA, load_split, open_table,
-                               read_classes, read_ground_truth, row_resize_info, split_path)
+                               read_annotations, read_classes, read_ground_truth,
+                               read_image_bytes, row_resize_info, split_path)
 from tests.support.factories import write_prepared
 
 
@@ -84,9 +86,53 @@ def test_read_ground_truth_refuses_boxes_and_labels_that_disagree(tmp_path):
     table[1]["labels"] = table[1]["labels"] + [1]
     pq.write_table(pa.Table.from_pylist(table, schema=SCHEMA), split_path(folder, "test"))
     n = len(table[1]["boxes"])
-    with pytest.raises(DataError, match=f"image 'test_001' has {n} boxes, {n + 1} labels, "
-                                        f"{n} difficult and {n} crowd flags"):
+    with pytest.raises(DataError, match=f"test.parquet: image 'test_001' has {n} boxes but "
+                                        f"{n + 1} labels"):
         read_ground_truth(split_path(folder, "test"), "test")
+    table[1]["labels"] = table[1]["labels"][:n]
+    table[0]["crowd"] = [True] * (len(table[0]["boxes"]) + 2)
+    pq.write_table(pa.Table.from_pylist(table, schema=SCHEMA), split_path(folder, "test"))
+    with pytest.raises(DataError, match=f"image 'test_000' has {len(table[0]['boxes'])} boxes "
+                                        f"but {len(table[0]['boxes']) + 2} crowd"):
+        read_annotations(split_path(folder, "test"))
+
+
+def test_annotations_are_flat_arrays_and_a_missing_flag_list_means_false(tmp_path):
+    """Image i owns rows offsets[i]:offsets[i+1]; a null difficult / crowd list (a table
+    written without them) is False for every box; null labels are an error only with boxes."""
+    folder = write_prepared(tmp_path / "p", splits={"test": 5}, content="noise")
+    rows = pq.read_table(split_path(folder, "test")).to_pylist()
+    rows[1]["difficult"] = None
+    rows[2]["crowd"] = None
+    rows[0]["boxes"], rows[0]["labels"] = None, None   # the noise factory's image 0: no boxes
+    pq.write_table(pa.Table.from_pylist(rows, schema=SCHEMA), split_path(folder, "test"))
+    ann = read_annotations(split_path(folder, "test"))
+    counts = [len(r["boxes"] or []) for r in rows]
+    assert ann.offsets.tolist() == [0, *np.cumsum(counts).tolist()]
+    assert ann.boxes.shape == (sum(counts), 4) and ann.boxes.dtype == np.float32
+    assert ann.boxes.flags.writeable and ann.labels.dtype == np.int64
+    for i, row in enumerate(rows):
+        part = ann.rows(i)
+        assert ann.boxes[part].tolist() == (row["boxes"] or [])
+        assert ann.labels[part].tolist() == (row["labels"] or [])
+        assert ann.difficult[part].tolist() == (row["difficult"] or [False] * counts[i])
+        assert ann.crowd[part].tolist() == (row["crowd"] or [False] * counts[i])
+        assert ann.image_id(i) == row["image_id"]
+
+
+def test_read_image_bytes_reads_only_the_row_groups_it_needs(tmp_path, monkeypatch):
+    folder = write_prepared(tmp_path / "p", splits={"test": 10}, size=32)
+    path = split_path(folder, "test")
+    rows = pq.read_table(path).to_pylist()
+    pq.write_table(pa.Table.from_pylist(rows, schema=SCHEMA), path, row_group_size=4)
+    reads = []
+    original = pq.ParquetFile.read_row_group
+    monkeypatch.setattr(pq.ParquetFile, "read_row_group",
+                        lambda self, i, **kw: reads.append(i) or original(self, i, **kw))
+    assert read_image_bytes(path, [9, 0, 8]) == [rows[i]["image"] for i in (9, 0, 8)]
+    assert sorted(reads) == [0, 2]          # groups of rows 0-3 and 8-9; never 4-7
+    with pytest.raises(IndexError, match="no row 10"):
+        read_image_bytes(path, [10])
 
 
 def test_row_resize_info_maps_back_to_the_original(prepared):

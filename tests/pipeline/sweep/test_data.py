@@ -31,6 +31,29 @@ def test_trial_tables_take_the_first_images_resized_with_their_boxes(project, sw
         [r["image"] for r in source]
 
 
+def test_trial_tables_read_a_row_group_at_a_time(project, sweep_cfg, monkeypatch):
+    """The driver never reads a split's image column whole: only row groups, and no more of
+    train's than ``sweep.max_train_images`` needs."""
+    from pipeline.prepared import SCHEMA
+
+    path = project / "data" / "prepared" / "train.parquet"
+    pq.write_table(pq.read_table(path).cast(SCHEMA), path, row_group_size=2)  # 6 rows: 3 groups
+    reads = []
+    original = pq.ParquetFile.read_row_group
+    monkeypatch.setattr(pq.ParquetFile, "read_row_group",
+                        lambda self, i, **kw: reads.append(i) or original(self, i, **kw))
+
+    def whole(*args, **kwargs):
+        raise AssertionError("a whole table read")
+
+    monkeypatch.setattr(pq.ParquetFile, "read", whole)
+    monkeypatch.setattr(pq, "read_table", whole)
+    tables = trial_tables(sweep_cfg())   # sweep.max_train_images 4: two of train's groups
+    assert reads == [0, 1, 0]   # train's first two groups, then val's one
+    monkeypatch.undo()
+    assert pq.read_table(io.BytesIO(tables["train"])).num_rows == 4
+
+
 def test_trial_tables_refuse_data_prepared_at_another_size(project, sweep_cfg):
     with pytest.raises(ValueError, match="prepared at image_size 128"):
         trial_tables(sweep_cfg(**{"data.image_size": 256}))
