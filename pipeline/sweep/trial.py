@@ -105,11 +105,12 @@ def trial_worker(config: dict[str, Any]) -> None:
     from pipeline.training import ray_worker
 
     worker = ray_worker.worker_context(config)
-    with trial_files(config) as folder:
-        lead = worker.rank == 0
+    lead = worker.rank == 0
+    with trial_files(config) as folder, (tracking.MetricsBuffer(config["run"], say=ray_worker.say)
+                                         if lead else contextlib.nullcontext()) as steps:
         ray_worker.fit_on_worker(
             worker, stage="rpn", train_path=folder / "train.parquet",
-            num_classes=len(config["classes"]), log=config["run"].log_metrics if lead else None,
+            num_classes=len(config["classes"]), log=steps.log if lead else None,
             model_meta={"classes": config["classes"]},
             on_epoch_end=_scorer(worker.cfg, folder, config["split"], config["classes"],
                                  worker.device) if lead else None)
@@ -185,10 +186,10 @@ def _fit_here(cfg: Any, base: Any, setup: Mapping[str, Any], trial_id: str,
         last.update(metrics)
         tune.report(dict(metrics))
 
-    with trial_files(setup) as folder:
+    with trial_files(setup) as folder, tracking.MetricsBuffer(run) as steps:
         loop.train(cfg, stage="rpn", train_path=folder / "train.parquet",
                    num_classes=len(setup["classes"]), device=device, report=report,
-                   log=run.log_metrics, model_meta={"classes": setup["classes"]},
+                   log=steps.log, model_meta={"classes": setup["classes"]},
                    on_epoch_end=_scorer(cfg, folder, base.sweep.split, setup["classes"], device),
                    write_checkpoints=False)
     return last

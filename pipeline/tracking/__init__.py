@@ -18,9 +18,10 @@ methods pass every parameter, tag, text artifact and error text through
   ``config/params.yaml`` (:func:`log_config`). A stage that raises ends its run ``FAILED`` with
   the error as the ``error`` tag and ``error.txt``; Ctrl-C ends it ``KILLED``.
 - :func:`open_run` gives the handle of an existing run to another process (rank 0 of a Ray
-  Train worker group logs its step metrics this way); :func:`child_run` finds or creates a
-  sweep trial's run under its parent; :func:`end_children` ends them; :func:`record_restart`
-  notes a worker-group restart.
+  Train worker group logs its step metrics this way, through a :class:`MetricsBuffer`: off the
+  training step, kept while the store is unreachable and sent when it is back);
+  :func:`child_run` finds or creates a sweep trial's run under its parent; :func:`end_children`
+  ends them; :func:`record_restart` notes a worker-group restart.
 
 Only parameters from the config are logged, never the environment.
 
@@ -31,6 +32,7 @@ imported by the stages that need it, as it brings the serving code along).
 ``python -m pipeline.tracking uri`` prints the store ``make ui`` serves.
 """
 
+from pipeline.tracking.buffered import MetricsBuffer
 from pipeline.tracking.inputs import log_split, system_metrics
 from pipeline.tracking.runs import (FAILED, FINISHED, KILLED, RUNNING, RunHandle, child_run,
                                     end_children, finite, flatten_metrics, log_config,
@@ -39,7 +41,8 @@ from pipeline.tracking.store import (ARTIFACTS_DIR, ENV_URI, check_reachable, gi
                                      resolve_uri)
 from pipeline.errors import TrackingError
 
-__all__ = ["ARTIFACTS_DIR", "ENV_URI", "FAILED", "FINISHED", "KILLED", "RUNNING", "RunHandle",
+__all__ = ["ARTIFACTS_DIR", "ENV_URI", "FAILED", "FINISHED", "KILLED", "MetricsBuffer", "RUNNING",
+           "RunHandle",
            "TrackingError", "check_reachable", "child_run", "end_children", "finite", "flatten_metrics",
            "git_commit", "log_config", "log_split", "metric_name", "open_run", "record_restart",
            "resolve_uri", "stage_run", "system_metrics"]

@@ -5,8 +5,9 @@ workers, the machine itself (MLflow system metrics).
   digest of the table's content, its row count and columns; never image bytes), so the UI's
   Dataset column and "compare runs" show which data each run used.
 - :func:`system_metrics`: CPU, memory, disk, network (GPU too, with ``pynvml``) of a training
-  worker, sampled every ``tracking.system_metrics_interval`` seconds into its stage's run by
-  MLflow's own monitor, under ``system/<node>/...`` (one node id per worker rank).
+  node, sampled every ``tracking.system_metrics_interval`` seconds into its stage's run by
+  MLflow's own monitor, under ``system/<node>/...`` (by each node's local rank 0: once per
+  node, not once per worker).
 """
 
 from __future__ import annotations

@@ -99,6 +99,14 @@ class RunHandle:
         if batch:
             self.client.log_batch(self.run_id, metrics=batch)
 
+    def log_metric_points(self, points: list[tuple[str, float, int, int]]) -> None:
+        """Log ``[(name, value, timestamp ms, step)]`` as they are, in one request (names
+        already MLflow-valid and redacted: :class:`pipeline.tracking.buffered.MetricsBuffer`)."""
+        from mlflow.entities import Metric
+
+        if points:
+            self.client.log_batch(self.run_id, metrics=[Metric(*p) for p in points])
+
     def log_text(self, text: str, artifact_file: str) -> None:
         self.client.log_text(self.run_id, redact(text), artifact_file)
 

@@ -31,7 +31,9 @@ PROGRESS = "progress.json"
 MODEL = "model.pt"
 
 # report(metrics, checkpoint folder or None, checkpoint name): called by every rank at every
-# checkpoint; only rank 0 passes a folder. Ray Train: ray.train.report.
+# checkpoint; only rank 0 passes a folder, which is the report's from then on: it keeps, moves
+# or uploads it and deletes it when done (Ray Train: ray.train.report, uploading in the
+# background). When the report raises, the loop deletes the folder.
 ReportFn = Callable[[dict[str, float], "Path | None", str], None]
 
 
@@ -119,6 +121,7 @@ class LocalCheckpoints:
             return
         with files.atomic_dir(self.root / name) as tmp:
             shutil.copytree(folder, tmp, dirs_exist_ok=True)
+        shutil.rmtree(folder, ignore_errors=True)
         for old in self.checkpoints()[:-self.keep]:
             shutil.rmtree(old, ignore_errors=True)
 

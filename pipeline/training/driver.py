@@ -12,9 +12,9 @@ Reads ``data.out_dir/train.parquet`` and ``classes.json``; the ``frcnn`` stage s
 Ray (:mod:`pipeline.ray_session`): a local Ray starts and stops with the command unless
 ``train.ray_address`` (or ``$RAY_ADDRESS``) names a cluster (``auto`` or ``ray://host:port``).
 ``train.num_workers`` workers with ``train.cpus_per_worker`` CPUs each (fractions let 2 workers
-share a 2-core machine) and, when GPUs are used (``train.use_gpu``; ``auto``: when Ray sees
-any), ``train.gpus_per_worker`` GPUs each; DDP over gloo (CPU) or NCCL (GPU). Each worker runs
-:func:`pipeline.training.loop.train` on its shard.
+share a 2-core machine) and, when GPUs are used (``train.use_gpu``; ``auto``: when the local
+Ray sees any, refused on a cluster), ``train.gpus_per_worker`` GPUs each; DDP over gloo (CPU)
+or NCCL (GPU). Each worker runs :func:`pipeline.training.loop.train` on its shard.
 
 Checkpoints and resume: every checkpoint goes through ``ray.train.report`` to
 ``train.storage_path/<run name>``; ``train.max_failures`` worker-group restarts continue from
@@ -28,7 +28,9 @@ key, hence a fresh start. A run that finishes deletes its checkpoints (unless
 without training).
 
 MLflow: one run named ``train_<stage>`` (see :mod:`pipeline.tracking`); rank 0 logs step
-metrics into it; the driver adds the model, metrics JSON and epoch CSV as artifacts.
+metrics into it off the training step (buffered and sent by a thread: an unreachable tracking
+server delays the metrics, never the training); the driver adds the model, metrics JSON and
+epoch CSV as artifacts.
 """
 
 from __future__ import annotations
@@ -47,8 +49,8 @@ from typing import Any
 
 from pipeline import files, modeling, tracking
 from pipeline.config import Config
-from pipeline.errors import DataError, MissingInputError, RunFailedError
-from pipeline.prepared import MODEL_COLUMNS, read_classes, split_path
+from pipeline.errors import ConfigError, DataError, MissingInputError, RunFailedError
+from pipeline.prepared import MODEL_COLUMNS, read_classes, read_image_bytes, split_path
 from pipeline.digests import file_digest
 from pipeline.redaction import redact
 from pipeline.storage import delete_dir, local_copy, resolve, stage_file
@@ -129,6 +131,7 @@ def train_stage(cfg: Config, stage: str) -> dict[str, Any]:
         KeyboardInterrupt: interrupted; the checkpoints stay, the same command resumes.
     """
     wall_start = time.perf_counter()
+    check_placement(cfg)
     inputs = stage_inputs(cfg, stage)
     root = resolve(cfg.train.storage_path)
     run_name = f"{inputs.name}-{run_key(cfg, stage, inputs.train_digest, inputs.init_digest)}"
@@ -200,7 +203,7 @@ def _write_outputs(cfg: Config, inputs: StageInputs, result: Any, mlrun: trackin
     for path in (metrics_path, epochs_path):
         mlrun.log_artifact(path, "metrics")
     mlrun.log_artifact(inputs.model_path, "model")
-    example = pq.read_table(inputs.train_path, columns=["image"]).column("image")[0].as_py()
+    example = read_image_bytes(inputs.train_path, [0])[0]  # one row group, not the column
     uri = log_detector(mlrun, inputs.model_path, cfg=cfg, stage=inputs.stage,
                        example_image=thumbnail(example))
     print(f"{inputs.name}: logged the MLflow model {uri}", flush=True)
@@ -210,28 +213,50 @@ def _write_outputs(cfg: Config, inputs: StageInputs, result: Any, mlrun: trackin
     return metrics
 
 
+def check_placement(cfg: Config) -> None:
+    """``train.use_gpu: auto`` is decided by what a private local Ray sees; on a cluster
+    (``train.ray_address`` / ``$RAY_ADDRESS``) it is refused before any work: an autoscaling
+    cluster may have no GPU node yet when the stage starts, and a snapshot would train on CPUs.
+
+    Raises:
+        ConfigError: ``auto`` with a cluster address.
+    """
+    address = cfg.train.ray_address or os.environ.get("RAY_ADDRESS")
+    if cfg.train.use_gpu == "auto" and address:
+        raise ConfigError(f"train.use_gpu: auto cannot be decided on a Ray cluster ({address}): "
+                          f"set train.use_gpu to true (each worker asks Ray for "
+                          f"train.gpus_per_worker GPUs; an autoscaler starts GPU nodes for them) "
+                          f"or false (overlays/gpu.yaml is a GPU profile)")
+
+
 def _use_gpu(cfg: Config) -> bool:
     import ray
-    if cfg.train.use_gpu == "auto":
+    if cfg.train.use_gpu == "auto":  # a private local Ray (check_placement): this machine
         return ray.cluster_resources().get("GPU", 0) > 0
     return cfg.train.use_gpu == "true"
 
 
 def _worker(config: dict[str, Any]) -> None:
-    """Runs on every Ray Train worker of a training stage: the loop, with its machine's system
-    metrics sampled into the stage's run (node ``rank<r>``)."""
+    """Runs on every Ray Train worker of a training stage: the loop, rank 0's step metrics sent
+    to the stage's run off the step (:class:`pipeline.tracking.MetricsBuffer`), and each
+    node's system metrics sampled once, by its local rank 0 (node ``node<n>``)."""
     worker = ray_worker.worker_context(config)
     run = tracking.open_run(config["tracking_uri"], config["run_id"])
     init_model = config["init_model"]
     tcfg = worker.cfg.tracking
-    with tracking.system_metrics(run, node=f"rank{worker.rank}", enabled=tcfg.system_metrics,
-                                 interval=tcfg.system_metrics_interval):
-        ray_worker.fit_on_worker(worker, stage=config["stage"],
-                                 train_path=local_copy(config["train_path"]),
-                                 num_classes=config["num_classes"],
-                                 init_model=local_copy(init_model) if init_model else None,
-                                 log=run.log_metrics if worker.rank == 0 else None,
-                                 model_meta=config["model_meta"])
+    steps = tracking.MetricsBuffer(run, say=ray_worker.say) if worker.rank == 0 else None
+    try:
+        with tracking.system_metrics(run, node=worker.node, interval=tcfg.system_metrics_interval,
+                                     enabled=tcfg.system_metrics and worker.local_rank == 0):
+            ray_worker.fit_on_worker(worker, stage=config["stage"],
+                                     train_path=local_copy(config["train_path"]),
+                                     num_classes=config["num_classes"],
+                                     init_model=local_copy(init_model) if init_model else None,
+                                     log=steps.log if steps is not None else None,
+                                     model_meta=config["model_meta"])
+    finally:
+        if steps is not None:
+            steps.close()
 
 
 def restart_recorder(stage_name: str, tracking_uri: str, run_id: str, max_failures: int) -> Any:

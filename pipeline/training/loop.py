@@ -131,8 +131,8 @@ def train(cfg: Config, *, stage: str, train_path: str | Path, num_classes: int,
         device: default CPU.
         wrap_model: e.g. DDP; applied after the weights are loaded and the model is on
             ``device``.
-        report: receives every checkpoint (see :data:`pipeline.training.checkpoints.ReportFn`);
-            None: checkpoints are not written.
+        report: receives every checkpoint and owns its folder from then on (see
+            :data:`pipeline.training.checkpoints.ReportFn`); None: checkpoints are not written.
         write_checkpoints: False: ``report`` gets the metrics of each checkpoint but no folder
             (a sweep trial, which nothing resumes, reports without writing ~1 GB a time).
         log: ``log(metrics, step)`` on rank 0 for step metrics (loss terms, ``loss``, ``lr``,
@@ -356,6 +356,7 @@ def _checkpoint(run: _Run, loop: LoopState, metrics: dict[str, float], *, final:
             from detector.serialization import save_model
             save_model(folder / checkpoints.MODEL, run.model, stage=run.stage, steps=loop.step,
                        **run.model_meta)
-        run.report(metrics, folder, name)
-    finally:
+        run.report(metrics, folder, name)  # the folder is the report's now (it deletes it)
+    except BaseException:
         shutil.rmtree(folder, ignore_errors=True)
+        raise

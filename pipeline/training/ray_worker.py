@@ -26,6 +26,13 @@ class WorkerContext:
     rank: int
     world_size: int
     device: Any
+    local_rank: int = 0
+    node_rank: int = 0
+
+    @property
+    def node(self) -> str:
+        """This worker's node as system metrics name it: ``node<node rank>``."""
+        return f"node{self.node_rank}"
 
 
 def worker_context(config: dict[str, Any]) -> WorkerContext:
@@ -42,13 +49,15 @@ def worker_context(config: dict[str, Any]) -> WorkerContext:
     if device.type == "cpu":
         torch.set_num_threads(config["threads"])
     return WorkerContext(from_dict(config["params"]), ctx.get_world_rank(),
-                         ctx.get_world_size(), device)
+                         ctx.get_world_size(), device, local_rank=ctx.get_local_rank(),
+                         node_rank=ctx.get_node_rank())
 
 
 def fit_on_worker(worker: WorkerContext, **loop_args: Any) -> Any:
     """:func:`pipeline.training.loop.train` on this Ray Train worker with Ray's hooks: the model
-    wrapped for DDP, checkpoints reported through ``ray.train.report``, and a restarted or restored run
-    resumed from Ray's checkpoint. ``loop_args``: the loop's other arguments."""
+    wrapped for DDP, checkpoints reported through ``ray.train.report`` (uploaded to the run's
+    storage asynchronously: the next step does not wait for the upload), and a restarted or
+    restored run resumed from Ray's checkpoint. ``loop_args``: the loop's other arguments."""
     import ray.train
     import ray.train.torch
     import torch
@@ -56,8 +65,14 @@ def fit_on_worker(worker: WorkerContext, **loop_args: Any) -> Any:
     from pipeline.training import loop
 
     def report(metrics: dict[str, float], folder: Path | None, name: str) -> None:
-        ckpt = ray.train.Checkpoint.from_directory(str(folder)) if folder is not None else None
-        ray.train.report(metrics, checkpoint=ckpt, checkpoint_dir_name=name)
+        if folder is None:
+            ray.train.report(metrics, checkpoint_dir_name=name)
+            return
+        # Ray uploads the folder in the background and deletes it when done
+        ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(str(folder)),
+                         checkpoint_dir_name=name,
+                         checkpoint_upload_mode=ray.train.CheckpointUploadMode.ASYNC,
+                         delete_local_checkpoint_after_upload=True)
 
     def wrap(model: torch.nn.Module) -> torch.nn.Module:
         # device_ids=None: DDP leaves the inputs where they are (as on the CPU). The loop moves
@@ -71,10 +86,11 @@ def fit_on_worker(worker: WorkerContext, **loop_args: Any) -> Any:
     with (resume.as_directory() if resume is not None else contextlib.nullcontext()) as folder:
         return loop.train(worker.cfg, resume=folder, rank=worker.rank,
                                 world_size=worker.world_size, device=worker.device,
-                                wrap_model=wrap, report=report, say=_say, **loop_args)
+                                wrap_model=wrap, report=report, say=say, **loop_args)
 
 
-def _say(message: str) -> None:
+def say(message: str) -> None:
+    """A progress line from a worker, shown once on the driver."""
     # Ray Train V2 routes print() through its logger, which shows each line twice on the
     # driver; the worker's stdout itself is forwarded once.
     sys.stdout.write(message + "\n")

@@ -16,6 +16,17 @@ def test_params_yaml_loads_and_matches_spec_defaults():
     assert (cfg.rpn.pre_nms_top_n_train, cfg.rpn.post_nms_top_n_test) == (12000, 300)
 
 
+def test_the_gpu_profile_loads_over_params_yaml():
+    """overlays/gpu.yaml, the README's cluster profile: one worker per GPU, GPUs asked for
+    explicitly (``auto`` is refused on a cluster), no custom resource pinning one per node."""
+    cfg = load_config([ROOT / "params.yaml", ROOT / "overlays" / "gpu.yaml"])
+    t = cfg.train
+    assert (t.use_gpu, t.gpus_per_worker, t.num_workers, t.ray_address) == ("true", 1, 8, "auto")
+    assert t.worker_resources == {} and cfg.sweep.gpus_per_trial == 1
+    assert t.storage_path.startswith("s3://") and cfg.sweep.storage_path.startswith("s3://")
+    assert (cfg.rpn.pos_iou, cfg.data.image_size) == (0.7, 640)   # the rest from params.yaml
+
+
 def test_overlay_later_file_wins(tmp_path):
     overlay = tmp_path / "best.yaml"
     overlay.write_text("rpn:\n  pos_iou: 0.65\n")

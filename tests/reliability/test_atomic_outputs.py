@@ -162,6 +162,8 @@ def test_checkpoint_copy_failing_keeps_the_complete_ones(tmp_path, monkeypatch):
     source = tmp_path / "src"
     checkpoints.write(source, {"model": {"w": torch.ones(3)}, "step": 1}, {"step": 1})
     store({"step": 1.0}, source, checkpoints.checkpoint_name(0, 1))
+    assert not source.exists()  # the report owns the folder it was handed, and is done with it
+    checkpoints.write(source, {"model": {"w": torch.ones(3)}, "step": 2}, {"step": 2})
     real = shutil.copytree
 
     def copy_half(src, dst, **kwargs):

@@ -61,9 +61,12 @@ class MlflowServer:
 
 
 @contextlib.contextmanager
-def mlflow_server(folder: Path, *, timeout: float = 120) -> Iterator[MlflowServer]:
+def mlflow_server(folder: Path, *, port: int | None = None, timeout: float = 120
+                  ) -> Iterator[MlflowServer]:
+    """``port``: a given port (a server restarted on the folder of one stopped: same URL, same
+    store); default a free one."""
     folder.mkdir(parents=True, exist_ok=True)
-    (port,), log = free_ports(1), folder / "server.log"
+    port, log = port or free_ports(1)[0], folder / "server.log"
     server = MlflowServer(f"http://127.0.0.1:{port}", folder / "mlflow.db", folder / "artifacts")
     # no job runners (MLflow 3 starts several huey consumers, ~270 MB each, for its gateway
     # jobs; nothing here uses them)
@@ -74,7 +77,7 @@ def mlflow_server(folder: Path, *, timeout: float = 120) -> Iterator[MlflowServe
         [str(BIN / "mlflow"), "server", "--backend-store-uri", f"sqlite:///{server.database}",
          "--artifacts-destination", str(server.artifacts), "--host", "127.0.0.1", "--port",
          str(port), "--workers", "1"],
-        cwd=folder, env=env, stdout=log.open("w"), stderr=subprocess.STDOUT,
+        cwd=folder, env=env, stdout=log.open("a"), stderr=subprocess.STDOUT,
         start_new_session=True)
     try:
         wait_for(f"{server.url}/health", proc, timeout, log)

@@ -47,6 +47,24 @@ def test_missing_prepared_data_fails_before_ray(tmp_path, monkeypatch, capsys):
     assert not ray.is_initialized()
 
 
+@pytest.mark.parametrize("where", ["param", "env"])
+def test_use_gpu_auto_on_a_cluster_is_refused_before_ray(tmp_path, monkeypatch, capsys, where):
+    import ray
+
+    project = _project(tmp_path, **{"train.use_gpu": "auto"})
+    monkeypatch.chdir(project)
+    args = ["train", "--stage", "rpn"]
+    if where == "env":
+        monkeypatch.setenv("RAY_ADDRESS", "10.0.0.5:6379")
+    else:
+        args += ["--set", "train.ray_address=10.0.0.5:6379"]
+    assert main(args) == 2
+    err = capsys.readouterr().err
+    assert "train.use_gpu: auto cannot be decided on a Ray cluster (10.0.0.5:6379): set " \
+        "train.use_gpu to true" in err
+    assert not ray.is_initialized() and not (project / "mlflow.db").exists()
+
+
 def test_frcnn_stage_needs_the_rpn_model(tmp_path, monkeypatch, capsys):
     project = _project(tmp_path)
     monkeypatch.chdir(project)
@@ -189,13 +207,15 @@ def test_train_rpn_on_two_ray_workers(tmp_path):
         "config/params.yaml", "model/rpn.pt", "metrics/train_rpn.json",
         "metrics/train_rpn_epochs.csv"}
     # the MLflow model, registered; the split it trained on as a dataset input; the workers'
-    # system metrics, one node per rank; the final values as plain metrics
+    # system metrics, once per node (both workers share this one); the final values
     client = mlflow_store.client(db)
     (version,) = client.search_model_versions("name = 'frcnn-rpn'")
     assert version.run_id == run.info.run_id
     (used,) = run.inputs.dataset_inputs
     assert used.dataset.name == "train" and json.loads(used.dataset.profile) == {"num_rows": 6}
     assert len(used.dataset.digest) == 16 and "image" in used.dataset.schema
-    assert {"system/rank0/cpu_utilization_percentage",
-            "system/rank1/system_memory_usage_megabytes"} <= set(run.data.metrics)
+    system = {k for k in run.data.metrics if k.startswith("system/")}
+    assert {"system/node0/cpu_utilization_percentage",
+            "system/node0/system_memory_usage_megabytes"} <= system
+    assert all(k.startswith("system/node0/") for k in system)  # one node: sampled once
     assert {"final/loss", "final/steps", "final/images_per_s"} <= set(run.data.metrics)
