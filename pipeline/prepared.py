@@ -214,13 +214,24 @@ def read_annotations(path: str | Path, *, data: bytes | None = None) -> Annotati
         MissingInputError: naming the path (run ``frcnn prepare``).
         DataError: a column is missing, or boxes, labels and flags disagree in an image.
     """
-    import pyarrow.compute as pc
-
     path = Path(path)
     columns = list(ANNOTATION_COLUMNS)
     table = (pq.read_table(pa.BufferReader(data), columns=columns) if data is not None
              else open_table(path, columns).read(columns=columns))
-    column = {name: table.column(name).combine_chunks() for name in columns}
+    return annotations_of(table, path)
+
+
+def annotations_of(table: pa.Table, path: str | Path) -> Annotations:
+    """:class:`Annotations` of rows of a prepared table already read (a Ray Data batch, a row
+    group); ``path`` names them in errors.
+
+    Raises:
+        DataError: boxes, labels and flags disagree in an image.
+    """
+    import pyarrow.compute as pc
+
+    path = Path(path)
+    column = {name: table.column(name).combine_chunks() for name in ANNOTATION_COLUMNS}
     ids = column["image_id"]
 
     def lengths(name: str) -> np.ndarray:

@@ -5,9 +5,10 @@ either; the stages keep their own small files there (run state, trial markers, s
 with these helpers. A local path is used absolute; a URI unchanged (for S3 the endpoint and
 credentials come from the usual AWS environment variables, or from the URI itself).
 
-Training input on a cluster travels the same way (:func:`stage_file` on the driver,
-:func:`local_copy` on each node): workers on nodes without the driver's files read the copy in
-the run's storage, downloaded once per node into a local cache.
+Training input on a cluster travels the same way: :func:`stage_file` on the driver copies the
+training table and the RPN model into the run's storage; Ray Data streams the table from there,
+and :func:`local_copy` downloads the RPN model (one small file) once per node into a local
+cache.
 
 Writes are atomic: the bytes go to a temporary name beside the target, which is then moved
 over it (a rename on a local disk; object stores replace a key whole anyway), so a reader never

@@ -160,7 +160,10 @@ class TrainConfig:
     hflip: float = _p(0.5, ge=0.0, le=1.0)
     use_difficult: bool = _p(False, doc="train on boxes marked difficult (VOC)")
     grad_clip: float = _p(10.0, ge=0.0)
-    loader_workers: int = _p(1, ge=0)
+    loader_workers: int = _p(1, ge=0, doc="decoding processes (the plain reader) or threads "
+                                           "(Ray Data input) per worker")
+    shuffle_buffer: int = _p(256, ge=0, doc="rows of each Ray Train worker's local shuffle "
+                                            "buffer over its Ray Data shard (0: none)")
     checkpoint_every: int = _p(0, ge=0)
     log_every: int = _p(1, ge=1, doc="log step metrics every N optimiser steps")
     max_failures: int = _p(2, ge=0)

@@ -76,6 +76,8 @@ INERT = {
     **{f"train.{key}": _OPERATIONAL for key in (
         "keep_checkpoints", "storage_path", "ray_address", "rpn_model", "frcnn_model",
         "metrics_dir", "log_every", "loader_workers", "max_failures", "worker_resources")},
+    "train.shuffle_buffer": "trials read their tables with the plain reader, in the sampler's "
+                            "order",
 }
 
 

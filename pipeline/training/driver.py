@@ -56,6 +56,7 @@ from pipeline.redaction import redact
 from pipeline.storage import delete_dir, local_copy, resolve, stage_file
 from pipeline.tracking.models import log_detector, thumbnail
 from pipeline.training import checkpoints, ray_worker
+from pipeline.training.ray_input import ShardInput, data_config, epoch_datasets
 from pipeline.training.resume import (latest_checkpoint, read_run_state, run_key,
                                       write_run_state)
 
@@ -109,7 +110,9 @@ def worker_inputs(cfg: Config, inputs: StageInputs, root: str) -> dict[str, str 
     """``{"train_path", "init_model"}`` as the workers will open them: the driver's own files on
     the private local Ray; on a cluster (``train.ray_address`` / ``$RAY_ADDRESS``) or with a
     bucket as storage, copies staged in the run's storage (``root/staged/<digest>/``), which
-    every node reaches and downloads once (:func:`pipeline.storage.local_copy`)."""
+    every node reaches: Ray Data's read tasks stream the training table from there (no node
+    downloads it whole); the RPN model, one small file, each node downloads once
+    (:func:`pipeline.storage.local_copy`)."""
     paths = {"train_path": inputs.train_path, "init_model": inputs.init_model}
     if not ("://" in root or cfg.train.ray_address or os.environ.get("RAY_ADDRESS")):
         return {k: str(v) if v is not None else None for k, v in paths.items()}
@@ -244,12 +247,16 @@ def _worker(config: dict[str, Any]) -> None:
     run = tracking.open_run(config["tracking_uri"], config["run_id"])
     init_model = config["init_model"]
     tcfg = worker.cfg.tracking
+    train = worker.cfg.train
+    data = ShardInput(rows=config["rows"], world_size=worker.world_size, rank=worker.rank,
+                      image_size=worker.cfg.data.image_size, batch_size=train.batch_size,
+                      seed=train.seed, hflip=train.hflip, use_difficult=train.use_difficult,
+                      shuffle_buffer=train.shuffle_buffer, threads=train.loader_workers)
     steps = tracking.MetricsBuffer(run, say=ray_worker.say) if worker.rank == 0 else None
     try:
         with tracking.system_metrics(run, node=worker.node, interval=tcfg.system_metrics_interval,
                                      enabled=tcfg.system_metrics and worker.local_rank == 0):
-            ray_worker.fit_on_worker(worker, stage=config["stage"],
-                                     train_path=local_copy(config["train_path"]),
+            ray_worker.fit_on_worker(worker, stage=config["stage"], data=data,
                                      num_classes=config["num_classes"],
                                      init_model=local_copy(init_model) if init_model else None,
                                      log=steps.log if steps is not None else None,
@@ -351,11 +358,17 @@ def _fit(cfg: Config, inputs: StageInputs, run_name: str, root: str,
         resources = {**cfg.train.worker_resources, "CPU": cfg.train.cpus_per_worker}
         if use_gpu:
             resources["GPU"] = cfg.train.gpus_per_worker
+        paths = worker_inputs(cfg, inputs, root)
+        rows = pq.ParquetFile(inputs.train_path).metadata.num_rows
+        epochs = cfg.train.rpn_epochs if inputs.stage == "rpn" else cfg.train.frcnn_epochs
         trainer = TorchTrainer(
             _worker,
+            datasets=epoch_datasets([paths["train_path"]], rows=rows, epochs=epochs,
+                                    seed=cfg.train.seed, world_size=cfg.train.num_workers),
+            dataset_config=data_config(),
             train_loop_config={
-                "params": cfg.to_dict(), "stage": inputs.stage,
-                **worker_inputs(cfg, inputs, root), "num_classes": len(inputs.classes),
+                "params": cfg.to_dict(), "stage": inputs.stage, "rows": rows,
+                "init_model": paths["init_model"], "num_classes": len(inputs.classes),
                 "model_meta": {"classes": inputs.classes},
                 "tracking_uri": mlrun.tracking_uri, "run_id": mlrun.run_id,
                 "threads": max(1, int(cfg.train.cpus_per_worker)),

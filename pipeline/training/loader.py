@@ -16,8 +16,9 @@ Output of :func:`collate` (B images per batch, G boxes per image):
 - ``image_ids``: list of B strings.
 
 Augmentation (training only) is the one Faster R-CNN uses: a horizontal flip with probability
-``hflip``. Whether image ``i`` is flipped in epoch ``e`` is a pure function of ``(seed, e, i)``,
-so a run resumed mid-epoch sees exactly the images a run without interruption would have seen.
+``hflip``. Whether an image is flipped in epoch ``e`` is a pure function of ``(seed, e, its
+image_id)``, so a run resumed mid-epoch sees exactly the images a run without interruption
+would have seen, whichever reader delivers them.
 
 Sharding: :class:`ResumableSampler` is torch's ``DistributedSampler`` (same seeded permutation,
 same wrap-around padding, same ``rank::world_size`` stride) that can also start part-way
@@ -29,6 +30,7 @@ from __future__ import annotations
 
 import bisect
 import itertools
+import zlib
 from pathlib import Path
 from typing import Any, Iterator, Sequence
 
@@ -38,7 +40,7 @@ from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
 from pipeline.errors import DataError
 from pipeline.images import decode
-from pipeline.prepared import open_table, read_annotations
+from pipeline.prepared import Annotations, open_table, read_annotations
 
 
 def hflip(image: torch.Tensor, boxes: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -50,11 +52,33 @@ def hflip(image: torch.Tensor, boxes: torch.Tensor) -> tuple[torch.Tensor, torch
     return image.flip(-1), flipped
 
 
-def flip_decision(seed: int, epoch: int, index: int, probability: float) -> bool:
-    """Whether image ``index`` is flipped in ``epoch``; a function of ``(seed, epoch, index)``."""
+def flip_decision(seed: int, epoch: int, image_id: str, probability: float) -> bool:
+    """Whether image ``image_id`` is flipped in ``epoch``: a function of ``(seed, epoch,
+    image_id)`` alone, so every reader (this one, :mod:`pipeline.training.ray_input`) and every
+    resumed run flips the same images."""
     if probability <= 0.0:
         return False
-    return bool(np.random.default_rng([seed, epoch, index]).random() < probability)
+    key = zlib.crc32(image_id.encode("utf-8"))
+    return bool(np.random.default_rng([seed, epoch, key]).random() < probability)
+
+
+def make_sample(data: bytes, ann: Annotations, index: int, *, flip: bool, use_difficult: bool
+                ) -> tuple[torch.Tensor, dict[str, torch.Tensor], str]:
+    """One training sample: row ``index`` of ``ann`` with its image ``data`` (PNG / JPEG) ->
+    ``(image (3, S, S) in [0, 1], {"boxes": (G, 4), "labels": (G,)}, image_id)``; crowd regions
+    dropped, difficult ones unless ``use_difficult``, mirrored when ``flip``."""
+    image = decode(data)
+    rows = ann.rows(index)
+    boxes = torch.from_numpy(ann.boxes[rows].copy())        # (G, 4)
+    labels = torch.from_numpy(ann.labels[rows].copy())      # (G,)
+    # crowd regions (COCO iscrowd) never train as objects; difficult ones on request
+    drop = ann.crowd[rows] | (ann.difficult[rows] & (not use_difficult))
+    if drop.any():
+        keep = torch.from_numpy(~drop)
+        boxes, labels = boxes[keep], labels[keep]
+    if flip:
+        image, boxes = hflip(image, boxes)
+    return image, {"boxes": boxes, "labels": labels}, ann.image_id(index)
 
 
 class DetectionDataset(Dataset):
@@ -111,19 +135,10 @@ class DetectionDataset(Dataset):
         return self._cached[1][index - self._starts[group]].as_py()
 
     def __getitem__(self, index: int) -> tuple[torch.Tensor, dict[str, torch.Tensor], str]:
-        image = decode(self.image_bytes(index))
         ann = self.annotations
-        rows = ann.rows(index)
-        boxes = torch.from_numpy(ann.boxes[rows].copy())        # (G, 4)
-        labels = torch.from_numpy(ann.labels[rows].copy())      # (G,)
-        # crowd regions (COCO iscrowd) never train as objects; difficult ones on request
-        drop = ann.crowd[rows] | (ann.difficult[rows] & (not self.use_difficult))
-        if drop.any():
-            keep = torch.from_numpy(~drop)
-            boxes, labels = boxes[keep], labels[keep]
-        if flip_decision(self.seed, self.epoch, index, self.hflip):
-            image, boxes = hflip(image, boxes)
-        return image, {"boxes": boxes, "labels": labels}, ann.image_id(index)
+        flip = flip_decision(self.seed, self.epoch, ann.image_id(index), self.hflip)
+        return make_sample(self.image_bytes(index), ann, index, flip=flip,
+                           use_difficult=self.use_difficult)
 
 
 def collate(batch: Sequence[tuple[torch.Tensor, dict[str, torch.Tensor], str]]) -> dict[str, Any]:
@@ -185,3 +200,38 @@ def make_loader(dataset: DetectionDataset, sampler: ResumableSampler, *, batch_s
                       collate_fn=collate, worker_init_fn=_worker_init if num_workers else None,
                       persistent_workers=False, drop_last=False, pin_memory=pin_memory,
                       generator=torch.Generator().manual_seed(sampler.seed))
+
+
+class TableInput:
+    """This process's shard of a prepared table, an epoch at a time: the plain reader (no Ray:
+    the Ray-free loop, the sweep's trials, tests and benchmarks). :mod:`pipeline.training.
+    ray_input` gives the same interface over Ray Data.
+
+    - :attr:`shard_size`: images per epoch for this rank (padded to the same on every rank);
+    - :attr:`image_size`: the side ``S`` of the images;
+    - :meth:`epoch`: the batches of ``epoch`` from optimiser step ``start_step`` on (a resumed
+      run's images are those an uninterrupted one would have seen).
+    """
+
+    def __init__(self, path: str | Path, *, rank: int = 0, world_size: int = 1,
+                 batch_size: int, seed: int = 0, hflip: float = 0.0,
+                 use_difficult: bool = False, num_workers: int = 0,
+                 pin_memory: bool = False) -> None:
+        self.dataset = DetectionDataset(path, hflip=hflip, seed=seed,
+                                        use_difficult=use_difficult)
+        self.sampler = ResumableSampler(len(self.dataset), rank=rank, world_size=world_size,
+                                        shuffle=True, seed=seed)
+        self.loader = make_loader(self.dataset, self.sampler, batch_size=batch_size,
+                                  num_workers=num_workers, pin_memory=pin_memory)
+        self.batch_size = batch_size
+        self.image_size = int(self.dataset[0][0].shape[-1])
+
+    @property
+    def shard_size(self) -> int:
+        return self.sampler.shard_size
+
+    def epoch(self, epoch: int, start_step: int = 0) -> Any:
+        self.dataset.set_epoch(epoch)
+        self.sampler.set_epoch(epoch, start=start_step * self.batch_size)
+        return self.loader
+

@@ -35,7 +35,7 @@ from torch import nn
 from pipeline.config import Config
 from pipeline.modeling import build_model, init_from_rpn
 from pipeline.training import checkpoints
-from pipeline.training.loader import DetectionDataset, ResumableSampler, make_loader
+from pipeline.training.loader import TableInput
 from pipeline.training.memory import check_memory, out_of_memory_as_error
 from pipeline.training.schedule import make_optimizer
 from pipeline.training.state import LoopState, TrainResult
@@ -105,7 +105,8 @@ def _print(msg: str) -> None:
 # The loop
 
 
-def train(cfg: Config, *, stage: str, train_path: str | Path, num_classes: int,
+def train(cfg: Config, *, stage: str, train_path: str | Path | None = None, num_classes: int,
+          data: Any = None,
           init_model: str | Path | None = None,
           resume: str | Path | None = None,
           rank: int = 0, world_size: int = 1,
@@ -123,8 +124,12 @@ def train(cfg: Config, *, stage: str, train_path: str | Path, num_classes: int,
     Args:
         cfg: the resolved config (``train.*`` and the model sections are read).
         stage: ``"rpn"`` or ``"frcnn"``.
-        train_path: the prepared training table.
+        train_path: the prepared training table, read by the plain reader
+            (:class:`pipeline.training.loader.TableInput`), unless ``data`` is given.
         num_classes: K, classes without background.
+        data: this rank's input instead (the interface of ``TableInput``: ``shard_size``,
+            ``image_size``, ``epoch(epoch, start_step)``; Ray Data's:
+            :class:`pipeline.training.ray_input.ShardInput`).
         init_model: an RPN model file to start from (the ``frcnn`` stage); ignored on resume.
         resume: a checkpoint folder to continue from (model, optimiser, schedule, counters, RNG).
         rank, world_size: this process's place in the worker group.
@@ -152,10 +157,10 @@ def train(cfg: Config, *, stage: str, train_path: str | Path, num_classes: int,
     if stage not in STAGES:
         raise ValueError(f"stage must be one of {', '.join(STAGES)}, got {stage!r}")
     device = torch.device(device or "cpu")
-    dataset, sampler, loader, image_size = _data(cfg, train_path, rank, world_size, device)
+    data = _data(cfg, data or train_path, rank, world_size, device)
     saved = checkpoints.read_state(resume) if resume is not None else None
     run = _setup(cfg, stage, num_classes, device=device, rank=rank, world_size=world_size,
-                 image_size=image_size, shard_size=sampler.shard_size, saved=saved,
+                 image_size=data.image_size, shard_size=data.shard_size, saved=saved,
                  init_model=init_model, model_fn=model_fn, wrap_model=wrap_model,
                  hooks=dict(report=report, log=log, say=say, on_epoch_end=on_epoch_end,
                             model_meta=dict(model_meta or {}),
@@ -173,9 +178,7 @@ def train(cfg: Config, *, stage: str, train_path: str | Path, num_classes: int,
     start_step = loop.step
     run.net.train()
     while loop.step < run.total_steps and loop.epoch < run.epochs:
-        dataset.set_epoch(loop.epoch)
-        sampler.set_epoch(loop.epoch, start=loop.epoch_step * cfg.train.batch_size)
-        _run_epoch(run, loop, loader)
+        _run_epoch(run, loop, data.epoch(loop.epoch, loop.epoch_step))
     if loop.step == start_step and report is not None:
         # resumed from a finished run's last checkpoint: report it again so the caller gets
         # the final model
@@ -191,23 +194,21 @@ def train(cfg: Config, *, stage: str, train_path: str | Path, num_classes: int,
 # Setting up
 
 
-def _data(cfg: Config, train_path: str | Path, rank: int, world_size: int, device: torch.device
-          ) -> tuple[DetectionDataset, ResumableSampler, Any, int]:
-    """The shard's dataset, sampler and loader, and the image side; a batch that cannot fit in
-    memory is refused here, before the model is built."""
+def _data(cfg: Config, source: Any, rank: int, world_size: int, device: torch.device) -> Any:
+    """The shard's input (``source``: an input object, or a prepared table's path for the plain
+    reader); a batch that cannot fit in memory is refused here, before the model is built."""
     tcfg = cfg.train
-    dataset = DetectionDataset(train_path, hflip=tcfg.hflip, seed=tcfg.seed,
-                               use_difficult=tcfg.use_difficult)
-    sampler = ResumableSampler(len(dataset), rank=rank, world_size=world_size, shuffle=True,
-                               seed=tcfg.seed)
-    loader = make_loader(dataset, sampler, batch_size=tcfg.batch_size,
-                         num_workers=tcfg.loader_workers, pin_memory=device.type == "cuda")
-    image_size = int(dataset[0][0].shape[-1])
+    data = source
+    if isinstance(source, (str, Path)):
+        data = TableInput(source, rank=rank, world_size=world_size,
+                          batch_size=tcfg.batch_size, seed=tcfg.seed, hflip=tcfg.hflip,
+                          use_difficult=tcfg.use_difficult, num_workers=tcfg.loader_workers,
+                          pin_memory=device.type == "cuda")
     # a batch larger than the shard is one smaller step per epoch, never zero steps
     check_memory(batch_size=tcfg.batch_size, images_per_step=min(tcfg.batch_size,
-                                                                 sampler.shard_size),
-                 image_size=image_size, device=device)
-    return dataset, sampler, loader, image_size
+                                                                 data.shard_size),
+                 image_size=data.image_size, device=device)
+    return data
 
 
 def _setup(cfg: Config, stage: str, num_classes: int, *, device: torch.device, rank: int,

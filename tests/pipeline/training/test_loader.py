@@ -36,11 +36,11 @@ def test_hflip_mirrors_image_and_boxes():
     assert torch.equal(back, image) and torch.equal(bboxes, boxes)
 
 
-def test_flip_is_deterministic_per_seed_epoch_index(prepared):
+def test_flip_is_deterministic_per_seed_epoch_image(prepared):
     ds = loader.DetectionDataset(prepared / "train.parquet", hflip=0.5, seed=3)
-    decisions = [[loader.flip_decision(3, e, i, 0.5) for i in range(len(ds))] for e in range(4)]
-    assert decisions == [[loader.flip_decision(3, e, i, 0.5) for i in range(len(ds))]
-                         for e in range(4)]
+    ids = [f"train_{i:03d}" for i in range(len(ds))]
+    decisions = [[loader.flip_decision(3, e, i, 0.5) for i in ids] for e in range(4)]
+    assert decisions == [[loader.flip_decision(3, e, i, 0.5) for i in ids] for e in range(4)]
     assert any(any(d) for d in decisions) and not all(all(d) for d in decisions)
     plain = loader.DetectionDataset(prepared / "train.parquet", hflip=0.0)
     for epoch in range(4):
