@@ -34,7 +34,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from pipeline.config import Config  # noqa: E402
 from pipeline.images import decode  # noqa: E402
 from pipeline.prepare.stage import prepare_dataset  # noqa: E402
-from pipeline.prepared import split_path  # noqa: E402
+from pipeline.prepared import PreparedTable, split_path  # noqa: E402
 from pipeline.training.loader import DetectionDataset, collate  # noqa: E402
 
 
@@ -72,7 +72,7 @@ def rate(path: Path, *, batch_size: int, passes: int) -> dict[str, float]:
         if p:  # the first pass warms caches up
             best_all = max(best_all, n / seconds)
             best_decode = max(best_decode, n / decode_seconds)
-    size = path.stat().st_size / n / 1024
+    size = PreparedTable(path).num_bytes / n / 1024
     return {"images_per_s": best_all, "decode_per_s": best_decode, "kib_per_image": size}
 
 

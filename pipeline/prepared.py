@@ -1,7 +1,11 @@
 """The prepared set, the contract between ``prepare`` and every stage that reads it.
 
 ``<data.out_dir>/{train,val,test}.parquet``, ``classes.json`` and ``rejected.csv``: their names,
-columns and readers live here and nowhere else.
+columns and readers live here and nowhere else. A split is one Parquet file, or, when it has more
+than :data:`pipeline.prepare.writer.ROWS_PER_FILE` rows, a folder of that name holding
+``part-00000.parquet``, ... (as Spark writes a table): read as one table by
+:class:`PreparedTable` here, by ``pyarrow.parquet.read_table`` and by Ray Data, which reads the
+files in parallel. Row groups of :data:`pipeline.prepare.writer.ROW_GROUP_ROWS` images.
 
 One row per image, sorted by ``image_id``:
 
@@ -44,6 +48,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from pipeline.digests import file_digest
 from pipeline.errors import DataError, MissingInputError
 from pipeline.images import ResizeInfo
 
@@ -137,20 +142,80 @@ def read_classes(folder: str | Path, *, image_size: int | None = None) -> dict[s
     return info
 
 
-def open_table(path: str | Path, columns: Sequence[str] = MODEL_COLUMNS) -> pq.ParquetFile:
+def table_files(path: str | Path) -> list[Path]:
+    """The Parquet files of a prepared table: the file itself, or a folder's
+    ``part-*.parquet`` in order (:class:`pipeline.prepare.writer.SplitWriter` writes a folder
+    when a split has more than ``ROWS_PER_FILE`` rows)."""
+    path = Path(path)
+    if path.is_dir():
+        return sorted(path.glob("part-*.parquet"))
+    return [path] if path.is_file() else []
+
+
+class PreparedTable:
+    """A prepared table of one file or a folder of part files, read as one: its rows numbered
+    across the files in order, its row groups likewise (the subset of ``pyarrow.parquet.
+    ParquetFile``'s interface the readers use). Holds only paths and counts: it pickles small
+    and opens a file when a row group of it is read."""
+
+    def __init__(self, path: str | Path) -> None:
+        self.path = Path(path)
+        self.files = table_files(self.path)
+        if not self.files:
+            raise MissingInputError(f"{self.path}: prepared table not found; run "
+                                    f"`frcnn prepare`")
+        self.schema_arrow = pq.read_schema(self.files[0])
+        self._groups: list[tuple[int, int, int]] = []    # (file, row group in it, rows)
+        for f, file in enumerate(self.files):
+            meta = pq.read_metadata(file)
+            self._groups += [(f, g, meta.row_group(g).num_rows) for g in range(meta.num_row_groups)]
+        self.num_rows = sum(rows for *_, rows in self._groups)
+
+    @property
+    def num_row_groups(self) -> int:
+        return len(self._groups)
+
+    def row_group_rows(self, group: int) -> int:
+        return self._groups[group][2]
+
+    def read_row_group(self, group: int, columns: Sequence[str] | None = None) -> pa.Table:
+        f, g, _ = self._groups[group]
+        return pq.ParquetFile(self.files[f]).read_row_group(g, columns=columns)
+
+    def read(self, columns: Sequence[str] | None = None) -> pa.Table:
+        """The whole table (small columns only, please: the image column of a large set does
+        not fit in memory)."""
+        return pa.concat_tables(pq.ParquetFile(f).read(columns=columns) for f in self.files)
+
+    @property
+    def num_bytes(self) -> int:
+        """Stored bytes of all its files."""
+        return sum(f.stat().st_size for f in self.files)
+
+
+def table_digest(path: str | Path) -> str:
+    """SHA-256 of a prepared table's content: of its file (:func:`pipeline.digests.file_digest`)
+    or, for a folder of part files, of their names and digests in order."""
+    import hashlib
+
+    path = Path(path)
+    if path.is_file():
+        return file_digest(path)
+    parts = [[f.name, file_digest(f)] for f in table_files(path)]
+    return hashlib.sha256(json.dumps(parts).encode()).hexdigest()
+
+
+def open_table(path: str | Path, columns: Sequence[str] = MODEL_COLUMNS) -> PreparedTable:
     """A prepared table, checked to exist and to hold ``columns``.
 
     Raises:
-        MissingInputError: no such file (run ``frcnn prepare``).
+        MissingInputError: no such file or folder of part files (run ``frcnn prepare``).
         DataError: a column is missing.
     """
-    path = Path(path)
-    if not path.is_file():
-        raise MissingInputError(f"{path}: prepared table not found; run `frcnn prepare`")
-    table = pq.ParquetFile(path)
+    table = PreparedTable(path)
     missing = [c for c in columns if c not in table.schema_arrow.names]
     if missing:
-        raise DataError(f"{path}: missing column(s) {', '.join(missing)}; expected "
+        raise DataError(f"{table.path}: missing column(s) {', '.join(missing)}; expected "
                         f"{', '.join(columns)}")
     return table
 
@@ -288,8 +353,8 @@ def read_image_bytes(path: str | Path, indices: Sequence[int]) -> list[bytes]:
     import bisect
     import itertools
 
-    table = pq.ParquetFile(path)
-    sizes = [table.metadata.row_group(g).num_rows for g in range(table.num_row_groups)]
+    table = PreparedTable(path)
+    sizes = [table.row_group_rows(g) for g in range(table.num_row_groups)]
     starts = list(itertools.accumulate(sizes, initial=0))
     out: dict[int, bytes] = {}
     by_group: dict[int, list[int]] = {}

@@ -110,13 +110,14 @@ def delete_dir(uri: str) -> None:
         fs.delete_dir(path)
 
 
-def stage_file(path: str | Path, root: str, digest: str) -> str:
-    """Copy the local file ``path`` to ``root/staged/<digest>/<name>`` (``digest``: of its
-    content) unless it is there already; returns that URI (or folder path)."""
+def stage_file(path: str | Path, root: str, digest: str, folder: str = "") -> str:
+    """Copy the local file ``path`` to ``root/staged/<digest>/[<folder>/]<name>`` (``digest``:
+    of its content, or of the table whose part it is, in ``folder``) unless it is there
+    already; returns that URI (or folder path)."""
     import pyarrow.fs
 
     path = Path(path)
-    uri = f"{root}/staged/{digest}/{path.name}"
+    uri = f"{root}/staged/{digest}/{folder + '/' if folder else ''}{path.name}"
     fs, target = fs_of(uri)
     info = fs.get_file_info(target)
     if info.type == pyarrow.fs.FileType.File and info.size == path.stat().st_size:

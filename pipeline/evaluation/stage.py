@@ -24,8 +24,8 @@ from pipeline.evaluation.core import evaluate_model
 from pipeline.evaluation.metrics import DETECTOR_RPN, add_prefixed, format_summary, metrics
 from pipeline.evaluation.outputs import OutputPaths, artifact_dir, write_outputs
 from pipeline.modeling import load_model_file
-from pipeline.digests import file_digest
-from pipeline.prepared import MODEL_COLUMNS, read_classes, read_ground_truth, split_path
+from pipeline.prepared import (MODEL_COLUMNS, read_classes, read_ground_truth, split_path,
+                               table_digest)
 
 
 def check_compatible(model: nn.Module, path: str | Path, image_size: int,
@@ -58,7 +58,7 @@ def evaluate_stage(cfg: Config) -> dict[str, Any]:
     with tracking.stage_run(cfg, "evaluate") as run:
         for split in splits:
             tracking.log_split(run, name=split.name, source=str(split.path),
-                               digest=file_digest(split.path), rows=len(split),
+                               digest=table_digest(split.path), rows=len(split),
                                columns=MODEL_COLUMNS, context="evaluation")
         results = evaluate_model(rpn_model=models[0], detector=models[1], splits=splits,
                                  budgets=budgets, num_classes=len(class_names),

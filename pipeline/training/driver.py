@@ -42,7 +42,6 @@ import shutil
 import sys
 import time
 
-import pyarrow.parquet as pq
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -50,7 +49,8 @@ from typing import Any
 from pipeline import files, modeling, tracking
 from pipeline.config import Config
 from pipeline.errors import ConfigError, DataError, MissingInputError, RunFailedError
-from pipeline.prepared import MODEL_COLUMNS, read_classes, read_image_bytes, split_path
+from pipeline.prepared import (MODEL_COLUMNS, open_table, read_classes, read_image_bytes,
+                               split_path, table_digest, table_files)
 from pipeline.digests import file_digest
 from pipeline.redaction import redact
 from pipeline.storage import delete_dir, local_copy, resolve, stage_file
@@ -89,7 +89,7 @@ def stage_inputs(cfg: Config, stage: str) -> StageInputs:
     prepared = Path(cfg.data.out_dir)
     info = read_classes(prepared, image_size=cfg.data.image_size)
     train_path = split_path(prepared, "train").resolve()
-    if not train_path.is_file():
+    if not table_files(train_path):
         raise MissingInputError(f"{train_path}: not found; run `frcnn prepare` first")
     init_model = Path(cfg.train.rpn_model).resolve() if stage == "frcnn" else None
     if init_model is not None and not init_model.is_file():
@@ -102,24 +102,30 @@ def stage_inputs(cfg: Config, stage: str) -> StageInputs:
                        model_path=Path(cfg.train.rpn_model if stage == "rpn"
                                        else cfg.train.frcnn_model),
                        metrics_dir=Path(cfg.train.metrics_dir),
-                       train_digest=file_digest(train_path),
+                       train_digest=table_digest(train_path),
                        init_digest=file_digest(init_model) if init_model else None)
 
 
-def worker_inputs(cfg: Config, inputs: StageInputs, root: str) -> dict[str, str | None]:
-    """``{"train_path", "init_model"}`` as the workers will open them: the driver's own files on
+def worker_inputs(cfg: Config, inputs: StageInputs, root: str) -> dict[str, Any]:
+    """``{"train_files": [the training table's files], "init_model"}`` as the workers will
+    open them: the driver's own files on
     the private local Ray; on a cluster (``train.ray_address`` / ``$RAY_ADDRESS``) or with a
     bucket as storage, copies staged in the run's storage (``root/staged/<digest>/``), which
     every node reaches: Ray Data's read tasks stream the training table from there (no node
     downloads it whole); the RPN model, one small file, each node downloads once
     (:func:`pipeline.storage.local_copy`)."""
-    paths = {"train_path": inputs.train_path, "init_model": inputs.init_model}
+    files = table_files(inputs.train_path)
     if not ("://" in root or cfg.train.ray_address or os.environ.get("RAY_ADDRESS")):
-        return {k: str(v) if v is not None else None for k, v in paths.items()}
-    digests = {"train_path": inputs.train_digest, "init_model": inputs.init_digest}
-    staged = {k: stage_file(v, root, digests[k]) if v is not None else None
-              for k, v in paths.items()}
-    print(f"{inputs.name}: workers read {redact(str(staged['train_path']))}"
+        return {"train_files": [str(f) for f in files],
+                "init_model": str(inputs.init_model) if inputs.init_model else None}
+    # a folder's parts under <digest>/<table name>/, a single file under <digest>/
+    name = inputs.train_path.name if inputs.train_path.is_dir() else ""
+    staged = {"train_files": [stage_file(f, root, inputs.train_digest, folder=name)
+                              for f in files],
+              "init_model": stage_file(inputs.init_model, root, inputs.init_digest)
+              if inputs.init_model is not None else None}
+    where = staged["train_files"][0].rsplit("/", 1)[0]
+    print(f"{inputs.name}: workers read {len(files)} file(s) in {redact(where)}"
           + (f" and {redact(str(staged['init_model']))}" if staged["init_model"] else ""),
           flush=True)
     return staged
@@ -150,7 +156,7 @@ def train_stage(cfg: Config, stage: str) -> dict[str, Any]:
         untrained = modeling.warn_untrained(cfg, inputs.name)
         if untrained:
             mlrun.set_tags({modeling.UNTRAINED_TAG: untrained})
-        rows = pq.ParquetFile(inputs.train_path).metadata.num_rows
+        rows = open_table(inputs.train_path).num_rows
         tracking.log_split(mlrun, name="train", source=str(inputs.train_path),
                            digest=inputs.train_digest, rows=rows, columns=MODEL_COLUMNS,
                            context="training")
@@ -319,14 +325,13 @@ def _check_local_memory(cfg: Config, train_path: Path) -> None:
     Only for a local Ray on CPU, where every worker shares this machine's RAM; GPU workers and
     cluster nodes check their own memory in :func:`pipeline.training.loop.train`.
     """
-    import pyarrow.parquet as pq
     import torch
 
     from pipeline.training.memory import check_memory
     if cfg.train.ray_address is not None or cfg.train.use_gpu == "true" \
             or (cfg.train.use_gpu == "auto" and torch.cuda.is_available()):
         return
-    shard = -(-pq.ParquetFile(train_path).metadata.num_rows // cfg.train.num_workers)
+    shard = -(-open_table(train_path).num_rows // cfg.train.num_workers)
     check_memory(batch_size=cfg.train.batch_size, images_per_step=min(cfg.train.batch_size, shard),
                  image_size=cfg.data.image_size, device=torch.device("cpu"),
                  workers=cfg.train.num_workers)
@@ -359,11 +364,11 @@ def _fit(cfg: Config, inputs: StageInputs, run_name: str, root: str,
         if use_gpu:
             resources["GPU"] = cfg.train.gpus_per_worker
         paths = worker_inputs(cfg, inputs, root)
-        rows = pq.ParquetFile(inputs.train_path).metadata.num_rows
+        rows = open_table(inputs.train_path).num_rows
         epochs = cfg.train.rpn_epochs if inputs.stage == "rpn" else cfg.train.frcnn_epochs
         trainer = TorchTrainer(
             _worker,
-            datasets=epoch_datasets([paths["train_path"]], rows=rows, epochs=epochs,
+            datasets=epoch_datasets(paths["train_files"], rows=rows, epochs=epochs,
                                     seed=cfg.train.seed, world_size=cfg.train.num_workers),
             dataset_config=data_config(),
             train_loop_config={

@@ -100,9 +100,9 @@ class DetectionDataset(Dataset):
     def __init__(self, path: str | Path, *, hflip: float = 0.0, seed: int = 0,
                  use_difficult: bool = False) -> None:
         self.path = Path(path)
-        table = open_table(self.path)  # exists, with the model's columns (else a clear error)
+        self.table = open_table(self.path)  # exists, with the model's columns (else an error)
         self.annotations = read_annotations(self.path)  # flat arrays, no object per box
-        sizes = [table.metadata.row_group(i).num_rows for i in range(table.num_row_groups)]
+        sizes = [self.table.row_group_rows(i) for i in range(self.table.num_row_groups)]
         self._starts = list(itertools.accumulate(sizes, initial=0))  # row group g: [starts[g], starts[g+1])
         self._cached: tuple[int, Any] | None = None  # (row group, its image column)
         self.hflip = hflip
@@ -129,8 +129,7 @@ class DetectionDataset(Dataset):
         """The stored PNG / JPEG bytes of image ``index`` (reads its row group if needed)."""
         group = bisect.bisect_right(self._starts, index) - 1
         if self._cached is None or self._cached[0] != group:
-            import pyarrow.parquet as pq
-            column = pq.ParquetFile(self.path).read_row_group(group, columns=["image"])
+            column = self.table.read_row_group(group, columns=["image"])
             self._cached = (group, column.column("image"))
         return self._cached[1][index - self._starts[group]].as_py()
 

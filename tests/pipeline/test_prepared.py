@@ -55,7 +55,7 @@ def test_tables_follow_the_schema(prepared):
 
 
 def test_open_table_names_a_missing_table_or_column(prepared, tmp_path):
-    assert open_table(split_path(prepared, "train")).metadata.num_rows == 6
+    assert open_table(split_path(prepared, "train")).num_rows == 6
     with pytest.raises(MissingInputError, match="prepared table not found; run `frcnn prepare`"):
         open_table(tmp_path / "nowhere.parquet")
     table = pq.read_table(split_path(prepared, "train")).drop_columns(["labels", "difficult"])
@@ -152,3 +152,46 @@ def test_classes_json_is_written_with_its_conventions(tmp_path):
     assert info["ids"] == {"a": 1, "b": 2} and info["num_classes"] == 2
     assert info["source"] == "voc:s3://***@bucket/voc"  # credentials masked
     assert read_classes(tmp_path, image_size=32)["resize"] == "letterbox"
+
+
+def _parts(tmp_path, rows, rows_per_file: int, rows_per_group: int):
+    from pipeline.prepare.writer import SplitWriter
+
+    path = tmp_path / f"parts{rows_per_file}-{len(rows)}" / "train.parquet"
+    path.parent.mkdir()
+    writer = SplitWriter(path, rows_per_file=rows_per_file, rows_per_group=rows_per_group)
+    for row in rows:
+        writer.add(row)
+    writer.close()
+    return path
+
+
+def test_a_split_larger_than_a_file_is_a_folder_of_parts_read_as_one_table(tmp_path):
+    """7 rows, groups of 2, files of 4: a folder of two parts (4 + 3 rows); every reader sees
+    the same table as the single file of the same rows; the digest is of the content."""
+    from pipeline.digests import file_digest
+    from pipeline.prepared import PreparedTable, table_digest, table_files
+    from pipeline.training.loader import DetectionDataset
+
+    folder = write_prepared(tmp_path / "p", splits={"train": 7}, size=32, content="noise")
+    rows = pq.read_table(split_path(folder, "train")).to_pylist()
+    single = _parts(tmp_path, rows, rows_per_file=100, rows_per_group=2)
+    parted = _parts(tmp_path, rows, rows_per_file=4, rows_per_group=2)
+    assert single.is_file() and parted.is_dir()
+    assert [f.name for f in table_files(parted)] == ["part-00000.parquet", "part-00001.parquet"]
+    assert [pq.read_metadata(f).num_rows for f in table_files(parted)] == [4, 3]
+    assert not list(tmp_path.rglob(".*.parts"))                  # no leftovers
+    a, b = PreparedTable(single), PreparedTable(parted)
+    assert a.num_rows == b.num_rows == 7 and a.num_row_groups == b.num_row_groups == 4
+    assert [b.row_group_rows(g) for g in range(4)] == [2, 2, 2, 1]
+    assert b.read_row_group(2, ["image_id"]).column(0).to_pylist() == ["train_004",
+                                                                       "train_005"]
+    assert a.read().equals(b.read()) and pq.read_table(parted).num_rows == 7
+    assert read_image_bytes(parted, [6, 0, 4]) == [rows[i]["image"] for i in (6, 0, 4)]
+    for i in range(7):
+        assert torch.equal(DetectionDataset(parted)[i][0], DetectionDataset(single)[i][0])
+    assert read_annotations(parted).boxes.tolist() == read_annotations(single).boxes.tolist()
+    assert table_digest(single) == file_digest(single)
+    assert table_digest(parted) != table_digest(_parts(tmp_path, rows[:6], 4, 2))
+    with pytest.raises(MissingInputError, match="prepared table not found"):
+        PreparedTable(tmp_path / "nothing.parquet")

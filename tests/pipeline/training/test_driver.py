@@ -149,12 +149,44 @@ def test_workers_read_the_drivers_files_locally_and_staged_copies_on_a_cluster(t
     cfg = Config().replace(RAY_PARAMS)
     inputs = stage_inputs(cfg, "rpn")
     root = str(tmp_path / "storage")
-    assert worker_inputs(cfg, inputs, root) == {"train_path": str(inputs.train_path),
+    assert worker_inputs(cfg, inputs, root) == {"train_files": [str(inputs.train_path)],
                                                 "init_model": None}
     staged = worker_inputs(cfg.replace({"train.ray_address": "127.0.0.1:6379"}), inputs, root)
-    assert staged == {"train_path": f"{root}/staged/{inputs.train_digest}/train.parquet",
+    assert staged == {"train_files": [f"{root}/staged/{inputs.train_digest}/train.parquet"],
                       "init_model": None}
-    assert Path(staged["train_path"]).read_bytes() == inputs.train_path.read_bytes()
+    assert Path(staged["train_files"][0]).read_bytes() == inputs.train_path.read_bytes()
+
+
+def test_a_table_of_part_files_is_staged_part_by_part(tmp_path, monkeypatch):
+    """A training table written as a folder of parts: each part staged under the table's
+    digest and name, read by Ray Data from there."""
+    import shutil
+
+    import pyarrow.parquet as pq
+
+    from pipeline.config import Config
+    from pipeline.prepare.writer import SplitWriter
+    from pipeline.prepared import table_digest
+    from pipeline.training.driver import stage_inputs, worker_inputs
+
+    project = _project(tmp_path)
+    monkeypatch.chdir(project)
+    table = project / "data" / "prepared" / "train.parquet"
+    rows = pq.read_table(table).to_pylist()
+    table.unlink()
+    writer = SplitWriter(table, rows_per_file=4, rows_per_group=2)
+    for row in rows:
+        writer.add(row)
+    writer.close()
+    inputs = stage_inputs(Config().replace(RAY_PARAMS), "rpn")
+    assert inputs.train_digest == table_digest(table)
+    root = str(tmp_path / "storage")
+    staged = worker_inputs(Config().replace({**RAY_PARAMS, "train.ray_address": "auto"}),
+                           inputs, root)
+    base = f"{root}/staged/{inputs.train_digest}/train.parquet"
+    assert staged["train_files"] == [f"{base}/part-00000.parquet", f"{base}/part-00001.parquet"]
+    assert pq.read_table(base).to_pylist() == rows
+    shutil.rmtree(root)
 
 
 # --------------------------------------------------------------------------------------------

@@ -2,8 +2,9 @@
 
 Without Ray: :class:`ShardInput` over a scripted shard (batches, skipping, decoding, flips).
 With Ray, for real: a ``TorchTrainer`` of two workers over :func:`epoch_datasets` of a 7-image
-table: every image once per epoch (one padded), the same rows to the same rank in the same order
-on every execution, and a resumed epoch continuing exactly where it stopped.
+table in three part files (three read tasks): every image once per epoch (one padded), the
+same rows to the same rank in the same order on every execution, and a resumed epoch
+continuing exactly where it stopped.
 """
 
 from __future__ import annotations
@@ -88,14 +89,24 @@ def test_every_image_once_per_epoch_in_the_same_order_on_every_run(tmp_path):
                 "e1": [b["image_ids"] for b in data.epoch(1)]}
         Path(config["out"], f"rank{ctx.get_world_rank()}.json").write_text(json.dumps(seen))
 
+    from pipeline.prepare.writer import SplitWriter
+    from pipeline.prepared import table_files
+
     folder = write_prepared(tmp_path / "p", num_images=7)
-    path = folder / "train.parquet"
-    rows = pq.read_metadata(path).num_rows
+    path = tmp_path / "parts" / "train.parquet"      # a folder of 3 files: 3 + 3 + 1 rows
+    path.parent.mkdir()
+    writer = SplitWriter(path, rows_per_file=3, rows_per_group=1)
+    for row in pq.read_table(folder / "train.parquet").to_pylist():
+        writer.add(row)
+    writer.close()
+    files = [str(f) for f in table_files(path)]
+    rows = 7
+    assert len(files) == 3
     out = tmp_path / "seen"
     out.mkdir()
     with ray_session(None):
         TorchTrainer(record, train_loop_config={"rows": rows, "out": str(out)},
-                     datasets=epoch_datasets([str(path)], rows=rows, epochs=2, seed=0,
+                     datasets=epoch_datasets(files, rows=rows, epochs=2, seed=0,
                                              world_size=2),
                      dataset_config=data_config(),
                      scaling_config=ScalingConfig(num_workers=2,
