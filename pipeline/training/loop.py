@@ -33,6 +33,7 @@ import torch
 from torch import nn
 
 from pipeline.config import Config
+from pipeline.errors import DataError
 from pipeline.modeling import build_model, init_from_rpn
 from pipeline.training import checkpoints
 from pipeline.training.loader import TableInput
@@ -267,6 +268,9 @@ def _run_epoch(run: _Run, loop: LoopState, loader: Any) -> None:
             _checkpoint(run, loop, dict(loop.last, step=loop.step, epoch=loop.epoch), final=False)
     if loop.epoch_step >= run.steps_per_epoch or loop.step >= run.total_steps:
         _end_epoch(run, loop)
+    else:  # an input that ends early would otherwise start the same epoch again, forever
+        raise DataError(f"{run.name}: the input of epoch {loop.epoch + 1} ended after "
+                        f"{loop.epoch_step} of its {run.steps_per_epoch} steps")
 
 
 def _train_step(run: _Run, loop: LoopState, batch: Mapping[str, Any], t_prev: float) -> None:

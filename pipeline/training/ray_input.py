@@ -37,8 +37,8 @@ import numpy as np
 
 from pipeline.prepared import MODEL_COLUMNS, annotations_of
 
-#: Dataset names, one per epoch.
 def dataset_name(epoch: int) -> str:
+    """The name of epoch ``epoch``'s dataset."""
     return f"train_e{epoch}"
 
 
@@ -63,8 +63,14 @@ def epoch_datasets(files: Sequence[str], *, rows: int, epochs: int, seed: int,
     pad = (-rows) % world_size
     out = {}
     for epoch in range(epochs):
-        ds = ray.data.read_parquet(epoch_order(files, seed, epoch), columns=list(MODEL_COLUMNS))
-        out[dataset_name(epoch)] = ds.union(ds.limit(pad)) if pad else ds
+        # a read task per file, whatever the cluster's size: the blocks, and so the rows each
+        # rank gets, do not change when a restart finds fewer or more CPUs
+        ds = ray.data.read_parquet(epoch_order(files, seed, epoch), columns=list(MODEL_COLUMNS),
+                                   override_num_blocks=len(files))
+        if pad:  # a table smaller than the pad (fewer rows than workers) is repeated first
+            repeated = ds.union(*[ds] * (-(-pad // rows) - 1)) if pad > rows else ds
+            ds = ds.union(repeated.limit(pad))
+        out[dataset_name(epoch)] = ds
     return out
 
 

@@ -194,3 +194,26 @@ def test_on_epoch_end_metrics_join_the_epoch_log_and_report(tmp_path):
     epoch_logs = [(m["epoch/AR@300"], step) for m, step in logged if "epoch/AR@300" in m]
     assert epoch_logs == [(0.1, 1), (0.2, 2)]
     assert result.model.training
+
+
+def test_an_input_that_ends_early_is_an_error_not_an_endless_epoch(prepared):
+    """An input that delivers fewer batches than the epoch's steps (a reader bug, a table
+    changed underneath) stops the run with the count, instead of starting the epoch again."""
+    import itertools
+
+    from pipeline.errors import DataError
+    from pipeline.training.loader import TableInput
+
+    cfg = tiny_cfg()
+    real = TableInput(prepared / "train.parquet", batch_size=cfg.train.batch_size)
+
+    class Short:
+        shard_size, image_size = real.shard_size, real.image_size
+
+        def epoch(self, epoch, start_step=0):
+            return itertools.islice(iter(real.epoch(epoch, start_step)), 1)
+
+    steps = -(-real.shard_size // cfg.train.batch_size)
+    with pytest.raises(DataError, match=f"input of epoch 1 ended after 1 of its {steps} steps"):
+        loop.train(cfg, stage="rpn", data=Short(), num_classes=2)
+

@@ -112,6 +112,11 @@ def test_every_image_once_per_epoch_in_the_same_order_on_every_run(tmp_path):
                      scaling_config=ScalingConfig(num_workers=2,
                                                   resources_per_worker={"CPU": 0.5}),
                      run_config=RunConfig(storage_path=str(tmp_path / "runs"))).fit()
+        # fewer rows than workers: the pad repeats the table as often as it takes
+        one = tmp_path / "one.parquet"
+        pq.write_table(pq.read_table(folder / "train.parquet").slice(0, 1), one)
+        padded = epoch_datasets([str(one)], rows=1, epochs=1, seed=0, world_size=4)
+        assert padded["train_e0"].count() == 4
     ranks = [json.loads((out / f"rank{r}.json").read_text()) for r in range(2)]
     ids = [f"train_{i:03d}" for i in range(7)]
     for epoch in ("e0", "e1"):
