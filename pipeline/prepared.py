@@ -201,7 +201,10 @@ def table_digest(path: str | Path) -> str:
     path = Path(path)
     if path.is_file():
         return file_digest(path)
-    parts = [[f.name, file_digest(f)] for f in table_files(path)]
+    files = table_files(path)
+    if not files:
+        raise MissingInputError(f"{path}: prepared table not found; run `frcnn prepare`")
+    parts = [[f.name, file_digest(f)] for f in files]
     return hashlib.sha256(json.dumps(parts).encode()).hexdigest()
 
 
@@ -281,8 +284,14 @@ def read_annotations(path: str | Path, *, data: bytes | None = None) -> Annotati
     """
     path = Path(path)
     columns = list(ANNOTATION_COLUMNS)
-    table = (pq.read_table(pa.BufferReader(data), columns=columns) if data is not None
-             else open_table(path, columns).read(columns=columns))
+    if data is not None:
+        names = pq.read_schema(pa.BufferReader(data)).names
+        missing = [c for c in columns if c not in names]
+        if missing:
+            raise DataError(f"{path}: missing column(s) {', '.join(missing)}")
+        table = pq.read_table(pa.BufferReader(data), columns=columns)
+    else:
+        table = open_table(path, columns).read(columns=columns)
     return annotations_of(table, path)
 
 
@@ -306,6 +315,9 @@ def annotations_of(table: pa.Table, path: str | Path) -> Annotations:
     offsets = np.concatenate([[0], np.cumsum(counts)]).astype(np.int64)
     boxes = column["boxes"].flatten().flatten().to_numpy(zero_copy_only=False)
     boxes = np.array(boxes, dtype=np.float32).reshape(-1, 4)   # a writable copy
+    if boxes.shape[0] != offsets[-1]:  # a null box in a list: every later image would shift
+        raise DataError(f"{path}: {int(offsets[-1])} boxes listed but {boxes.shape[0]} given "
+                        f"(a box is null)")
     flat = {}
     for name in ("labels", "difficult", "crowd"):
         got = lengths(name)

@@ -141,10 +141,14 @@ def prepare_dataset(cfg: Config, *, progress: bool = True) -> PrepareResult:
                 split = splits[result.image_id]
                 writers[split].add(result.row)
                 boxes[split] += len(result.row["labels"])
+        except BaseException:
+            for writer in writers.values():  # the error is what the caller sees
+                writer.abort()
+            raise
         finally:
             results.close()  # on an error: stop the workers now, not when garbage-collected
-            for writer in writers.values():
-                writer.close()
+        for writer in writers.values():
+            writer.close()
         images = {split: writers[split].rows for split in SPLITS}
         _check_splits(images, data, reading, problems)
         write_classes(tmp, classes=reading.classes, image_size=data.image_size,

@@ -69,6 +69,17 @@ class SplitWriter:
         else:
             self._parts.replace(self.path)
 
+    def abort(self) -> None:
+        """Stop without writing more (an error elsewhere): close the open file and remove the
+        parts; ``path`` is left as it was."""
+        import shutil
+
+        self._buffer = []
+        if self._writer is not None:
+            self._writer.close()
+            self._writer = None
+        shutil.rmtree(self._parts, ignore_errors=True)
+
     def _open(self) -> pq.ParquetWriter:
         if self._writer is not None:
             self._writer.close()

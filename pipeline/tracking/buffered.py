@@ -10,8 +10,9 @@ and says how many. Training never waits on it: only :meth:`MetricsBuffer.close` 
 run) waits, at most ``close_timeout`` seconds, for the points still pending.
 
 At most ``max_points`` points are kept (a day of a step logged every second is ~0.5 M points of
-a dozen metrics); beyond that the oldest go, and the number lost is said once and counted in
-:attr:`MetricsBuffer.dropped`.
+a dozen metrics); beyond that the oldest go. A batch the store refuses for good (a 4xx answer:
+a deleted run, an invalid value) is dropped rather than retried. Every loss is counted in
+:attr:`MetricsBuffer.dropped`, said when it first happens and totalled by :meth:`close`.
 """
 
 from __future__ import annotations
@@ -58,6 +59,7 @@ class MetricsBuffer:
         self._lock = threading.Lock()
         self._wake = threading.Event()
         self._closing = False
+        self._abandoned = False
         self._failing_since: float | None = None
         self._thread = threading.Thread(target=self._serve, name="mlflow-metrics", daemon=True)
         self._thread.start()
@@ -69,14 +71,11 @@ class MetricsBuffer:
         points = [(metric_name(redact(k)), float(v), now, int(step))
                   for k, v in metrics.items() if not isinstance(v, bool)]
         with self._lock:
-            room = self._pending.maxlen - len(self._pending)
-            if len(points) > room:
-                lost = len(points) - room
-                if not self.dropped:
-                    self.say(f"tracking: more than {self._pending.maxlen} metric points waiting "
-                             f"for {redact(self.run.tracking_uri)}; the oldest are dropped")
-                self.dropped += lost
-            self._pending.extend(points)
+            lost = len(points) - (self._pending.maxlen - len(self._pending))
+            self._pending.extend(points)  # a full deque drops its oldest
+        if lost > 0:
+            self._drop(lost, f"more than {self._pending.maxlen} waiting for "
+                             f"{redact(self.run.tracking_uri)}; the oldest go first")
 
     __call__ = log
 
@@ -96,12 +95,15 @@ class MetricsBuffer:
         self._closing = True
         self._wake.set()
         self._thread.join(self.close_timeout)
+        self._abandoned = True  # the thread stops at its next wake: what is left is lost
         left = self.pending
         if left or self._thread.is_alive():
             self.say(f"tracking: {left} metric point(s) could not be sent to "
                      f"{redact(self.run.tracking_uri)} within {self.close_timeout:.0f} s; "
                      f"they are lost (the training itself is not)")
             return False
+        if self.dropped:
+            self.say(f"tracking: {self.dropped} metric point(s) in all were dropped")
         return not self.dropped
 
     def __enter__(self) -> "MetricsBuffer":
@@ -113,10 +115,12 @@ class MetricsBuffer:
     # ---------------------------------------------------------------------------------------
 
     def _serve(self) -> None:
-        while True:
+        while not self._abandoned:
             wait = self.retry_seconds if self._failing_since is not None else self.interval
             self._wake.wait(wait)
             self._wake.clear()
+            if self._abandoned:
+                return
             delivered = self._flush()
             if self._closing and (delivered or self.pending == 0):
                 return
@@ -133,6 +137,10 @@ class MetricsBuffer:
             try:
                 self._send(batch)
             except Exception as exc:  # connection refused, timeouts, 5xx after MLflow's retries
+                if _refused_for_good(exc):  # 4xx: the store answered no; retrying cannot help
+                    self._drop(len(batch), f"refused by {redact(self.run.tracking_uri)} "
+                                           f"({redact(str(exc).splitlines()[0])[:200]})")
+                    continue
                 self._put_back(batch)
                 if self._failing_since is None:
                     self._failing_since = time.monotonic()
@@ -152,6 +160,24 @@ class MetricsBuffer:
         """Return an unsent batch to the front (oldest first); a full buffer loses its newest."""
         with self._lock:
             over = len(self._pending) + len(batch) - self._pending.maxlen
-            if over > 0:
-                self.dropped += over
             self._pending.extendleft(reversed(batch))
+        if over > 0:
+            self._drop(over, f"more than {self._pending.maxlen} waiting for "
+                             f"{redact(self.run.tracking_uri)}")
+
+    def _drop(self, count: int, why: str) -> None:
+        """Count ``count`` points lost; the first loss is said (once)."""
+        if not self.dropped:
+            self.say(f"tracking: metric points dropped: {why}")
+        self.dropped += count
+
+
+def _refused_for_good(exc: Exception) -> bool:
+    """An MLflow error the store answered with a 4xx other than 429 (a deleted run, an
+    invalid value): sending the same batch again would fail again."""
+    from mlflow.exceptions import MlflowException
+
+    if not isinstance(exc, MlflowException):
+        return False
+    status = exc.get_http_status_code()
+    return 400 <= status < 500 and status != 429

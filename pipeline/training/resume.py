@@ -31,7 +31,7 @@ NOT_IN_KEY = tuple(f"train.{k}" for k in (
 
 def run_key(cfg: Config, stage: str, train_digest: str, init_digest: str | None) -> str:
     """Digest of everything that determines a stage's training (12 hex digits); the data
-    enter by their content digests (:func:`pipeline.digests.file_digest` of the training
+    enter by their content digests (:func:`pipeline.prepared.table_digest` of the training
     table and, for the ``frcnn`` stage, of the RPN model)."""
     tree = cfg.to_dict()
     return digest({

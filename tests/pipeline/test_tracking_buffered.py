@@ -76,7 +76,34 @@ def test_a_full_buffer_drops_its_oldest_points_and_counts_them():
     assert not buffer.close()  # something was lost
     assert buffer.dropped == 3
     assert [s for *_, s in store.points] == [4, 5, 6, 7, 8]
-    assert sum("dropped" in line for line in said) == 1
+    assert sum("metric points dropped: more than 5 waiting" in line for line in said) == 1
+    assert said[-1] == "tracking: 3 metric point(s) in all were dropped"
+
+
+def test_a_batch_the_store_refuses_for_good_is_dropped_and_later_ones_still_go():
+    """A 4xx answer (here an invalid value) is not an outage: that batch is dropped, said,
+    counted; the points logged after it arrive."""
+    from mlflow.exceptions import MlflowException
+    from mlflow.protos.databricks_pb2 import INVALID_PARAMETER_VALUE
+
+    store, said = FlakyStore(), []
+    refuse = threading.Event()
+    refuse.set()
+
+    def send(points):
+        if refuse.is_set():
+            refuse.clear()
+            raise MlflowException("bad value", error_code=INVALID_PARAMETER_VALUE)  # a 400
+        store(points)
+
+    buffer = MetricsBuffer(handle(), interval=0.01, retry_seconds=0.01, send=send,
+                           say=said.append)
+    buffer.log({"loss": 1.0}, 1)
+    wait_until(lambda: not refuse.is_set(), "the refused send")
+    buffer.log({"loss": 2.0}, 2)
+    assert not buffer.close() and buffer.dropped == 1 and buffer.reachable
+    assert [s for *_, s in store.points] == [2]
+    assert said[0].startswith("tracking: metric points dropped: refused by http://")
 
 
 def test_close_gives_up_after_its_timeout_and_says_what_was_lost():
