@@ -135,7 +135,7 @@ def test_dvc_repro_on_a_multi_node_cluster_with_a_bucket_a_tracking_server_and_n
 def _check_training(out: str, repo: Path, store: str, s3) -> None:
     """train_rpn: workers read the staged table; exactly the planned steps after the node loss,
     between one restart and ``train.max_failures`` (2); train_frcnn: its steps."""
-    assert f"workers read s3://***@{s3.bucket}/checkpoints/staged/" in out
+    assert f"workers read 1 file(s) in s3://***@{s3.bucket}/checkpoints/staged/" in out
     rpn = json.loads((repo / "metrics" / "train_rpn.json").read_text())
     assert (rpn["steps"], rpn["epochs"]) == (9, 3)     # 6 images / 2 workers x 3 epochs
     run = mlflow_store.only_run(store, "train_rpn")

@@ -75,7 +75,8 @@ def test_prepare_killed_mid_write_leaves_the_previous_output(tmp_path):
         deadline, partial = time.monotonic() + 240, None
         while time.monotonic() < deadline and proc.poll() is None:
             temps = list((tmp_path / "data").glob(".prepared.*.tmp"))
-            tables = [p for t in temps for p in t.glob("train.parquet")]
+            # the table being written: its part files, gathered beside it until it is whole
+            tables = [p for t in temps for p in t.glob(".train.parquet.parts/part-*.parquet")]
             with contextlib.suppress(FileNotFoundError):   # renamed between glob and stat
                 if tables and tables[0].stat().st_size > 100_000:  # row groups on their way
                     partial = tables[0]
