@@ -36,6 +36,8 @@ from typing import Any, Iterator, Sequence
 import numpy as np
 
 from pipeline.prepared import MODEL_COLUMNS, annotations_of
+from pipeline.training.loader import collate, flip_decision, make_sample
+
 
 def dataset_name(epoch: int) -> str:
     """The name of epoch ``epoch``'s dataset."""
@@ -144,21 +146,14 @@ class ShardInput:
             for table in tables:
                 ahead.append(self._submit(pool, table, epoch))
                 if len(ahead) > 1:
-                    yield _collate([f.result() for f in ahead.popleft()])
+                    yield collate([f.result() for f in ahead.popleft()])
             while ahead:
-                yield _collate([f.result() for f in ahead.popleft()])
+                yield collate([f.result() for f in ahead.popleft()])
 
     def _submit(self, pool: Any, table: Any, epoch: int) -> list[concurrent.futures.Future]:
-        from pipeline.training.loader import flip_decision, make_sample
-
         ann = annotations_of(table, f"{dataset_name(epoch)} (rank {self.rank})")
         images = table.column("image")
         return [pool.submit(make_sample, images[i].as_py(), ann, i,
                             flip=flip_decision(self.seed, epoch, ann.image_id(i), self.hflip),
                             use_difficult=self.use_difficult)
                 for i in range(table.num_rows)]
-
-
-def _collate(samples: list[Any]) -> dict[str, Any]:
-    from pipeline.training.loader import collate
-    return collate(samples)
