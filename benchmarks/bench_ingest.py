@@ -4,11 +4,12 @@ For synthetic prepared sets of each ``--sizes`` (default 2,000 and 20,000 images
 ``--image-size`` 64: a small side keeps preparing 20,000 images to a minute; what is measured
 scales with the image count, not the side), run as a cluster user would:
 
-- an S3-compatible bucket (``moto_server`` on 127.0.0.1) behind a byte-counting proxy, as
-  ``train.storage_path``;
+- an S3-compatible bucket (``moto_server`` on 127.0.0.1) behind a byte-counting proxy, holding
+  the prepared set (``data.out_dir``: a bucket URI; the set is prepared once in ``--work`` and
+  uploaded as ``frcnn prepare`` would write it there) and the runs (``train.storage_path``);
 - a Ray cluster of two nodes on loopback (the head, where the driver runs, and ``node_b``); the
-  two training workers are placed on ``node_b`` (``train.worker_resources``), so they read what
-  the driver hands them through storage, as on a second machine;
+  two training workers are placed on ``node_b`` (``train.worker_resources``), so they read the
+  set from the bucket, as on a second machine;
 - ``frcnn train --stage rpn``, one epoch of batch ``--batch-size`` per worker (the whole set:
   the bytes read are an epoch's, not a prefetch's).
 
@@ -59,7 +60,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from pipeline.config import Config  # noqa: E402
 from pipeline.prepare.stage import prepare_dataset  # noqa: E402
-from pipeline.prepared import PreparedTable, split_path  # noqa: E402
+from pipeline.prepared import CLASSES_FILE, PreparedTable, split_path  # noqa: E402
+from pipeline.storage import upload_folder  # noqa: E402
 from pipeline.training.loader import DetectionDataset, ResumableSampler  # noqa: E402
 from tests.support.procs import free_ports, subprocess_env  # noqa: E402
 from tests.support.ray_cluster import ray_cluster  # noqa: E402
@@ -280,11 +282,12 @@ def cluster_with_bucket(folder: Path) -> Iterator[tuple[Any, CountingProxy, dict
             proxy.close()
 
 
-def train_once(project: Path, prepared: Path, n: int, *, batch_size: int, cluster: Any,
-               proxy: CountingProxy, env: dict[str, str]) -> dict[str, float]:
-    """One ``frcnn train --stage rpn`` on the cluster; memory, first step, bytes served."""
+def train_once(project: Path, prepared: str, image_size: int, n: int, *, batch_size: int,
+               cluster: Any, proxy: CountingProxy, env: dict[str, str]) -> dict[str, float]:
+    """One ``frcnn train --stage rpn`` on the cluster of the set at URI ``prepared``; memory,
+    first step, bytes served."""
     params = {
-        "data": {"out_dir": str(prepared), "image_size": prepared_size(prepared)},
+        "data": {"out_dir": prepared, "image_size": image_size},
         "anchors": {"scales": [1, 2, 4]},
         "rpn": {"min_size": 4.0},
         "train": {"num_workers": 2, "cpus_per_worker": 0.5, "batch_size": batch_size,
@@ -362,8 +365,13 @@ def main(argv: list[str] | None = None) -> int:
                 row: dict[str, float] = {"images": n,
                                          "stored_bytes_per_image": PreparedTable(path).num_bytes / n,
                                          "prepare_seconds": time.perf_counter() - t0}
-                row.update(train_once(project, prepared, n, batch_size=args.batch_size,
-                                      cluster=cluster,
+                # as a cluster user's set: in the bucket (as `frcnn prepare` with a bucket
+                # URI as data.out_dir writes it), read there by the driver and the workers
+                os.environ.update(env)
+                uri = f"s3://{BUCKET}/prepared-{n}"
+                upload_folder(prepared, uri, last=CLASSES_FILE)
+                row.update(train_once(project, uri, prepared_size(prepared), n,
+                                      batch_size=args.batch_size, cluster=cluster,
                                       proxy=proxy, env=env))
                 print(json.dumps(row), flush=True)  # the run's figures, whatever comes next
                 row.update(ray_data_rates(cluster, path, n, args.image_size))

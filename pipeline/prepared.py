@@ -51,6 +51,9 @@ import pyarrow.parquet as pq
 from pipeline.digests import file_digest
 from pipeline.errors import DataError, MissingInputError
 from pipeline.images import ResizeInfo
+from pipeline.redaction import redact
+from pipeline import storage
+from pipeline.storage import exists, file_size, is_uri, list_folder, read_text
 
 if TYPE_CHECKING:
     import torch
@@ -78,16 +81,37 @@ REJECTED_FILE = "rejected.csv"
 REJECTED_COLUMNS = ("source", "reason", "image_id", "box_index")
 
 
-def split_path(folder: str | Path, split: str) -> Path:
-    """``<folder>/<split>.parquet``."""
-    return Path(folder) / f"{split}.parquet"
+def split_path(folder: str | Path, split: str) -> Path | str:
+    """``<folder>/<split>.parquet``: a Path, or a URI string for a set in a bucket."""
+    return _join(folder, f"{split}.parquet")
+
+
+def _join(folder: str | Path, name: str) -> Path | str:
+    return f"{str(folder).rstrip('/')}/{name}" if is_uri(folder) else Path(folder) / name
+
+
+def _parent(path: str | Path) -> Path | str:
+    return str(path).rstrip("/").rpartition("/")[0] if is_uri(path) else Path(path).parent
+
+
+def _name(path: str | Path) -> str:
+    return str(path).rstrip("/").rpartition("/")[2]
+
+
+def _parquet(file: str | Path) -> pq.ParquetFile:
+    """A Parquet file of a prepared table, local or in a bucket (opened, not read)."""
+    if not is_uri(file):
+        return pq.ParquetFile(file)
+    fs, path = storage.fs_of(str(file))
+    return pq.ParquetFile(fs.open_input_file(path))
 
 
 def write_classes(folder: str | Path, *, classes: Sequence[str], image_size: int, resize: str,
                   image_format: str, source: str, split: str, images: Mapping[str, int],
-                  rejected_problems: int) -> Path:
-    """Write ``classes.json`` into ``folder`` (a folder being prepared; not atomic itself)."""
-    from pipeline.redaction import redact
+                  rejected_problems: int, digests: Mapping[str, str]) -> Path:
+    """Write ``classes.json`` into ``folder`` (a folder being prepared; not atomic itself).
+    ``digests``: each split's :func:`table_digest`, recorded for a set that readers find in a
+    bucket, where hashing the table at every start would read all of it."""
 
     info = {
         "background": 0,
@@ -103,6 +127,7 @@ def write_classes(folder: str | Path, *, classes: Sequence[str], image_size: int
         "split": split,
         "images": dict(images),
         "rejected_problems": rejected_problems,
+        "digests": dict(digests),
     }
     path = Path(folder) / CLASSES_FILE
     path.write_text(json.dumps(info, indent=2) + "\n", encoding="utf-8")
@@ -122,11 +147,13 @@ def read_classes(folder: str | Path, *, image_size: int | None = None) -> dict[s
         DataError: the file is not JSON, has no non-empty ``classes`` list or no ``image_size``,
             or was prepared at another size.
     """
-    path = Path(folder) / CLASSES_FILE
-    if not path.is_file():
-        raise MissingInputError(f"{path}: not found; run `frcnn prepare` first")
+    path = _join(folder, CLASSES_FILE)
+    text = read_text(str(path)) if is_uri(path) else \
+        Path(path).read_text(encoding="utf-8") if Path(path).is_file() else None
+    if text is None:
+        raise MissingInputError(f"{redact(str(path))}: not found; run `frcnn prepare` first")
     try:
-        info = json.loads(path.read_text(encoding="utf-8"))
+        info = json.loads(text)
     except ValueError as exc:
         raise DataError(f"{path}: not valid JSON ({exc}); run `frcnn prepare` again") from None
     if not isinstance(info, dict) or not isinstance(info.get("classes"), list) \
@@ -142,10 +169,15 @@ def read_classes(folder: str | Path, *, image_size: int | None = None) -> dict[s
     return info
 
 
-def table_files(path: str | Path) -> list[Path]:
+def table_files(path: str | Path) -> list[Path] | list[str]:
     """The Parquet files of a prepared table: the file itself, or a folder's
     ``part-*.parquet`` in order (:class:`pipeline.prepare.writer.SplitWriter` writes a folder
-    when a split has more than ``ROWS_PER_FILE`` rows)."""
+    when a split has more than ``ROWS_PER_FILE`` rows). URIs for a table in a bucket."""
+    if is_uri(path):
+        listed = list_folder(str(path))
+        if listed is not None:
+            return [f for f in listed if _name(f).startswith("part-") and f.endswith(".parquet")]
+        return [str(path)] if exists(str(path)) else []
     path = Path(path)
     if path.is_dir():
         return sorted(path.glob("part-*.parquet"))
@@ -159,15 +191,15 @@ class PreparedTable:
     and opens a file when a row group of it is read."""
 
     def __init__(self, path: str | Path) -> None:
-        self.path = Path(path)
+        self.path = path if is_uri(path) else Path(path)
         self.files = table_files(self.path)
         if not self.files:
-            raise MissingInputError(f"{self.path}: prepared table not found; run "
+            raise MissingInputError(f"{redact(str(self.path))}: prepared table not found; run "
                                     f"`frcnn prepare`")
-        self.schema_arrow = pq.read_schema(self.files[0])
+        self.schema_arrow = _parquet(self.files[0]).schema_arrow
         self._groups: list[tuple[int, int, int]] = []    # (file, row group in it, rows)
         for f, file in enumerate(self.files):
-            meta = pq.read_metadata(file)
+            meta = _parquet(file).metadata
             self._groups += [(f, g, meta.row_group(g).num_rows) for g in range(meta.num_row_groups)]
         self.num_rows = sum(rows for *_, rows in self._groups)
 
@@ -180,24 +212,40 @@ class PreparedTable:
 
     def read_row_group(self, group: int, columns: Sequence[str] | None = None) -> pa.Table:
         f, g, _ = self._groups[group]
-        return pq.ParquetFile(self.files[f]).read_row_group(g, columns=columns)
+        return _parquet(self.files[f]).read_row_group(g, columns=columns)
 
     def read(self, columns: Sequence[str] | None = None) -> pa.Table:
         """The whole table (small columns only, please: the image column of a large set does
         not fit in memory)."""
-        return pa.concat_tables(pq.ParquetFile(f).read(columns=columns) for f in self.files)
+        return pa.concat_tables(_parquet(f).read(columns=columns) for f in self.files)
 
     @property
     def num_bytes(self) -> int:
         """Stored bytes of all its files."""
-        return sum(f.stat().st_size for f in self.files)
+        return sum(file_size(str(f)) if is_uri(f) else Path(f).stat().st_size
+                   for f in self.files)
 
 
 def table_digest(path: str | Path) -> str:
     """SHA-256 of a prepared table's content: of its file (:func:`pipeline.digests.file_digest`)
-    or, for a folder of part files, of their names and digests in order."""
+    or, for a folder of part files, of their names and digests in order. For a table in a
+    bucket, the digest ``prepare`` recorded in ``classes.json`` (hashing it would read it all).
+
+    Raises:
+        MissingInputError: no such table.
+        DataError: a table in a bucket whose ``classes.json`` records no digest for it.
+    """
     import hashlib
 
+    if is_uri(path):
+        if not table_files(path):
+            raise MissingInputError(f"{redact(str(path))}: prepared table not found; run "
+                                    f"`frcnn prepare`")
+        recorded = read_classes(_parent(path)).get("digests", {}).get(_name(path)[:-8])
+        if not isinstance(recorded, str):
+            raise DataError(f"{redact(str(path))}: its classes.json records no digest of it "
+                            f"(prepared by an older version); run `frcnn prepare` again")
+        return recorded
     path = Path(path)
     if path.is_file():
         return file_digest(path)
@@ -249,7 +297,7 @@ class Annotations:
     (1M images of 10 boxes: ~250 MB, against gigabytes as lists). Image ``i`` owns rows
     ``offsets[i]:offsets[i + 1]`` of ``boxes``, ``labels``, ``difficult`` and ``crowd``."""
 
-    path: Path
+    path: Path | str
     image_ids: pa.StringArray     # (N,)
     offsets: np.ndarray           # (N + 1,) int64
     boxes: np.ndarray             # (M, 4) float32, x1y1x2y2 in the S-pixel frame
@@ -282,7 +330,6 @@ def read_annotations(path: str | Path, *, data: bytes | None = None) -> Annotati
         MissingInputError: naming the path (run ``frcnn prepare``).
         DataError: a column is missing, or boxes, labels and flags disagree in an image.
     """
-    path = Path(path)
     columns = list(ANNOTATION_COLUMNS)
     if data is not None:
         names = pq.read_schema(pa.BufferReader(data)).names
@@ -304,7 +351,7 @@ def annotations_of(table: pa.Table, path: str | Path) -> Annotations:
     """
     import pyarrow.compute as pc
 
-    path = Path(path)
+    path = path if is_uri(path) else Path(path)
     column = {name: table.column(name).combine_chunks() for name in ANNOTATION_COLUMNS}
     ids = column["image_id"]
 

@@ -32,6 +32,11 @@ from typing import Any, Iterator
 CACHE_ENV = "FRCNN_CACHE"
 
 
+def is_uri(path: str | Path) -> bool:
+    """Whether ``path`` is a URI (``s3://...``) rather than a local path."""
+    return "://" in str(path)
+
+
 def resolve(root: str) -> str:
     """A storage root as Ray wants it: an absolute folder, or a URI unchanged (no trailing /)."""
     return root.rstrip("/") if "://" in root else str(Path(root).resolve())
@@ -80,6 +85,49 @@ def read_json(uri: str) -> dict[str, Any]:
         print(f"storage: ignoring {uri}: not a JSON object", file=sys.stderr, flush=True)
         return {}
     return value
+
+
+def list_folder(uri: str) -> list[str] | None:
+    """The URIs of the files directly in folder ``uri``, sorted by name; None when ``uri`` is
+    not a folder."""
+    import pyarrow.fs
+    fs, path = fs_of(uri)
+    if fs.get_file_info(path).type != pyarrow.fs.FileType.Directory:
+        return None
+    infos = fs.get_file_info(pyarrow.fs.FileSelector(path))
+    return sorted(f"{uri.rstrip('/')}/{i.base_name}" for i in infos
+                  if i.type == pyarrow.fs.FileType.File)
+
+
+def file_size(uri: str) -> int:
+    """Bytes of a file, local or in a bucket."""
+    fs, path = fs_of(uri)
+    return fs.get_file_info(path).size
+
+
+def upload_folder(local: Path, uri: str, *, last: str) -> None:
+    """Put the files of the local folder ``local`` (and its subfolders) under folder ``uri``,
+    replacing what had the same names there; ``last`` (a file name in ``local``) goes last and
+    is deleted first, so a reader that requires it never sees a half-written folder."""
+    import pyarrow.fs
+
+    fs, root = fs_of(uri)
+    local = Path(local)
+    names = [p.relative_to(local).as_posix() for p in sorted(local.rglob("*"))]
+    # what had these names goes first (``last`` before anything), folders of part files whole
+    for name in sorted((n for n in names if "/" not in n), key=lambda n: n != last):
+        info = fs.get_file_info(f"{root}/{name}")
+        if info.type == pyarrow.fs.FileType.NotFound:
+            continue
+        if info.type == pyarrow.fs.FileType.Directory:
+            fs.delete_dir(info.path)
+        else:
+            fs.delete_file(info.path)
+    fs.create_dir(root, recursive=True)
+    for name in sorted((n for n in names if (local / n).is_file()), key=lambda n: n == last):
+        pyarrow.fs.copy_files(str(local / name), f"{root}/{name}",
+                              source_filesystem=pyarrow.fs.LocalFileSystem(),
+                              destination_filesystem=fs)
 
 
 def write_bytes(uri: str, data: bytes) -> None:

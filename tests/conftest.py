@@ -47,6 +47,30 @@ def prepared(tmp_path: Path) -> Path:
 
 
 @pytest.fixture()
+def bucket(monkeypatch):
+    """``mem://...`` URIs served by an in-memory pyarrow filesystem that is not the local one
+    (fsspec's memory filesystem behind ``pyarrow.fs.PyFileSystem``), as :mod:`pipeline.storage`
+    reaches ``s3://``; yields that filesystem."""
+    import fsspec
+    import pyarrow.fs
+
+    from pipeline import storage
+
+    memory = fsspec.filesystem("memory")
+    fs = pyarrow.fs.PyFileSystem(pyarrow.fs.FSSpecHandler(memory))
+    real = storage.fs_of
+
+    def fs_of(uri: str):
+        if uri.startswith("mem://"):
+            return fs, uri[len("mem://"):]
+        return real(uri)
+
+    monkeypatch.setattr(storage, "fs_of", fs_of)
+    yield fs
+    memory.rm("/", recursive=True)  # the memory filesystem is shared by the process
+
+
+@pytest.fixture()
 def tiny_cfg():
     """The defaults with :data:`tests.support.factories.TINY` (``.replace({...})`` for more)."""
     from tests.support import factories

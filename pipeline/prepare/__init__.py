@@ -41,13 +41,18 @@ def run(cfg: Config, args: argparse.Namespace | None = None) -> int:
     from pipeline import tracking
     from pipeline.prepare.stage import prepare_dataset
     from pipeline.prepared import CLASSES_FILE, REJECTED_FILE
+    from pipeline.storage import is_uri, read_bytes
 
     with tracking.stage_run(cfg, "prepare") as stage:  # one MLflow run; FAILED on an error
         result = prepare_dataset(cfg)
         stage.log_metrics(result.metrics())
         stage.set_tags({"classes": ",".join(result.classes)})
         for name in (CLASSES_FILE, REJECTED_FILE):
-            if (result.out_dir / name).is_file():
+            if is_uri(result.out_dir):
+                data = read_bytes(f"{result.out_dir}/{name}")
+                if data is not None:
+                    stage.log_text(data.decode("utf-8"), f"prepared/{name}")
+            elif (result.out_dir / name).is_file():
                 stage.log_artifact(result.out_dir / name, "prepared")
     print(result.summary())
     return 0

@@ -21,10 +21,13 @@ The work is :func:`prepare_dataset` (a plain function returning a :class:`Prepar
 
 from __future__ import annotations
 
+import contextlib
 import csv
+import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Iterator
 
 from pipeline.config import Config, DataConfig
 from pipeline.files import atomic_dir
@@ -35,7 +38,9 @@ from pipeline.prepare.splits import assign_splits
 from pipeline.prepare.synthetic import read_synthetic
 from pipeline.prepare.voc import read_voc
 from pipeline.prepare.writer import SplitWriter
-from pipeline.prepared import REJECTED_COLUMNS, REJECTED_FILE, SPLITS, split_path, write_classes
+from pipeline.prepared import (CLASSES_FILE, REJECTED_COLUMNS, REJECTED_FILE, SPLITS,
+                               split_path, table_digest, write_classes)
+from pipeline.storage import is_uri, upload_folder
 
 MAX_LISTED_PROBLEMS = 5
 
@@ -44,7 +49,7 @@ MAX_LISTED_PROBLEMS = 5
 class PrepareResult:
     """What :func:`prepare_dataset` wrote."""
 
-    out_dir: Path
+    out_dir: Path | str        # a URI for a set written to a bucket
     source: str
     classes: tuple[str, ...]
     images: dict[str, int]                 # per split
@@ -86,7 +91,7 @@ class PrepareResult:
             f"{self.image_size}x{self.image_size}, from {self.source}",
             f"classes ({len(self.classes)}): {', '.join(self.classes)}",
             f"rejected: {self.rejected_images} image(s)"
-            + (f", see {self.out_dir / REJECTED_FILE}" if self.rejected else ""),
+            + (f", see {self.out_dir}/{REJECTED_FILE}" if self.rejected else ""),
             f"{self.images_per_second:.1f} images/s ({self.seconds:.1f} s, "
             f"{self.num_workers} worker(s)) -> {self.out_dir}",
         ]
@@ -106,6 +111,20 @@ def read_dataset(data: DataConfig) -> Reading:
     raise DataError(f"data.source: {data.source!r} is not synthetic | voc:PATH | coco:PATH")
 
 
+@contextlib.contextmanager
+def _output_dir(out_dir: str) -> Iterator[Path]:
+    """A fresh local folder to write the set into; on success it replaces ``out_dir`` whole
+    (:func:`pipeline.files.atomic_dir`), or, for a bucket URI, is uploaded there with
+    ``classes.json``, which every reader requires, removed first and written last."""
+    if not is_uri(out_dir):
+        with atomic_dir(out_dir) as tmp:
+            yield tmp
+        return
+    with tempfile.TemporaryDirectory(prefix="frcnn-prepare-") as tmp:
+        yield Path(tmp)
+        upload_folder(Path(tmp), out_dir, last=CLASSES_FILE)
+
+
 def prepare_dataset(cfg: Config, *, progress: bool = True) -> PrepareResult:
     """Prepare ``cfg.data.source`` into ``cfg.data.out_dir`` (see the module docstring).
 
@@ -123,9 +142,8 @@ def prepare_dataset(cfg: Config, *, progress: bool = True) -> PrepareResult:
         reading.listed_ids, val_fraction=data.val_fraction, test_fraction=data.test_fraction,
         seed=data.seed)
 
-    out_dir = Path(data.out_dir)
     boxes = dict.fromkeys(SPLITS, 0)
-    with atomic_dir(out_dir) as tmp:
+    with _output_dir(data.out_dir) as tmp:
         writers = {split: SplitWriter(split_path(tmp, split)) for split in SPLITS}
         results = process_items(reading.items, image_size=data.image_size, resize=data.resize,
                                 image_format=data.image_format, num_workers=data.num_workers,
@@ -153,10 +171,12 @@ def prepare_dataset(cfg: Config, *, progress: bool = True) -> PrepareResult:
         _check_splits(images, data, reading, problems)
         write_classes(tmp, classes=reading.classes, image_size=data.image_size,
                       resize=data.resize, image_format=data.image_format, source=data.source,
-                      split=data.split, images=images, rejected_problems=len(problems))
+                      split=data.split, images=images, rejected_problems=len(problems),
+                      digests={s: table_digest(split_path(tmp, s)) for s in SPLITS})
         if data.on_invalid == "skip":
             _write_rejected(tmp / REJECTED_FILE, problems)
-    return PrepareResult(out_dir=out_dir, source=data.source, classes=reading.classes,
+    return PrepareResult(out_dir=data.out_dir if is_uri(data.out_dir) else Path(data.out_dir),
+                         source=data.source, classes=reading.classes,
                          images=images, boxes=boxes, rejected=tuple(problems),
                          seconds=time.perf_counter() - start, num_workers=data.num_workers,
                          image_size=data.image_size)

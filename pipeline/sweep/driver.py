@@ -30,6 +30,8 @@ Storage (``E = sweep.storage_path/sweep.name``, a folder or a bucket URI)::
     E/train_runs/<trial>/    a multi-worker trial's Ray Train run (checkpoints); removed at
                              the end for trials that finished or were stopped
                              (train.keep_checkpoints keeps them); one-worker trials write none
+    E/data/train-<digest>.parquet  the trial training table, written by the first
+                             multi-worker trial for their workers' Ray Data reads
     E/trials/<trial>.json    written by a trial whose training finished
     E/frcnn_sweep.json       the MLflow parent run id and the key of the sweep's inputs
     E/outputs/               copies of the three outputs below

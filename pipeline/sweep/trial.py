@@ -8,8 +8,10 @@ epoch (:class:`Scorer`):
 - one worker (``sweep.workers_per_trial: 1``, the default): the loop runs right in the Tune
   trainable, which holds the trial's CPUs / GPUs, reports each epoch with ``tune.report`` and
   writes no checkpoint (nothing resumes a trial: a failed one is run again from its start);
-- several: a ``TorchTrainer`` of :func:`trial_worker` (DDP), whose checkpoints let Ray Train
-  restart a lost worker group, its reports passed on to Tune by ``TuneReportCallback``.
+- several: a ``TorchTrainer`` of :func:`trial_worker` (DDP), whose workers read their shards of
+  the trial's training table through Ray Data as the training stages' do, whose checkpoints let
+  Ray Train restart a lost worker group, its reports passed on to Tune by
+  ``TuneReportCallback``.
 
 A trial whose training ends writes a marker ``E/trials/<trial>.json`` so a resumed sweep does
 not train it again. The layout of ``E`` and the MLflow runs: :mod:`pipeline.sweep.driver`.
@@ -103,13 +105,16 @@ def trial_worker(config: dict[str, Any]) -> None:
     :func:`pipeline.training.ray_worker.fit_on_worker`), recall measured after each epoch on
     rank 0."""
     from pipeline.training import ray_worker
+    from pipeline.training.ray_input import ShardInput
 
     worker = ray_worker.worker_context(config)
     lead = worker.rank == 0
+    data = ShardInput.of_worker(worker.cfg, rows=config["rows"], world_size=worker.world_size,
+                                rank=worker.rank)
     with trial_files(config) as folder, (tracking.MetricsBuffer(config["run"], say=ray_worker.say)
                                          if lead else contextlib.nullcontext()) as steps:
         ray_worker.fit_on_worker(
-            worker, stage="rpn", train_path=folder / "train.parquet",
+            worker, stage="rpn", data=data,
             num_classes=len(config["classes"]), log=steps.log if lead else None,
             model_meta={"classes": config["classes"]},
             on_epoch_end=_scorer(worker.cfg, folder, config["split"], config["classes"],
@@ -197,17 +202,26 @@ def _fit_here(cfg: Any, base: Any, setup: Mapping[str, Any], trial_id: str,
 
 def _fit_on_workers(cfg: Any, base: Any, setup: Mapping[str, Any], trial_id: str,
                     run: tracking.RunHandle) -> dict[str, float]:
-    """Several workers: a ``TorchTrainer`` of :func:`trial_worker`, fitted; its reports reach
-    Tune through ``TuneReportCallback``. Returns its last metrics."""
+    """Several workers: a ``TorchTrainer`` of :func:`trial_worker` reading the trial's
+    training table through Ray Data (:mod:`pipeline.training.ray_input`, as the training
+    stages do), fitted; its reports reach Tune through ``TuneReportCallback``. Returns its last
+    metrics."""
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
     from ray.tune.integration.ray_train import TuneReportCallback
 
+    from pipeline.training.ray_input import data_config, epoch_datasets
+
     resources = space.worker_resources(base)
+    table, rows = _stored_train_table(setup)
     trainer = TorchTrainer(
         trial_worker,
+        datasets=epoch_datasets([table], rows=rows, epochs=cfg.train.rpn_epochs,
+                                seed=cfg.train.seed, world_size=cfg.train.num_workers),
+        dataset_config=data_config(),
         train_loop_config={
             "params": cfg.to_dict(), "tables": setup["tables"], "split": base.sweep.split,
+            "rows": rows,
             "classes": setup["classes"], "run": run,
             "threads": max(1, round(resources["CPU"])),
         },
@@ -221,6 +235,23 @@ def _fit_on_workers(cfg: Any, base: Any, setup: Mapping[str, Any], trial_id: str
             checkpoint_config=CheckpointConfig(num_to_keep=1)),
     )
     return dict(trainer.fit().metrics)
+
+
+def _stored_train_table(setup: Mapping[str, Any]) -> tuple[str, int]:
+    """``(URI, rows)`` of the trial training table in the sweep's storage, where every node's
+    Ray Data read tasks reach it: ``E/data/train-<digest>.parquet``, written by the first
+    multi-worker trial (a small file: ``sweep.max_train_images`` images)."""
+    import hashlib
+
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+    import ray
+
+    data = ray.get(setup["tables"])["train"]
+    uri = f"{setup['experiment']}/data/train-{hashlib.sha256(data).hexdigest()[:16]}.parquet"
+    if not storage.exists(uri):
+        storage.write_bytes(uri, data)
+    return uri, pq.read_metadata(pa.BufferReader(data)).num_rows
 
 
 def trial_dirname(trial: Any) -> str:

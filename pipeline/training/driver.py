@@ -53,7 +53,7 @@ from pipeline.prepared import (MODEL_COLUMNS, open_table, read_classes, read_ima
                                split_path, table_digest, table_files)
 from pipeline.digests import file_digest
 from pipeline.redaction import redact
-from pipeline.storage import delete_dir, local_copy, resolve, stage_file
+from pipeline.storage import delete_dir, is_uri, local_copy, resolve, stage_file
 from pipeline.tracking.models import log_detector, thumbnail
 from pipeline.training import checkpoints, ray_worker
 from pipeline.training.ray_input import ShardInput, data_config, epoch_datasets
@@ -66,11 +66,12 @@ class StageInputs:
     """What a training stage reads and writes, checked before Ray starts."""
 
     stage: str
-    train_path: Path
+    train_path: Path | str         # a URI for a set prepared into a bucket
     classes: list[str]
     init_model: Path | None        # the RPN model the frcnn stage starts from
     model_path: Path
     metrics_dir: Path
+    train_rows: int
     train_digest: str              # content digests (run key, staged copies)
     init_digest: str | None
 
@@ -86,11 +87,12 @@ def stage_inputs(cfg: Config, stage: str) -> StageInputs:
         MissingInputError: no prepared data, or (``frcnn``) no RPN model.
         DataError: data prepared at another size; an unreadable RPN model.
     """
-    prepared = Path(cfg.data.out_dir)
-    info = read_classes(prepared, image_size=cfg.data.image_size)
-    train_path = split_path(prepared, "train").resolve()
+    info = read_classes(cfg.data.out_dir, image_size=cfg.data.image_size)
+    train_path = split_path(cfg.data.out_dir, "train")
+    train_path = train_path if is_uri(train_path) else train_path.resolve()
     if not table_files(train_path):
-        raise MissingInputError(f"{train_path}: not found; run `frcnn prepare` first")
+        raise MissingInputError(f"{redact(str(train_path))}: not found; run `frcnn prepare` "
+                                f"first")
     init_model = Path(cfg.train.rpn_model).resolve() if stage == "frcnn" else None
     if init_model is not None and not init_model.is_file():
         raise MissingInputError(f"{init_model}: RPN model not found; run "
@@ -102,6 +104,7 @@ def stage_inputs(cfg: Config, stage: str) -> StageInputs:
                        model_path=Path(cfg.train.rpn_model if stage == "rpn"
                                        else cfg.train.frcnn_model),
                        metrics_dir=Path(cfg.train.metrics_dir),
+                       train_rows=open_table(train_path).num_rows,
                        train_digest=table_digest(train_path),
                        init_digest=file_digest(init_model) if init_model else None)
 
@@ -118,10 +121,12 @@ def worker_inputs(cfg: Config, inputs: StageInputs, root: str) -> dict[str, Any]
     if not ("://" in root or cfg.train.ray_address or os.environ.get("RAY_ADDRESS")):
         return {"train_files": [str(f) for f in files],
                 "init_model": str(inputs.init_model) if inputs.init_model else None}
-    # a folder's parts under <digest>/<table name>/, a single file under <digest>/
-    name = inputs.train_path.name if inputs.train_path.is_dir() else ""
-    staged = {"train_files": [stage_file(f, root, inputs.train_digest, folder=name)
-                              for f in files],
+    if is_uri(inputs.train_path):  # prepared into a bucket: read where it is
+        train_files = [str(f) for f in files]
+    else:  # a folder's parts under <digest>/<table name>/, a single file under <digest>/
+        name = inputs.train_path.name if inputs.train_path.is_dir() else ""
+        train_files = [stage_file(f, root, inputs.train_digest, folder=name) for f in files]
+    staged = {"train_files": train_files,
               "init_model": stage_file(inputs.init_model, root, inputs.init_digest)
               if inputs.init_model is not None else None}
     where = staged["train_files"][0].rsplit("/", 1)[0]
@@ -156,9 +161,9 @@ def train_stage(cfg: Config, stage: str) -> dict[str, Any]:
         untrained = modeling.warn_untrained(cfg, inputs.name)
         if untrained:
             mlrun.set_tags({modeling.UNTRAINED_TAG: untrained})
-        rows = open_table(inputs.train_path).num_rows
         tracking.log_split(mlrun, name="train", source=str(inputs.train_path),
-                           digest=inputs.train_digest, rows=rows, columns=MODEL_COLUMNS,
+                           digest=inputs.train_digest, rows=inputs.train_rows,
+                           columns=MODEL_COLUMNS,
                            context="training")
         if previous is not None:
             path, progress = previous
@@ -168,7 +173,7 @@ def train_stage(cfg: Config, stage: str) -> dict[str, Any]:
         else:
             print(f"{inputs.name}: starting {run_name} (checkpoints in {redact(root)}/{run_name})",
                   flush=True)
-        _check_local_memory(cfg, inputs.train_path)
+        _check_local_memory(cfg, inputs.train_rows)
         try:
             result = _fit(cfg, inputs, run_name, root, mlrun)
         except (KeyboardInterrupt, SystemExit) as exc:
@@ -253,11 +258,8 @@ def _worker(config: dict[str, Any]) -> None:
     run = tracking.open_run(config["tracking_uri"], config["run_id"])
     init_model = config["init_model"]
     tcfg = worker.cfg.tracking
-    train = worker.cfg.train
-    data = ShardInput(rows=config["rows"], world_size=worker.world_size, rank=worker.rank,
-                      image_size=worker.cfg.data.image_size, batch_size=train.batch_size,
-                      seed=train.seed, hflip=train.hflip, use_difficult=train.use_difficult,
-                      shuffle_buffer=train.shuffle_buffer, threads=train.loader_workers)
+    data = ShardInput.of_worker(worker.cfg, rows=config["rows"], world_size=worker.world_size,
+                                rank=worker.rank)
     steps = tracking.MetricsBuffer(run, say=ray_worker.say) if worker.rank == 0 else None
     try:
         with tracking.system_metrics(run, node=worker.node, interval=tcfg.system_metrics_interval,
@@ -319,7 +321,7 @@ def _check_torch_file(path: Path, what: str) -> None:
                         f"({type(exc).__name__}: {str(exc)[:300]})") from None
 
 
-def _check_local_memory(cfg: Config, train_path: Path) -> None:
+def _check_local_memory(cfg: Config, train_rows: int) -> None:
     """An absurd ``train.batch_size`` fails here, before Ray starts, with a clear message.
 
     Only for a local Ray on CPU, where every worker shares this machine's RAM; GPU workers and
@@ -331,7 +333,7 @@ def _check_local_memory(cfg: Config, train_path: Path) -> None:
     if cfg.train.ray_address is not None or cfg.train.use_gpu == "true" \
             or (cfg.train.use_gpu == "auto" and torch.cuda.is_available()):
         return
-    shard = -(-open_table(train_path).num_rows // cfg.train.num_workers)
+    shard = -(-train_rows // cfg.train.num_workers)
     check_memory(batch_size=cfg.train.batch_size, images_per_step=min(cfg.train.batch_size, shard),
                  image_size=cfg.data.image_size, device=torch.device("cpu"),
                  workers=cfg.train.num_workers)
@@ -364,7 +366,7 @@ def _fit(cfg: Config, inputs: StageInputs, run_name: str, root: str,
         if use_gpu:
             resources["GPU"] = cfg.train.gpus_per_worker
         paths = worker_inputs(cfg, inputs, root)
-        rows = open_table(inputs.train_path).num_rows
+        rows = inputs.train_rows
         epochs = cfg.train.rpn_epochs if inputs.stage == "rpn" else cfg.train.frcnn_epochs
         trainer = TorchTrainer(
             _worker,

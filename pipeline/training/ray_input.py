@@ -118,6 +118,16 @@ class ShardInput:
         self.threads = max(1, threads)
         self._shard = shard
 
+    @classmethod
+    def of_worker(cls, cfg: Any, *, rows: int, world_size: int, rank: int) -> "ShardInput":
+        """The input of the worker of rank ``rank`` of ``world_size`` training with ``cfg``
+        (a :class:`pipeline.config.Config`) on a table of ``rows`` rows."""
+        train = cfg.train
+        return cls(rows=rows, world_size=world_size, rank=rank,
+                   image_size=cfg.data.image_size, batch_size=train.batch_size, seed=train.seed,
+                   hflip=train.hflip, use_difficult=train.use_difficult,
+                   shuffle_buffer=train.shuffle_buffer, threads=train.loader_workers)
+
     def _iterator(self, epoch: int) -> Any:
         if self._shard is not None:
             return self._shard(dataset_name(epoch))

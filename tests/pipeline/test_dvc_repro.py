@@ -10,6 +10,7 @@ import dataclasses
 import json
 from pathlib import Path
 
+import boto3
 import pandas as pd
 import pytest
 import yaml
@@ -105,13 +106,19 @@ def test_dvc_repro_end_to_end_at_a_small_size(dvc_repo, tmp_path):
             "train.max_steps": 2, "train.num_workers": 1, "roi.hidden_dim": 64,
             "anchors.scales": [2, 4],  # 32 and 64 px: inside a 128 px image
             "rpn.min_size": 4.0, "eval.num_pictures": 2,
-            # 1 trial at 64 px (a failing one too: tests/pipeline/test_cluster.py)
+            # 1 trial at 64 px on 2 workers, which read its table from the bucket through Ray
+            # Data (a failing one too: tests/pipeline/test_cluster.py)
             "sweep.image_size": 64, "sweep.max_train_images": 4, "sweep.num_samples": 1,
+            "sweep.workers_per_trial": 2, "sweep.cpus_per_trial": 1.0,
             "train.storage_path": f"{bucket}/checkpoints",
             "sweep.storage_path": f"{bucket}/sweeps"})
         repo.env.update(SECRETS, **s3.env(secret=SECRETS["AWS_SECRET_ACCESS_KEY"]))
         out = repo.dvc("repro")
         _check_outputs(repo, out)
+        # the trial's workers read its table from the bucket (Ray Data), where it was put once
+        objects = boto3.client("s3", endpoint_url=s3.endpoint, **s3.client_args()
+                               ).list_objects_v2(Bucket=s3.bucket, Prefix="sweeps/")["Contents"]
+        assert [o["Key"] for o in objects if "/data/train-" in o["Key"]] != []
         assert secret_hits(str(repo.path / "mlflow.db"),
                            raw_files=[repo.path / "mlflow.db", repo.path / "mlartifacts"],
                            download_to=tmp_path / "downloads") == []

@@ -147,7 +147,8 @@ def test_classes_json_is_written_with_its_conventions(tmp_path):
 
     path = write_classes(tmp_path, classes=["a", "b"], image_size=32, resize="letterbox",
                          image_format="jpeg", source="voc:s3://KEY:SECRET@bucket/voc",
-                         split="random", images={"train": 3}, rejected_problems=1)
+                         split="random", images={"train": 3}, rejected_problems=1,
+                         digests={"train": "ab" * 32})
     info = json.loads(path.read_text())
     assert info["ids"] == {"a": 1, "b": 2} and info["num_classes"] == 2
     assert info["source"] == "voc:s3://***@bucket/voc"  # credentials masked

@@ -1,7 +1,8 @@
 """pipeline.storage: files in a folder or a bucket, written atomically, read tolerantly.
 
-The bucket branch runs on fsspec's in-memory filesystem behind ``pyarrow.fs.PyFileSystem``: a
-filesystem that is not the local one, reached through a URI, as ``s3://`` or ``gs://`` would be.
+The bucket branch runs on fsspec's in-memory filesystem behind ``pyarrow.fs.PyFileSystem`` (the
+``bucket`` fixture of ``tests/conftest.py``): a filesystem that is not the local one, reached
+through a URI, as ``s3://`` or ``gs://`` would be.
 """
 
 from __future__ import annotations
@@ -14,25 +15,6 @@ import pyarrow.fs
 import pytest
 
 from pipeline import storage
-
-
-@pytest.fixture()
-def bucket(monkeypatch):
-    """``mem://...`` URIs served by an in-memory (non-local) pyarrow filesystem."""
-    import fsspec
-
-    memory = fsspec.filesystem("memory")
-    fs = pyarrow.fs.PyFileSystem(pyarrow.fs.FSSpecHandler(memory))
-    real = storage.fs_of
-
-    def fs_of(uri: str):
-        if uri.startswith("mem://"):
-            return fs, uri[len("mem://"):]
-        return real(uri)
-
-    monkeypatch.setattr(storage, "fs_of", fs_of)
-    yield fs
-    memory.rm("/", recursive=True)  # the memory filesystem is shared by the process
 
 
 def _names(fs: pyarrow.fs.FileSystem, folder: str) -> list[str]:

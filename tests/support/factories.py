@@ -26,7 +26,7 @@ import yaml
 from PIL import Image, ImageDraw
 
 from pipeline.config import Config, load_config
-from pipeline.prepared import SCHEMA, split_path, write_classes
+from pipeline.prepared import SCHEMA, split_path, table_digest, write_classes
 from tests.support import ROOT
 
 #: The real detector at 64 x 64 with narrow heads and few samples: a training step costs about
@@ -172,7 +172,8 @@ def write_prepared(folder: Path, *, splits: Mapping[str, int] | None = None, num
                          "scale_x": 1.0, "scale_y": 1.0, "pad_x": 0.0, "pad_y": 0.0})
         pq.write_table(pa.Table.from_pylist(rows, schema=SCHEMA), split_path(folder, split))
     write_classes(folder, classes=classes, image_size=size, resize="stretch", image_format="png",
-                  source="fixture", split="random", images=splits, rejected_problems=0)
+                  source="fixture", split="random", images=splits, rejected_problems=0,
+                  digests={s: table_digest(split_path(folder, s)) for s in splits})
     return folder
 
 

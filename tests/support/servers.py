@@ -91,6 +91,12 @@ class S3Server:
     endpoint: str             # http://127.0.0.1:PORT
     bucket: str
 
+    def client_args(self) -> dict[str, str]:
+        """``boto3.client("s3", endpoint_url=..., **client_args())``: the region and any keys
+        (moto accepts every key)."""
+        return {"region_name": "us-east-1", "aws_access_key_id": "x",
+                "aws_secret_access_key": "x"}
+
     def env(self, key_id: str = "testing-key-id", secret: str = "testing-secret-key"
             ) -> dict[str, str]:
         """The AWS variables that point pyarrow, boto3 and MLflow at this server."""

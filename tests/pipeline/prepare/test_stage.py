@@ -9,6 +9,7 @@ import json
 from pathlib import Path
 
 import numpy as np
+import pyarrow.fs
 import pyarrow.parquet as pq
 import pytest
 from PIL import Image
@@ -20,11 +21,9 @@ from pipeline.prepare import run
 from pipeline.prepare.splits import assign_splits
 from pipeline.prepare.stage import prepare_dataset
 from pipeline.prepare.synthetic import boxes_and_labels, layout
-from pipeline.prepared import SCHEMA, load_split, row_resize_info
+from pipeline.prepared import SCHEMA, SPLITS, load_split, row_resize_info, split_path
 from tests.support import ROOT, mlflow_store
 from tests.support.datasets import voc_xml, write_coco, write_voc
-
-SPLITS = ("train", "val", "test")
 
 
 def make_cfg(out: Path, **data) -> Config:
@@ -92,6 +91,33 @@ def test_tables_do_not_depend_on_the_number_of_workers(tmp_path):
         a = pq.read_table(tmp_path / "one" / f"{split}.parquet")
         b = pq.read_table(tmp_path / "two" / f"{split}.parquet")
         assert a.equals(b)
+
+
+def test_a_set_prepared_into_a_bucket_reads_as_the_same_set_prepared_locally(tmp_path, bucket):
+    """``data.out_dir`` a bucket URI: the same tables as a local folder (every reader over the
+    URI), ``classes.json`` recording each table's digest; preparing again replaces the set."""
+    from pipeline.prepared import (open_table, read_annotations, read_classes, read_image_bytes,
+                                   table_digest)
+
+    uri = "mem://b/prepared"
+    local = prepare_dataset(make_cfg(tmp_path / "local", synthetic_images=12), progress=False)
+    remote = prepare_dataset(make_cfg(uri, synthetic_images=12), progress=False)
+    assert remote.out_dir == uri and remote.images == local.images
+    assert read_classes(uri) == read_classes(local.out_dir)
+    for split in SPLITS:
+        here, there = split_path(local.out_dir, split), split_path(uri, split)
+        assert there == f"{uri}/{split}.parquet"
+        assert table_digest(there) == table_digest(here) == read_classes(uri)["digests"][split]
+        assert open_table(there).read().equals(open_table(here).read())
+        assert read_annotations(there).boxes.tolist() == read_annotations(here).boxes.tolist()
+    assert read_image_bytes(split_path(uri, "train"), [1]) == \
+        read_image_bytes(split_path(local.out_dir, "train"), [1])
+    prepare_dataset(make_cfg(uri, synthetic_images=6), progress=False)
+    assert sum(read_classes(uri)["images"].values()) == 6
+    assert open_table(split_path(uri, "train")).num_rows == read_classes(uri)["images"]["train"]
+    assert sorted(i.base_name for i in bucket.get_file_info(
+        pyarrow.fs.FileSelector("b/prepared"))) == ["classes.json", "test.parquet",
+                                                    "train.parquet", "val.parquet"]
 
 
 def test_jpeg_format_and_letterbox(tmp_path):

@@ -189,6 +189,30 @@ def test_a_table_of_part_files_is_staged_part_by_part(tmp_path, monkeypatch):
     shutil.rmtree(root)
 
 
+def test_a_set_prepared_into_a_bucket_is_read_where_it_is(tmp_path, monkeypatch, bucket):
+    """``data.out_dir`` a bucket URI: the driver reads ``classes.json``, the table's footers and
+    its recorded digest there (nothing downloaded whole) and the workers get the bucket's own
+    files: nothing is staged; only the RPN model would be."""
+    import pyarrow.fs
+
+    from pipeline.config import Config
+    from pipeline.prepared import CLASSES_FILE, table_digest
+    from pipeline.storage import upload_folder
+    from pipeline.training.driver import stage_inputs, worker_inputs
+
+    project = _project(tmp_path)
+    local = project / "data" / "prepared"
+    upload_folder(local, "mem://b/prepared", last=CLASSES_FILE)
+    cfg = Config().replace({**RAY_PARAMS, "data.out_dir": "mem://b/prepared",
+                            "train.ray_address": "auto"})
+    inputs = stage_inputs(cfg, "rpn")
+    assert inputs.train_path == "mem://b/prepared/train.parquet" and inputs.train_rows == 6
+    assert inputs.train_digest == table_digest(local / "train.parquet")   # the recorded one
+    assert worker_inputs(cfg, inputs, "mem://b/ckpt") == {
+        "train_files": ["mem://b/prepared/train.parquet"], "init_model": None}
+    assert bucket.get_file_info("b/ckpt").type == pyarrow.fs.FileType.NotFound   # no copy
+
+
 # --------------------------------------------------------------------------------------------
 # With Ray, for real
 
