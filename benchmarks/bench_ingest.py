@@ -241,6 +241,7 @@ def ray_data_rates(cluster: Any, path: Path, rows: int, image_size: int) -> dict
     for name, value in LOCAL_RAY_ENV.items():
         os.environ.setdefault(name, value)
     out = {}
+    os.environ.update(cluster.env())   # the cluster's token, as its users have it
     ray.init(address=cluster.address, logging_level="ERROR", log_to_driver=False)
     try:
         for key, buffer in (("shuffled", Config().train.shuffle_buffer), ("sequential", 0)):
@@ -306,7 +307,7 @@ def train_once(project: Path, prepared: str, image_size: int, n: int, *, batch_s
     start = time.perf_counter()
     proc = subprocess.Popen([sys.executable, "-m", "pipeline", "train", "--stage", "rpn",
                              "--params", str(params_file)], cwd=project,
-                            env=subprocess_env(**env), stdout=subprocess.PIPE,
+                            env=subprocess_env(**env, **cluster.env()), stdout=subprocess.PIPE,
                             stderr=subprocess.STDOUT, text=True)
     first_step: list[float] = []
     lines: list[str] = []

@@ -15,13 +15,18 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import os
 import sys
 from pathlib import Path
 from typing import Sequence
 
 from pipeline.config import Config, describe, load_config
+from pipeline.config.validate import check_no_credentials
 from pipeline.errors import ConfigError, PipelineError
 from pipeline.redaction import redact
+
+#: The environment's URIs the stages read (checked like the config's: no credentials in them)
+URI_VARIABLES = ("MLFLOW_TRACKING_URI", "MLFLOW_REGISTRY_URI", "RAY_ADDRESS")
 
 STAGES = {
     "prepare": ("pipeline.prepare", "Read a dataset, resize to data.image_size, validate, split, "
@@ -84,7 +89,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def resolve_config(params: Sequence[str] | None, overrides: Sequence[str]) -> Config:
-    """Load the config; with no --params, params.yaml in the working directory (or defaults)."""
+    """Load the config; with no --params, params.yaml in the working directory (or defaults).
+    The environment's URIs are checked as the config's are: no credentials in them."""
+    check_no_credentials({name: os.environ[name] for name in URI_VARIABLES
+                          if os.environ.get(name)})
     if params is None:
         params = ["params.yaml"] if Path("params.yaml").is_file() else []
         if not params:

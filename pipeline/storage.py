@@ -54,6 +54,15 @@ def exists(uri: str) -> bool:
     return fs.get_file_info(path).type != pyarrow.fs.FileType.NotFound
 
 
+def is_empty(uri: str) -> bool:
+    """Whether folder ``uri`` is missing or holds nothing."""
+    import pyarrow.fs
+    fs, path = fs_of(uri)
+    if fs.get_file_info(path).type == pyarrow.fs.FileType.NotFound:
+        return True
+    return not fs.get_file_info(pyarrow.fs.FileSelector(path, allow_not_found=True))
+
+
 def read_bytes(uri: str) -> bytes | None:
     """The file's bytes, or None when there is no such file."""
     import pyarrow.fs
@@ -185,32 +194,59 @@ def stage_file(path: str | Path, root: str, digest: str, folder: str = "") -> st
 
 
 def cache_dir() -> Path:
-    """This node's cache of staged files: ``$FRCNN_CACHE`` or ``<tmp>/frcnn-cache-<uid>``."""
-    return Path(os.environ.get(CACHE_ENV) or
-                Path(tempfile.gettempdir()) / f"frcnn-cache-{os.getuid()}")
+    """This node's cache of staged files: ``$FRCNN_CACHE`` or ``<tmp>/frcnn-cache-<uid>``,
+    private to this user (made 0700; one that others own or can write is refused).
+
+    Raises:
+        DataError: the folder is another user's, or others may write into it.
+    """
+    from pipeline.errors import DataError
+
+    folder = Path(os.environ.get(CACHE_ENV) or
+                  Path(tempfile.gettempdir()) / f"frcnn-cache-{os.getuid()}")
+    folder.mkdir(mode=0o700, parents=True, exist_ok=True)
+    info = folder.stat()
+    if info.st_uid != os.getuid():
+        raise DataError(f"{folder}: the cache of staged files belongs to another user "
+                        f"(uid {info.st_uid}); set ${CACHE_ENV} to a folder of your own")
+    if info.st_mode & 0o077:
+        os.chmod(folder, 0o700)  # ours: made private (an older version made it 0755)
+    return folder
 
 
-def local_copy(uri: str | Path) -> Path:
-    """A file of the run's storage on this node's disk: a local path as it is; a URI downloaded
-    once per node into :func:`cache_dir` (processes of the node wait for the one that
-    downloads; the copy appears whole, by rename)."""
+def local_copy(uri: str | Path, digest: str) -> Path:
+    """A file of the run's storage on this node's disk: a local path as it is; a URI
+    downloaded once per node into :func:`cache_dir` (processes of the node wait for the one that
+    downloads; the copy appears whole, by rename) and used only while its content has the
+    SHA-256 ``digest`` it was staged under (:func:`pipeline.digests.file_digest`): a copy that
+    differs, whoever put it there, is downloaded again.
+
+    Raises:
+        DataError: the download itself does not match ``digest``.
+    """
     import pyarrow.fs
+
+    from pipeline.digests import file_digest
+    from pipeline.errors import DataError
 
     uri = str(uri)
     if "://" not in uri:
         return Path(uri)
     fs, path = fs_of(uri)
-    # staged paths end in <content digest>/<name>: the same path is the same content
-    target = cache_dir() / Path(*path.split("/")[-2:])
-    if target.is_file():
+    target = cache_dir() / digest / path.rsplit("/", 1)[-1]
+    if target.is_file() and file_digest(target) == digest:
         return target
-    target.parent.mkdir(parents=True, exist_ok=True)
+    target.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
     with _locked(target.parent / ".lock"):
-        if not target.is_file():
+        if not (target.is_file() and file_digest(target) == digest):
             tmp = target.with_name(f".{target.name}.{uuid.uuid4().hex[:8]}.tmp")
             try:
                 pyarrow.fs.copy_files(path, str(tmp), source_filesystem=fs,
                                       destination_filesystem=pyarrow.fs.LocalFileSystem())
+                if file_digest(tmp) != digest:
+                    from pipeline.redaction import redact
+                    raise DataError(f"{redact(uri)}: its content does not match the digest it "
+                                    f"was staged under ({digest[:12]}...); stage it again")
                 os.replace(tmp, target)
             finally:
                 tmp.unlink(missing_ok=True)

@@ -149,3 +149,80 @@ def test_stage_packages_have_thin_entry_points_and_no_module_shadows_the_stdlib(
     stdlib = set(sys.stdlib_module_names)
     for path in _python_files("pipeline", "detector"):
         assert path.stem not in stdlib or path.stem == "__init__", path
+
+
+# --------------------------------------------------------------------------------------------
+# Public APIs only: a private name of a third-party package breaks on its next minor release
+
+
+def _third_party(name: str) -> bool:
+    top = name.split(".")[0]
+    return bool(top) and top not in sys.stdlib_module_names and top not in (
+        *PROJECT_PACKAGES, "tests", "benchmarks", "__future__")
+
+
+def _private(part: str) -> bool:
+    return part.startswith("_") and not (part.startswith("__") and part.endswith("__"))
+
+
+def private_uses(source: str) -> list[str]:
+    """``line: what`` for every private name of a third-party package in ``source``: an
+    import of a ``_``-prefixed module or name (``from ray._private import services``,
+    ``from x import _y``), a ``_``-prefixed attribute of a name bound to a third-party import
+    (``utils._tracking_uri``), and a ``self._x`` read in a subclass of a third-party class that
+    the subclass neither assigns nor defines itself (ASHA's ``self._max_t``)."""
+    tree = ast.parse(source)
+    found, bound = [], set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            for alias in node.names:
+                if _third_party(alias.name):
+                    bound.add(alias.asname or alias.name.split(".")[0])
+                    if any(map(_private, alias.name.split("."))):
+                        found.append(f"{node.lineno}: import {alias.name}")
+        elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module \
+                and _third_party(node.module):
+            for alias in node.names:
+                bound.add(alias.asname or alias.name)
+                if any(map(_private, [*node.module.split("."), alias.name])):
+                    found.append(f"{node.lineno}: from {node.module} import {alias.name}")
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Attribute) and _private(node.attr):
+            base = node.value
+            while isinstance(base, ast.Attribute):
+                base = base.value
+            if isinstance(base, ast.Name) and base.id in bound:
+                found.append(f"{node.lineno}: {ast.unparse(node)}")
+        if isinstance(node, ast.ClassDef) and any(
+                isinstance(b, (ast.Name, ast.Attribute))
+                and ast.unparse(b).split(".")[0] in bound for b in node.bases):
+            own = {t.attr for n in ast.walk(node) if isinstance(n, (ast.Assign, ast.AnnAssign))
+                   for t in (n.targets if isinstance(n, ast.Assign) else [n.target])
+                   if isinstance(t, ast.Attribute) and isinstance(t.value, ast.Name)
+                   and t.value.id == "self"}
+            own |= {n.name for n in node.body if isinstance(n, (ast.FunctionDef,
+                                                                 ast.AsyncFunctionDef))}
+            found += [f"{n.lineno}: self.{n.attr} (of {ast.unparse(node.bases[0])})"
+                      for n in ast.walk(node) if isinstance(n, ast.Attribute)
+                      and isinstance(n.value, ast.Name) and n.value.id == "self"
+                      and _private(n.attr) and n.attr not in own]
+    return found
+
+
+def test_the_private_api_check_finds_each_kind():
+    source = ("from ray._private import services\nimport mlflow.tracking._tracking_service\n"
+              "from mlflow.tracking import _tracking_service\nimport mlflow\n"
+              "x = mlflow.tracking._x\nfrom ray.tune.schedulers import ASHAScheduler\n"
+              "class A(ASHAScheduler):\n    def f(self):\n        self._own = 1\n"
+              "        return self._max_t, self._own\n"
+              "import os\ny = os._exit\nfrom pipeline import storage\nz = storage._locked\n")
+    assert sorted(int(line.split(":")[0]) for line in private_uses(source)) == [1, 2, 3, 5, 10]
+
+
+@pytest.mark.parametrize("package", PROJECT_PACKAGES)
+def test_no_private_api_of_a_third_party_package(package):
+    """``pipeline/`` and ``detector/`` use Ray, MLflow, torch and the rest through their public
+    APIs only."""
+    hits = [f"{path.relative_to(ROOT)}:{hit}" for path in sorted((ROOT / package).rglob("*.py"))
+            for hit in private_uses(path.read_text(encoding="utf-8"))]
+    assert hits == [], "private APIs of third-party packages:\n" + "\n".join(hits)

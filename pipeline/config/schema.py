@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 from typing import Any, Literal, Mapping
 
 from pipeline.config.tree import flatten, plain, set_dotted
-from pipeline.config.validate import SWEEP_DISTRIBUTIONS, check_sweep_space
+from pipeline.config.validate import SWEEP_DISTRIBUTIONS, check_no_credentials, check_sweep_space
 from pipeline.errors import ConfigError
 
 __all__ = ["AnchorConfig", "BackboneConfig", "Config", "ConfigError", "DataConfig", "EvalConfig",
@@ -262,6 +262,7 @@ class Config:
 
     def __post_init__(self) -> None:
         check_sweep_space(self)
+        check_no_credentials(self.flat())
 
     def to_dict(self) -> dict[str, Any]:
         """Plain nested dict (tuples as lists), the shape of ``params.yaml``."""

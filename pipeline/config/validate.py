@@ -9,6 +9,7 @@ from __future__ import annotations
 import collections.abc
 import dataclasses
 import math
+import re
 import types
 import typing
 from typing import Any, Literal, Mapping
@@ -184,3 +185,40 @@ def _validate_value(cfg: Any, key: str, value: Any, where: str) -> None:
         check_bounds(coerce(value, hints[leaf], key), meta, key)
     except ConfigError as exc:
         raise ConfigError(f"{where}: {exc}") from None
+
+
+#: Where each kind of URI's credentials go instead of the URI (the scheme's own standard).
+CREDENTIALS_GO = {
+    "http": "MLFLOW_TRACKING_USERNAME and MLFLOW_TRACKING_PASSWORD (or MLFLOW_TRACKING_TOKEN) "
+            "in the environment",
+    "s3": "AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY in the environment, or an instance "
+          "profile / IAM role",
+    "gs": "GOOGLE_APPLICATION_CREDENTIALS in the environment, or the instance's service account",
+}
+URI_USERINFO = re.compile(r"(?i)\b([a-z][a-z0-9+.\-]*)://[^/@\s]+@")
+
+
+def check_no_credentials(flat: Mapping[str, Any]) -> None:
+    """Refuse any parameter holding a URI with user info (``s3://KEY:SECRET@bucket``,
+    ``http://user:password@host``): a URI travels into messages, Ray's pickled run and Tune
+    state, MLflow and ``dvc.lock``; credentials go in the environment. The message shows the
+    URI masked.
+
+    Raises:
+        ConfigError: naming the parameter and where its credentials go instead.
+    """
+    from pipeline.redaction import redact
+
+    for key, value in flat.items():
+        texts = [value] if isinstance(value, str) else \
+            [v for v in value if isinstance(v, str)] if isinstance(value, (list, tuple)) else []
+        for text in texts:
+            found = URI_USERINFO.search(text)
+            if found:
+                scheme = found.group(1).lower()
+                scheme = "http" if scheme == "https" else scheme
+                where = CREDENTIALS_GO.get(scheme, "the environment (as the storage's own "
+                                                   "client reads them)")
+                raise ConfigError(f"{key}: {redact(text)}: credentials in a URI are refused "
+                                  f"(they would be logged and pickled with the run); put them "
+                                  f"in {where}")

@@ -33,6 +33,7 @@ Storage (``E = sweep.storage_path/sweep.name``, a folder or a bucket URI)::
     E/data/train-<digest>.parquet  the trial training table, written by the first
                              multi-worker trial for their workers' Ray Data reads
     E/trials/<trial>.json    written by a trial whose training finished
+    E/attempts/<trial>.json  how many times the trial started (2+: retried)
     E/frcnn_sweep.json       the MLflow parent run id and the key of the sweep's inputs
     E/outputs/               copies of the three outputs below
 
@@ -163,10 +164,18 @@ def _log_tables(parent: tracking.RunHandle, cfg: Config, tables: dict[str, bytes
 def _decide_resume(experiment: str, key: str, state: dict[str, Any], resume: bool) -> bool:
     """Whether to restore the sweep in ``experiment``: always with ``--resume`` (refused when
     there is nothing to resume or the inputs changed), and without it when it holds an
-    unfinished sweep of the same inputs; otherwise a previous sweep there is removed."""
+    unfinished sweep of the same inputs; otherwise a previous sweep there is removed. Only a
+    folder holding the sweep's marker ``frcnn_sweep.json`` (``state``) is restored or removed;
+    any other folder with files in it is refused.
+
+    Raises:
+        DataError: nothing to resume, other inputs under ``--resume``, or a folder this
+            project did not make.
+    """
     from ray import tune
 
-    restorable = tune.Tuner.can_restore(experiment)
+    # the sweep's own marker first: Tune's state is unpickled only for the sweep that wrote it
+    restorable = bool(state) and tune.Tuner.can_restore(experiment)
     if resume:
         if not restorable:
             raise DataError(f"{redact(experiment)}: no sweep to resume; run `frcnn sweep` without "
@@ -180,8 +189,13 @@ def _decide_resume(experiment: str, key: str, state: dict[str, Any], resume: boo
         print(f"sweep: {redact(experiment)} holds an interrupted sweep of the same parameters and data; "
               f"resuming it (finished trials are not run again)", flush=True)
         return True
-    if storage.exists(experiment):
-        print(f"sweep: starting afresh; removing the previous sweep at {redact(experiment)}", flush=True)
+    if not storage.is_empty(experiment):
+        if not state:  # not a folder this project made: never deleted
+            raise DataError(f"{redact(experiment)}: holds files but no {STATE}, so it is not a "
+                            f"sweep of this project; refusing to delete or write into it: set "
+                            f"another sweep.name or sweep.storage_path (or remove it yourself)")
+        print(f"sweep: starting afresh; removing the previous sweep at {redact(experiment)}",
+              flush=True)
         storage.delete_dir(experiment)
     return False
 

@@ -42,7 +42,7 @@ from pipeline.config import Config, ConfigError
 from pipeline.prepared import GroundTruth
 from pipeline.redaction import redact
 from pipeline.sweep import space, trial
-from pipeline.sweep.trial import MARKERS
+from pipeline.sweep.trial import ATTEMPTS, MARKERS
 
 OUTPUTS = "outputs"  # E/outputs: copies of the outputs beside the sweep
 
@@ -66,6 +66,7 @@ class TrialRecord:
     error: str | None = None
     wall_seconds: float = math.nan
     coverage: dict[str, Any] = field(default_factory=dict)
+    attempts: int = 1                 # starts of the trial (2+: retried after a failure)
 
     @property
     def status(self) -> str:
@@ -106,6 +107,7 @@ def trial_table(records: Sequence[TrialRecord], *, space_keys: Sequence[str],
         epochs = [int(r["epoch"]) for r in rec.history if "epoch" in r]
         row["epochs"] = max(epochs, default=0)
         row["status"] = rec.status
+        row["attempts"] = int(rec.attempts)
         row["wall_seconds"] = float(rec.wall_seconds)
         # the loop's clock less scoring: training alone
         score = (_values(rec.history, "score_seconds") or [(0, math.nan)])[-1][1]
@@ -116,10 +118,11 @@ def trial_table(records: Sequence[TrialRecord], *, space_keys: Sequence[str],
         rows.append(row)
     coverage = list(dict.fromkeys(k for rec in records for k in rec.coverage))
     columns = (["trial_id", *space_keys, *(f"final_{m}" for m in metrics), f"best_{metric}",
-                "best_epoch", "epochs", "status", "wall_seconds", "train_seconds",
+                "best_epoch", "epochs", "status", "attempts", "wall_seconds", "train_seconds",
                 "score_seconds", "error", *coverage])
     frame = pd.DataFrame(rows, columns=columns)
     return frame.astype({"trial_id": "string", "best_epoch": "int64", "epochs": "int64",
+                         "attempts": "int64",
                          "status": "string", "wall_seconds": "float64",
                          "train_seconds": "float64", "score_seconds": "float64",
                          "error": "string"})
@@ -229,6 +232,7 @@ def collect(cfg: Config, grid: Any, experiment: str, *, split: GroundTruth,
         except ConfigError:
             sampled = {k: (result.config or {}).get(k) for k in cfg.sweep.space}
         marker = storage.read_json(f"{experiment}/{MARKERS}/{trial_id}.json")
+        attempts = storage.read_json(f"{experiment}/{ATTEMPTS}/{trial_id}.json")
         # Tune's clock, or the trial's own when longer (a trial that finished before an
         # interruption and only re-reported its end after the resume)
         clocks = [history[-1].get("time_total_s") if history else None,
@@ -238,7 +242,8 @@ def collect(cfg: Config, grid: Any, experiment: str, *, split: GroundTruth,
         records.append(TrialRecord(
             trial_id=trial_id, sampled=sampled, history=history,
             finished=bool(marker.get("finished")), error=error, wall_seconds=float(wall),
-            coverage=trial_coverage(cfg, sampled, split, classes)))
+            coverage=trial_coverage(cfg, sampled, split, classes),
+            attempts=max(1, int(attempts.get("attempts", 1)))))
     return records
 
 
@@ -283,7 +288,12 @@ def write_outputs(cfg: Config, records: list[TrialRecord], experiment: str,
         for path in paths:
             parent.log_artifact(path, "sweep")
     print(table.drop(columns=["error"]).to_string(index=False), flush=True)
-    return {"best_trial": best_id, "best_value": value, "counts": counts}
+    retried = {str(r["trial_id"]): int(r["attempts"]) for _, r in table.iterrows()
+               if r["attempts"] > 1}
+    if retried:
+        print("sweep: retried after a failure (or resumed after an interruption): "
+              + ", ".join(f"{t} ({n} attempts)" for t, n in retried.items()), flush=True)
+    return {"best_trial": best_id, "best_value": value, "counts": counts, "retried": retried}
 
 
 def end_children(parent: tracking.RunHandle, records: list[TrialRecord],

@@ -28,12 +28,15 @@ class LetLastEpochFinish(ASHAScheduler):
     """ASHA that never stops a trial which has reported its last epoch (``max_t``): it is done
     training, and stopping it would only lose its end (its model, its finished mark).
 
-    Reads ASHA's own ``_time_attr`` / ``_max_t`` (private attributes, stable in Ray 2.x; Ray is
-    pinned in pyproject.toml and ``tests/pipeline/sweep`` exercises this class).
+    Keeps its own copies of ``time_attr`` and ``max_t`` (ASHA's are private attributes).
     """
 
+    def __init__(self, *, time_attr: str, max_t: int, **asha: Any) -> None:
+        super().__init__(time_attr=time_attr, max_t=max_t, **asha)
+        self.last_epoch_attr, self.last_epoch = time_attr, max_t
+
     def on_trial_result(self, tune_controller: Any, trial: Any, result: dict) -> str:
-        if result.get(self._time_attr, 0) >= self._max_t:
+        if result.get(self.last_epoch_attr, 0) >= self.last_epoch:
             return self.CONTINUE
         return super().on_trial_result(tune_controller, trial, result)
 

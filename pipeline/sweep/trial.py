@@ -14,7 +14,9 @@ epoch (:class:`Scorer`):
   ``TuneReportCallback``.
 
 A trial whose training ends writes a marker ``E/trials/<trial>.json`` so a resumed sweep does
-not train it again. The layout of ``E`` and the MLflow runs: :mod:`pipeline.sweep.driver`.
+not train it again; every start of a trial is counted in ``E/attempts/<trial>.json`` (Tune
+runs a failed trial once more: the sweep's table says which were retried). The layout of
+``E`` and the MLflow runs: :mod:`pipeline.sweep.driver`.
 
 Files under ``E`` go through :mod:`pipeline.storage`, so ``sweep.storage_path`` may be a folder
 or a bucket URI.
@@ -36,6 +38,8 @@ from pipeline.sweep import space
 
 TRAIN_RUNS = "train_runs"
 MARKERS = "trials"
+#: ``E/attempts/<trial>.json``: ``{"attempts": n}``, how many times the trial has started
+ATTEMPTS = "attempts"
 #: per-class metrics a trial reports beside :func:`pipeline.sweep.space.metric_names`
 PER_CLASS_PREFIXES = (f"AR@{HEADLINE_BUDGET}/",
                       *(f"recall@{t:g}/{HEADLINE_BUDGET}/" for t in CURVE_THRESHOLDS))
@@ -134,6 +138,12 @@ def trial(config: dict[str, Any], setup: dict[str, Any]) -> None:
     run = tracking.child_run(setup["parent"], trial_id,
                              params={f"sampled.{k}": space.encode(v) for k, v in sampled.items()},
                              tags={"sweep": base.sweep.name, "ray_job_id": setup["ray_job_id"]})
+    attempt = _count_attempt(setup["experiment"], trial_id)
+    if attempt > 1:
+        print(f"sweep: trial {trial_id} starts again (attempt {attempt}): Tune retries a failed "
+              f"trial once (a lost node), and a resumed sweep restarts unfinished ones",
+              flush=True)
+        run.set_tags({"attempts": str(attempt)})
     marker = f"{setup['experiment']}/{MARKERS}/{trial_id}.json"
     done = storage.read_json(marker)
     if done.get("finished"):
@@ -154,6 +164,14 @@ def trial(config: dict[str, Any], setup: dict[str, Any]) -> None:
     storage.write_json(marker, {"finished": True, "metrics": tracking.finite(metrics),
                                 "wall_seconds": time.perf_counter() - started})
     run.end(tracking.FINISHED)
+
+
+def _count_attempt(experiment: str, trial_id: str) -> int:
+    """Count this start of the trial in ``E/attempts/<trial>.json``; returns its number."""
+    path = f"{experiment}/{ATTEMPTS}/{trial_id}.json"
+    attempt = int(storage.read_json(path).get("attempts", 0)) + 1
+    storage.write_json(path, {"attempts": attempt})
+    return attempt
 
 
 def _log_anchor_coverage(run: tracking.RunHandle, cfg: Any, setup: Mapping[str, Any],

@@ -8,10 +8,11 @@ methods pass every parameter, tag, text artifact and error text through
   a SQLite file in the project folder; relative SQLite paths are made absolute so that Ray
   workers, which run in other folders, write to the same file). Artifacts of a SQLite store go
   to ``mlartifacts/`` beside the database; a tracking server decides its own (``mlflow server
-  --artifacts-destination`` proxies them). A server URI may carry credentials
-  (``http://user:password@host:5000``, as MLflow itself accepts; better
-  ``MLFLOW_TRACKING_USERNAME`` / ``MLFLOW_TRACKING_PASSWORD``): they are used, and masked in
-  everything logged or printed.
+  --artifacts-destination`` proxies them). A server's account comes from MLflow's environment
+  variables (``MLFLOW_TRACKING_USERNAME`` / ``MLFLOW_TRACKING_PASSWORD``, or
+  ``MLFLOW_TRACKING_TOKEN``); a URI with credentials in it is refused
+  (:func:`pipeline.config.validate.check_no_credentials`), and :func:`check_reachable` names a
+  refused account in one line before any work.
 - :func:`stage_run` wraps a stage: an MLflow run named after the stage in experiment
   ``tracking.experiment``, tagged ``git_commit`` and ``dvc_stage`` (``$DVC_STAGE``, which
   ``dvc repro`` sets, else the stage name), with every parameter and the resolved config as

@@ -18,7 +18,8 @@ import time
 from typing import Iterator, Sequence
 
 from pipeline.redaction import redact
-from pipeline.tracking.runs import RunHandle
+from pipeline.tracking.runs import RUNNING, RunHandle
+from pipeline.tracking.store import global_uri
 
 
 def log_split(run: RunHandle, *, name: str, source: str, digest: str, rows: int,
@@ -58,14 +59,16 @@ def system_metrics(run: RunHandle, *, node: str, interval: float,
         return
     import logging
 
-    from mlflow.system_metrics.system_metrics_monitor import SystemMetricsMonitor
+    import mlflow
 
     # its start / stop / "no GPU" notes at INFO would fill every worker's log
     logging.getLogger("mlflow.system_metrics").setLevel(logging.WARNING)
-    monitor = SystemMetricsMonitor(run.run_id, sampling_interval=interval, node_id=node,
-                                   tracking_uri=run.tracking_uri, resume_logging=True)
-    monitor.start()
-    try:
-        yield
-    finally:
-        monitor.finish()
+    mlflow.set_system_metrics_sampling_interval(interval)
+    mlflow.set_system_metrics_node_id(node)
+    # MLflow's monitor samples into the process's active run, in the global store
+    with global_uri(run.tracking_uri):
+        mlflow.start_run(run_id=run.run_id, log_system_metrics=True)
+        try:
+            yield
+        finally:
+            mlflow.end_run(status=RUNNING)  # the stage's driver ends its run itself

@@ -12,18 +12,16 @@ model (``models:/frcnn/latest``, ``models:/frcnn/3``, ``runs:/<run id>/detector`
 from __future__ import annotations
 
 import base64
-import contextlib
 import io
 import os
 import warnings
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 from pipeline.config import Config
 from pipeline.errors import MissingInputError
 from pipeline.tracking.runs import RUNNING, RunHandle
-from pipeline.tracking.store import ENV_URI, _client, resolve_uri
+from pipeline.tracking.store import _client, global_uri, resolve_uri
 
 PACKAGE = Path(__file__).resolve().parents[2]          # the folder holding pipeline/, detector/
 MODEL_CODE = Path(__file__).with_name("served_model.py")
@@ -66,7 +64,7 @@ def log_detector(run: RunHandle, weights: Path, *, cfg: Config, stage: str,
         signature = infer_signature(example, served.predict(None, example))
     name = cfg.tracking.rpn_model_name if stage == "rpn" else cfg.tracking.frcnn_model_name
     registered = name if cfg.tracking.register_models and _has_registry(run) else None
-    with _global_uri(run.tracking_uri), warnings.catch_warnings():
+    with global_uri(run.tracking_uri), warnings.catch_warnings():
         warnings.filterwarnings("ignore", "Hint: Inferred schema contains integer", UserWarning)
         mlflow.start_run(run_id=run.run_id)          # log_model needs MLflow's active run
         try:
@@ -81,29 +79,6 @@ def log_detector(run: RunHandle, weights: Path, *, cfg: Config, stage: str,
         version = info.registered_model_version
         return f"models:/{registered}/{version}"
     return f"runs:/{run.run_id}/{ARTIFACT}"
-
-
-@contextlib.contextmanager
-def _global_uri(uri: str) -> Iterator[None]:
-    """MLflow's process-wide tracking URI set to ``uri`` for the block, then put back as it was.
-
-    ``mlflow.set_tracking_uri`` also writes ``$MLFLOW_TRACKING_URI`` (for subprocesses): left
-    behind, it would point the process's later runs at this store and hand the URI, with any
-    credentials in it, to every child process.
-    """
-    import mlflow
-    from mlflow.tracking._tracking_service import utils
-
-    before_env, before_uri = os.environ.get(ENV_URI), utils._tracking_uri
-    mlflow.set_tracking_uri(uri)
-    try:
-        yield
-    finally:
-        utils._tracking_uri = before_uri
-        if before_env is None:
-            os.environ.pop(ENV_URI, None)
-        else:
-            os.environ[ENV_URI] = before_env
 
 
 class _Context:
@@ -126,11 +101,11 @@ def model_weights(cfg: Config, uri: str, folder: Path) -> Path:
     store = resolve_uri(cfg.tracking.uri)
     _client(store)  # quiet store set-up
     try:
-        # a models:/ URI is resolved in the model registry, which is the tracking store unless
-        # $MLFLOW_REGISTRY_URI says otherwise: MLflow reads it from its process-wide URI
-        with _global_uri(store):
-            local = Path(mlflow.artifacts.download_artifacts(
-                artifact_uri=uri, dst_path=str(folder), tracking_uri=store))
+        # a models:/ URI is resolved in the model registry: the tracking store unless
+        # $MLFLOW_REGISTRY_URI names another
+        local = Path(mlflow.artifacts.download_artifacts(
+            artifact_uri=uri, dst_path=str(folder), tracking_uri=store,
+            registry_uri=os.environ.get("MLFLOW_REGISTRY_URI") or store))
     except Exception as exc:  # MlflowException of every kind: not there
         raise MissingInputError(f"{uri}: no such model in {store} ({str(exc)[:300]})") from None
     meta = yaml.safe_load((local / "MLmodel").read_text())

@@ -3,15 +3,15 @@
 from __future__ import annotations
 
 import base64
+import contextlib
 import functools
 import logging
 import os
 import subprocess
 import urllib.error
-import urllib.parse
 import urllib.request
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 from pipeline.errors import TrackingError
 from pipeline.redaction import redact
@@ -25,7 +25,15 @@ def resolve_uri(uri: str, *, base: str | Path | None = None) -> str:
 
     A relative SQLite path (``sqlite:///mlflow.db``) becomes absolute, relative to ``base``
     (default: the working directory, the project folder under ``dvc repro``).
+
+    Raises:
+        ConfigError: ``$MLFLOW_TRACKING_URI`` carries credentials (``tracking.uri`` is checked
+            with the rest of the config).
     """
+    from pipeline.config.validate import check_no_credentials
+
+    if os.environ.get(ENV_URI):
+        check_no_credentials({ENV_URI: os.environ[ENV_URI]})
     uri = os.environ.get(ENV_URI) or uri
     prefix = "sqlite:///"
     if uri.startswith(prefix):
@@ -36,41 +44,50 @@ def resolve_uri(uri: str, *, base: str | Path | None = None) -> str:
     return uri
 
 
-def _health_request(uri: str) -> urllib.request.Request:
-    """``GET <server>/health``, credentials (from the URI or MLflow's environment variables) as
-    a basic-auth header rather than in the URL, which urllib cannot resolve."""
-    parts = urllib.parse.urlsplit(uri.rstrip("/"))
-    user, password = parts.username, parts.password
-    user = urllib.parse.unquote(user) if user else os.environ.get("MLFLOW_TRACKING_USERNAME")
-    password = (urllib.parse.unquote(password) if password
-                else os.environ.get("MLFLOW_TRACKING_PASSWORD", ""))
-    netloc = parts.hostname or ""
-    if parts.port:
-        netloc += f":{parts.port}"
-    url = urllib.parse.urlunsplit((parts.scheme, netloc, parts.path + "/health", "", ""))
-    request = urllib.request.Request(url)
+def _request(uri: str, path: str) -> urllib.request.Request:
+    """``GET <server><path>`` with the account of MLflow's environment variables
+    (``MLFLOW_TRACKING_USERNAME`` / ``_PASSWORD``, or ``MLFLOW_TRACKING_TOKEN``), as MLflow's
+    own client sends it."""
+    request = urllib.request.Request(uri.rstrip("/") + path)
+    user, token = os.environ.get("MLFLOW_TRACKING_USERNAME"), os.environ.get(
+        "MLFLOW_TRACKING_TOKEN")
     if user:
-        token = base64.b64encode(f"{user}:{password}".encode()).decode()
-        request.add_header("Authorization", f"Basic {token}")
+        password = os.environ.get("MLFLOW_TRACKING_PASSWORD", "")
+        basic = base64.b64encode(f"{user}:{password}".encode()).decode()
+        request.add_header("Authorization", f"Basic {basic}")
+    elif token:
+        request.add_header("Authorization", f"Bearer {token}")
     return request
 
 
 def check_reachable(uri: str, *, timeout: float = 5.0) -> None:
-    """Fail fast, before any work, when the store cannot be reached.
+    """Fail fast, before any work, when the store cannot be reached or refuses the account.
 
-    ``http(s)://`` servers must answer ``/health``; a SQLite file's folder must exist or be
+    ``http(s)://`` servers must answer ``/health`` and let the account of MLflow's environment
+    variables read experiments (a server with MLflow's basic-auth app answers 401 to a wrong
+    password, 403 to a user without permission); a SQLite file's folder must exist or be
     creatable.
 
     Raises:
-        TrackingError: naming the URI (credentials masked) and the reason.
+        TrackingError: one line naming the URI and the reason (never the password).
     """
     if uri.startswith(("http://", "https://")):
         try:
-            request = _health_request(uri)
-            with urllib.request.urlopen(request, timeout=timeout) as response:  # noqa: S310
-                if response.status != 200:
-                    raise TrackingError(f"MLflow tracking server {redact(uri)} answered "
-                                        f"{response.status} at /health")
+            for path in ("/health", "/api/2.0/mlflow/experiments/search?max_results=1"):
+                with urllib.request.urlopen(_request(uri, path), timeout=timeout) as response:
+                    if response.status != 200:
+                        raise TrackingError(f"MLflow tracking server {redact(uri)} answered "
+                                            f"{response.status} at {path}")
+        except urllib.error.HTTPError as exc:
+            if exc.code in (401, 403):
+                user = os.environ.get("MLFLOW_TRACKING_USERNAME")
+                who = f"user {user!r}" if user else "no account (MLFLOW_TRACKING_USERNAME unset)"
+                raise TrackingError(
+                    f"MLflow tracking server {redact(uri)} refused {who}: "
+                    f"{exc.code} {'wrong username or password' if exc.code == 401 else 'no permission'}"
+                    f"; set MLFLOW_TRACKING_USERNAME and MLFLOW_TRACKING_PASSWORD") from None
+            raise TrackingError(f"MLflow tracking server {redact(uri)} answered {exc.code} "
+                                f"({exc.reason})") from None
         except (urllib.error.URLError, OSError, ValueError) as exc:
             raise TrackingError(f"MLflow tracking server {redact(uri)} is unreachable "
                                 f"({redact(str(exc))}); start it or set tracking.uri / {ENV_URI}"
@@ -82,6 +99,24 @@ def check_reachable(uri: str, *, timeout: float = 5.0) -> None:
         except OSError as exc:
             raise TrackingError(
                 f"MLflow tracking store {redact(uri)}: cannot create {folder}: {exc}") from None
+
+
+@contextlib.contextmanager
+def global_uri(uri: str) -> Iterator[None]:
+    """MLflow's process-wide tracking URI set to ``uri`` for the block (``log_model`` logs to
+    the active run of the global store), then unset again, and ``$MLFLOW_TRACKING_URI``, which
+    ``mlflow.set_tracking_uri`` also writes, put back as it was: left behind, they would point
+    the process's later runs at this store."""
+    import mlflow
+
+    before_env = os.environ.get(ENV_URI)
+    mlflow.set_tracking_uri(uri)
+    try:
+        yield
+    finally:
+        mlflow.set_tracking_uri(None)  # unset: MLflow reads $MLFLOW_TRACKING_URI again
+        if before_env is not None:
+            os.environ[ENV_URI] = before_env
 
 
 def git_commit(cwd: str | Path | None = None) -> str:

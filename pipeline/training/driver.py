@@ -53,11 +53,11 @@ from pipeline.prepared import (MODEL_COLUMNS, open_table, read_classes, read_ima
                                split_path, table_digest, table_files)
 from pipeline.digests import file_digest
 from pipeline.redaction import redact
-from pipeline.storage import delete_dir, is_uri, local_copy, resolve, stage_file
+from pipeline.storage import is_uri, local_copy, resolve, stage_file
 from pipeline.tracking.models import log_detector, thumbnail
 from pipeline.training import checkpoints, ray_worker
 from pipeline.training.ray_input import ShardInput, data_config, epoch_datasets
-from pipeline.training.resume import (latest_checkpoint, read_run_state, run_key,
+from pipeline.training.resume import (delete_run, latest_checkpoint, read_run_state, run_key,
                                       write_run_state)
 
 
@@ -184,7 +184,7 @@ def train_stage(cfg: Config, stage: str) -> dict[str, Any]:
         metrics = _write_outputs(cfg, inputs, result, mlrun, resumed=previous is not None,
                                  wall_start=wall_start)
         if not cfg.train.keep_checkpoints:
-            delete_dir(f"{root}/{run_name}")  # finished: nothing to resume; the model is saved
+            delete_run(root, run_name)  # finished: nothing to resume; the model is saved
         return metrics
 
 
@@ -266,7 +266,8 @@ def _worker(config: dict[str, Any]) -> None:
                                      enabled=tcfg.system_metrics and worker.local_rank == 0):
             ray_worker.fit_on_worker(worker, stage=config["stage"], data=data,
                                      num_classes=config["num_classes"],
-                                     init_model=local_copy(init_model) if init_model else None,
+                                     init_model=local_copy(init_model, config["init_digest"])
+                                     if init_model else None,
                                      log=steps.log if steps is not None else None,
                                      model_meta=config["model_meta"])
     finally:
@@ -375,7 +376,8 @@ def _fit(cfg: Config, inputs: StageInputs, run_name: str, root: str,
             dataset_config=data_config(),
             train_loop_config={
                 "params": cfg.to_dict(), "stage": inputs.stage, "rows": rows,
-                "init_model": paths["init_model"], "num_classes": len(inputs.classes),
+                "init_model": paths["init_model"], "init_digest": inputs.init_digest,
+                "num_classes": len(inputs.classes),
                 "model_meta": {"classes": inputs.classes},
                 "tracking_uri": mlrun.tracking_uri, "run_id": mlrun.run_id,
                 "threads": max(1, int(cfg.train.cpus_per_worker)),

@@ -17,6 +17,7 @@ from pipeline import storage
 from pipeline.config import Config
 from pipeline.digests import digest, params_subset
 from pipeline.errors import DataError
+from pipeline.redaction import redact
 from pipeline.training.checkpoints import PROGRESS
 
 RUN_STATE = "frcnn_run.json"  # beside Ray's files in the run folder: the MLflow run id
@@ -47,22 +48,28 @@ def run_key(cfg: Config, stage: str, train_digest: str, init_digest: str | None)
 def latest_checkpoint(root: str, run_name: str) -> tuple[str, dict[str, Any]] | None:
     """The checkpoint Ray Train V2 will restore for ``run_name``, with its ``progress.json``.
 
-    Reads Ray's ``checkpoint_manager_snapshot.json`` in the run folder (what ``get_checkpoint``
-    is built from); None when the run has no checkpoint yet.
+    Asks Ray Train (``ray.train.Result.from_path``: the record ``get_checkpoint`` is built
+    from); None when the run has no checkpoint yet.
 
     Raises:
-        DataError: the snapshot or the progress file is torn or corrupt (names it, and the
+        DataError: Ray's record or the progress file is torn or corrupt (names it, and the
             folder to delete to start afresh).
     """
+    import ray.train
+
     run_folder = f"{root}/{run_name}"
-    snapshot_path = f"{run_folder}/checkpoint_manager_snapshot.json"
-    snapshot = storage.read_text(snapshot_path)
-    if snapshot is None:
+    fs, path = storage.fs_of(run_folder)
+    try:
+        result = ray.train.Result.from_path(path, storage_filesystem=fs)
+    except RuntimeError:  # no such run, or no checkpoint recorded in it yet
         return None
-    latest = _json(snapshot, snapshot_path, run_folder).get("latest_checkpoint_result")
-    if not latest:
+    except Exception as exc:  # Ray's own errors for a torn or foreign record
+        raise DataError(f"{redact(run_folder)}: Ray Train's record of its checkpoints is "
+                        f"unreadable ({type(exc).__name__}: {redact(str(exc))[:200]}); delete "
+                        f"{redact(run_folder)} to start this stage afresh") from None
+    if result.checkpoint is None:
         return None
-    folder = f"{run_folder}/{latest['checkpoint_dir_name']}"
+    folder = f"{run_folder}/{result.checkpoint.path.rstrip('/').rsplit('/', 1)[-1]}"
     progress = storage.read_text(f"{folder}/{PROGRESS}")
     if progress is None:
         return None
@@ -89,3 +96,13 @@ def read_run_state(root: str, run_name: str) -> dict[str, Any]:
 
 def write_run_state(root: str, run_name: str, mlflow_run_id: str) -> None:
     storage.write_json(f"{root}/{run_name}/{RUN_STATE}", {"mlflow_run_id": mlflow_run_id})
+
+
+def delete_run(root: str, run_name: str) -> bool:
+    """Delete the run folder ``root/run_name`` (its checkpoints) when it holds the run state
+    this project writes first (:func:`write_run_state`): a folder it did not make is left as it
+    is. Returns whether it was deleted."""
+    if not storage.exists(f"{root}/{run_name}/{RUN_STATE}"):
+        return False
+    storage.delete_dir(f"{root}/{run_name}")
+    return True

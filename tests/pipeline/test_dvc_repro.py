@@ -19,7 +19,7 @@ from pipeline.config import Config, DataConfig
 from pipeline.evaluation import recall as R
 from pipeline.evaluation.outputs import OutputPaths
 from tests.support import ROOT
-from tests.support.secrets import SECRETS, URI_SECRETS, secret_hits
+from tests.support.secrets import SECRETS, bucket_secret_hits, secret_hits
 from tests.support.servers import moto_server
 
 
@@ -96,11 +96,12 @@ def test_dvc_repro_end_to_end_at_a_small_size(dvc_repo, tmp_path):
     MLflow, DVC) at 128 x 128 with anchors of 32 and 64 pixels, then every evaluate output,
     the sweep's outputs, `dvc metrics show`, `dvc plots show`, and a clean `dvc status`.
 
-    The default SQLite store, with secrets in the environment and the checkpoints and sweep
-    state in an S3 bucket (``moto_server``) through URIs that carry keys: afterwards not one
-    secret in the store (:func:`tests.support.secrets.secret_hits`) nor in ``dvc.lock``."""
+    The default SQLite store, with secrets in the environment (the bucket's keys among them)
+    and the checkpoints and sweep state in an S3 bucket (``moto_server``): afterwards not one
+    secret in the store (:func:`tests.support.secrets.secret_hits`), in the bucket's objects
+    (checkpoints, Tune's pickled state) nor in ``dvc.lock``."""
     with moto_server(tmp_path / "s3") as s3:
-        bucket = f"s3://AKIAEXAMPLE:{URI_SECRETS[1]}@{s3.bucket}"
+        bucket = f"s3://{s3.bucket}"   # its keys in the environment
         repo = dvc_repo({
             "data.synthetic_images": 10, "data.image_size": 128, "data.num_workers": 1,
             "train.max_steps": 2, "train.num_workers": 1, "roi.hidden_dim": 64,
@@ -122,7 +123,9 @@ def test_dvc_repro_end_to_end_at_a_small_size(dvc_repo, tmp_path):
         assert secret_hits(str(repo.path / "mlflow.db"),
                            raw_files=[repo.path / "mlflow.db", repo.path / "mlartifacts"],
                            download_to=tmp_path / "downloads") == []
-        assert URI_SECRETS[1] not in (repo.path / "dvc.lock").read_text()
+        assert bucket_secret_hits(s3.endpoint, s3.bucket) == []   # checkpoints, Tune state
+        lock = (repo.path / "dvc.lock").read_text()
+        assert not [s for s in SECRETS.values() if s in lock]
         _check_a_remote_clone_is_complete(repo, tmp_path)
         _check_an_experiment_and_its_diffs(repo)
 

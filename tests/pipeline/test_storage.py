@@ -151,22 +151,35 @@ def test_the_run_state_of_a_training_stage_lives_in_a_bucket_too(bucket):
 
 def test_a_file_staged_in_a_bucket_is_downloaded_once_per_node(bucket, tmp_path, monkeypatch):
     """stage_file puts a local file under root/staged/<digest>/ (once: a second call uploads
-    nothing); local_copy gives each node a copy in its cache, downloaded once, whole."""
+    nothing); local_copy gives each node a copy in its private cache (0700), downloaded once,
+    whole, and used only while its content matches the digest: a copy changed in the cache
+    is downloaded again; a download that does not match is refused."""
     import pyarrow.fs as pafs
+
+    from pipeline.digests import file_digest
+    from pipeline.errors import DataError
 
     data = bytes(range(256)) * 4000
     (tmp_path / "train.parquet").write_bytes(data)
-    uri = storage.stage_file(tmp_path / "train.parquet", "mem://b/ckpt", "d1g35t")
-    assert uri == "mem://b/ckpt/staged/d1g35t/train.parquet"
+    digest = file_digest(tmp_path / "train.parquet")
+    uri = storage.stage_file(tmp_path / "train.parquet", "mem://b/ckpt", digest)
+    assert uri == f"mem://b/ckpt/staged/{digest}/train.parquet"
     copies = []
     original = pafs.copy_files
     monkeypatch.setattr(pafs, "copy_files", lambda *a, **kw: copies.append(a) or original(*a, **kw))
-    assert storage.stage_file(tmp_path / "train.parquet", "mem://b/ckpt", "d1g35t") == uri
+    assert storage.stage_file(tmp_path / "train.parquet", "mem://b/ckpt", digest) == uri
     assert copies == []                                         # already there: not again
     monkeypatch.setenv(storage.CACHE_ENV, str(tmp_path / "node_cache"))
-    local = storage.local_copy(uri)
-    assert local == tmp_path / "node_cache" / "d1g35t" / "train.parquet"
+    local = storage.local_copy(uri, digest)
+    assert local == tmp_path / "node_cache" / digest / "train.parquet"
     assert local.read_bytes() == data and len(copies) == 1
-    assert storage.local_copy(uri) == local and len(copies) == 1   # cached: no second download
+    assert (tmp_path / "node_cache").stat().st_mode & 0o777 == 0o700
+    assert storage.local_copy(uri, digest) == local and len(copies) == 1   # no second download
     assert not [p for p in local.parent.iterdir() if p.name.endswith(".tmp")]
-    assert storage.local_copy(str(tmp_path / "train.parquet")) == tmp_path / "train.parquet"
+    local.write_bytes(b"planted")                        # changed in the cache: not used
+    assert storage.local_copy(uri, digest).read_bytes() == data and len(copies) == 2
+    with pytest.raises(DataError, match="does not match the digest"):
+        storage.local_copy(uri, "0" * 64)
+    assert not (tmp_path / "node_cache" / ("0" * 64) / "train.parquet").exists()
+    assert storage.local_copy(str(tmp_path / "train.parquet"), digest) == \
+        tmp_path / "train.parquet"

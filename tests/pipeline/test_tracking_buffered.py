@@ -131,6 +131,8 @@ def test_training_goes_on_while_the_tracking_server_is_killed_and_restarted(
     servers = [mlflow_server(folder)]
     server = servers[0].__enter__()
     port = int(server.url.rsplit(":", 1)[1])
+    for name, value in server.env().items():   # the server's account
+        monkeypatch.setenv(name, value)
     try:
         from mlflow.tracking import MlflowClient
 

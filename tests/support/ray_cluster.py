@@ -2,7 +2,9 @@
 
 Each node is a ``ray start ... --block`` process in a session of its own: the head (GCS,
 dashboard) and worker nodes joining it, every one with its own ports, CPUs and custom resources
-(which is how a test places work on a node), all on 127.0.0.1 under the test's ``--temp-dir``.
+(which is how a test places work on a node), all on 127.0.0.1 under the test's ``--temp-dir``,
+with token authentication (a token made for the cluster, in every node's environment; a driver
+joins with :meth:`RayCluster.env`, as a user joins with the token of the environment).
 Stopping a node kills its session's processes (its raylet, its workers): what losing a machine
 does; the whole cluster is stopped the same way, node by node, never by ``ray stop``.
 """
@@ -11,6 +13,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import secrets
 import shutil
 import subprocess
 import tempfile
@@ -30,7 +33,12 @@ class RayCluster:
     dashboard: str                    # http://127.0.0.1:<port>: `ray job submit --address`
     folder: Path                      # the nodes' logs
     temp_dir: Path                    # Ray's --temp-dir (short: Unix socket paths are limited)
+    token: str = field(default_factory=lambda: secrets.token_hex(32))
     nodes: dict[str, subprocess.Popen] = field(default_factory=dict)
+
+    def env(self) -> dict[str, str]:
+        """What a driver needs in its environment to join: token authentication, the token."""
+        return {"RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": self.token}
 
     def add_node(self, name: str, *, cpus: float, resources: Mapping[str, float],
                  env: Mapping[str, str] | None = None, head: bool = False) -> None:
@@ -52,7 +60,8 @@ class RayCluster:
         else:
             cmd += [f"--address={self.address}"]
         log = open(self.folder / f"{name}.log", "w")
-        self.nodes[name] = subprocess.Popen(cmd, env=subprocess_env(**(env or {})), stdout=log,
+        self.nodes[name] = subprocess.Popen(cmd, env=subprocess_env(**(env or {}), **self.env()),
+                                            stdout=log,
                                             stderr=subprocess.STDOUT, start_new_session=True)
 
     def node_of(self, pid: int) -> str | None:
@@ -81,8 +90,9 @@ class RayCluster:
         deadline = time.monotonic() + timeout
         while True:
             with contextlib.suppress(OSError, ValueError, KeyError):
-                with urllib.request.urlopen(f"{self.dashboard}/nodes?view=summary",
-                                            timeout=5) as r:
+                request = urllib.request.Request(f"{self.dashboard}/nodes?view=summary",
+                                                 headers={"Authorization": f"Bearer {self.token}"})
+                with urllib.request.urlopen(request, timeout=5) as r:
                     summary = json.loads(r.read())["data"]["summary"]
                 alive = [n for n in summary if n.get("raylet", {}).get("state") == "ALIVE"]
                 if len(alive) >= count:

@@ -1,9 +1,10 @@
 """Planted secrets, and the search of a whole MLflow store for them (the security tests).
 
-:data:`SECRETS` go into the environment of a run, :data:`URI_SECRETS` into URIs of its config
-(a tracking server's password, bucket keys); :func:`secret_hits` lists every place in the store
-that still holds one: parameters, tags, metric names, every artifact (downloaded through the
-store), and the raw bytes of files (the database, the artifact folder).
+:data:`SECRETS` go into the environment of a run (the tracking server's password among them),
+:data:`URI_SECRETS` into URIs the config must refuse (a tracking server's password, bucket
+keys); :func:`secret_hits` lists every place in the store that still holds one: parameters,
+tags, metric names, every artifact (downloaded through the store), and the raw bytes of files
+(the database, the artifact folder); :func:`bucket_secret_hits` every object of a bucket.
 """
 
 from __future__ import annotations
@@ -44,3 +45,24 @@ def secret_hits(store: str, *, raw_files: list[Path], download_to: Path) -> list
             data = file.read_bytes() if file.is_file() else b""
             hits += [f"{file}: bytes" for s in secrets if s.encode() in data]
     return hits
+
+
+def bucket_secret_hits(endpoint: str, bucket: str, *, secrets: tuple[str, ...] = ()) -> list[str]:
+    """Every object of ``bucket`` (checkpoints, Tune's pickled state, staged data, sweep
+    outputs) whose bytes hold a planted secret (:data:`SECRETS`, :data:`URI_SECRETS` and
+    ``secrets``)."""
+    import boto3
+
+    client = boto3.client("s3", endpoint_url=endpoint, region_name="us-east-1",
+                          aws_access_key_id="x", aws_secret_access_key="x")
+    planted = (*SECRETS.values(), *URI_SECRETS, *secrets)
+    hits, token = [], None
+    while True:
+        page = client.list_objects_v2(Bucket=bucket, **({"ContinuationToken": token}
+                                                          if token else {}))
+        for item in page.get("Contents", []):
+            data = client.get_object(Bucket=bucket, Key=item["Key"])["Body"].read()
+            hits += [f"s3://{bucket}/{item['Key']}" for s in planted if s.encode() in data]
+        token = page.get("NextContinuationToken")
+        if not token:
+            return hits

@@ -1,7 +1,8 @@
 """Real servers for the tests, on 127.0.0.1, started and stopped by the test itself.
 
-- :func:`mlflow_server`: ``mlflow server`` with a SQLite backend and proxied artifacts in a
-  folder (what a team's tracking server looks like), one worker;
+- :func:`mlflow_server`: ``mlflow server`` with its basic-auth app (an account from the
+  environment), a SQLite backend and proxied artifacts in a folder (what a team's tracking
+  server looks like), one worker;
 - :func:`moto_server`: an S3-compatible server (``moto_server`` from ``moto[server]``) with
   one bucket, and the AWS environment variables that point clients at it.
 
@@ -22,6 +23,7 @@ from pathlib import Path
 from typing import Iterator
 
 from tests.support import BIN
+from tests.support.secrets import SECRETS
 from tests.support.procs import free_ports
 
 
@@ -53,28 +55,51 @@ def stop(proc: subprocess.Popen) -> None:
         proc.wait(timeout=20)
 
 
+#: The tracking server's account (MLflow's basic-auth app): the admin the server creates on
+#: first start, from the environment, and the one every client of the tests logs in with
+MLFLOW_USER = "frcnn-admin"
+MLFLOW_PASSWORD = SECRETS["MLFLOW_TRACKING_PASSWORD"]   # a planted secret: searched for after
+
+
 @dataclass(frozen=True)
 class MlflowServer:
     url: str                  # http://127.0.0.1:PORT
     database: Path            # the backend's SQLite file
     artifacts: Path           # where the server keeps proxied artifacts
 
+    def env(self) -> dict[str, str]:
+        """The variables that log a client in (MLflow reads them; never in the URI)."""
+        return {"MLFLOW_TRACKING_USERNAME": MLFLOW_USER,
+                "MLFLOW_TRACKING_PASSWORD": MLFLOW_PASSWORD}
+
 
 @contextlib.contextmanager
 def mlflow_server(folder: Path, *, port: int | None = None, timeout: float = 120
                   ) -> Iterator[MlflowServer]:
-    """``port``: a given port (a server restarted on the folder of one stopped: same URL, same
-    store); default a free one."""
+    """An authenticated server (``--app-name basic-auth``: every request needs the account of
+    :meth:`MlflowServer.env`; other users get READ unless granted more). ``port``: a given
+    port (a server restarted on the folder of one stopped: same URL, same store); default a
+    free one."""
     folder.mkdir(parents=True, exist_ok=True)
     port, log = port or free_ports(1)[0], folder / "server.log"
     server = MlflowServer(f"http://127.0.0.1:{port}", folder / "mlflow.db", folder / "artifacts")
+    # the auth app's own settings: its user database beside the store; the admin account comes
+    # from the environment on first start (no password in a file)
+    (folder / "auth.ini").write_text(
+        "[mlflow]\ndefault_permission = READ\n"
+        f"database_uri = sqlite:///{folder / 'auth.db'}\n"
+        "authorization_function = mlflow.server.auth:authenticate_request_basic_auth\n")
     # no job runners (MLflow 3 starts several huey consumers, ~270 MB each, for its gateway
     # jobs; nothing here uses them)
     env = dict(os.environ, MLFLOW_DISABLE_TELEMETRY="true",
-               MLFLOW_SERVER_ENABLE_JOB_EXECUTION="false")
+               MLFLOW_SERVER_ENABLE_JOB_EXECUTION="false",
+               MLFLOW_AUTH_CONFIG_PATH=str(folder / "auth.ini"),
+               MLFLOW_AUTH_ADMIN_USERNAME=MLFLOW_USER, MLFLOW_AUTH_ADMIN_PASSWORD=MLFLOW_PASSWORD,
+               MLFLOW_FLASK_SERVER_SECRET_KEY="tests-flask-secret-0123456789")
     env.pop("MLFLOW_TRACKING_URI", None)
     proc = subprocess.Popen(
-        [str(BIN / "mlflow"), "server", "--backend-store-uri", f"sqlite:///{server.database}",
+        [str(BIN / "mlflow"), "server", "--app-name", "basic-auth",
+         "--backend-store-uri", f"sqlite:///{server.database}",
          "--artifacts-destination", str(server.artifacts), "--host", "127.0.0.1", "--port",
          str(port), "--workers", "1"],
         cwd=folder, env=env, stdout=log.open("a"), stderr=subprocess.STDOUT,

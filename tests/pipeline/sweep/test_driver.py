@@ -64,7 +64,6 @@ def test_resume_without_a_sweep_is_an_error_before_ray_starts(project, sweep_cfg
     ({"inputs_key": "k"}, True, False, True),                      # interrupted: picked up
     ({"inputs_key": "k", "finished": True}, True, False, False),   # finished: afresh
     ({"inputs_key": "other"}, True, False, False),                 # other inputs: afresh
-    ({}, False, False, False),                                     # no state: afresh
 ])
 def test_decide_resume(tmp_path, monkeypatch, state, restorable, resume, expected):
     from ray import tune
@@ -76,6 +75,32 @@ def test_decide_resume(tmp_path, monkeypatch, state, restorable, resume, expecte
     (experiment / "trials").mkdir(parents=True)
     assert driver._decide_resume(str(experiment), "k", state, resume) is expected
     assert experiment.exists() == expected  # what is not resumed is removed
+
+
+def test_a_folder_the_sweep_did_not_make_is_never_deleted_nor_restored(tmp_path, monkeypatch):
+    """No ``frcnn_sweep.json`` (the sweep's marker): an empty or absent folder is used; one
+    holding files (``sweep.name: checkpoints``, say) is refused, naming it, and left whole;
+    Tune's state in it is never looked at, let alone unpickled."""
+    from ray import tune
+
+    from pipeline.sweep import driver
+
+    looked = []
+    monkeypatch.setattr(tune.Tuner, "can_restore",
+                        staticmethod(lambda path: looked.append(path) or True))
+    assert driver._decide_resume(str(tmp_path / "absent"), "k", {}, resume=False) is False
+    (tmp_path / "empty").mkdir()
+    assert driver._decide_resume(str(tmp_path / "empty"), "k", {}, resume=False) is False
+    foreign = tmp_path / "checkpoints"
+    (foreign / "train_rpn-abc").mkdir(parents=True)
+    (foreign / "train_rpn-abc" / "model.pt").write_bytes(b"weights")
+    (foreign / "tuner.pkl").write_bytes(b"not ours")
+    with pytest.raises(DataError, match=f"{foreign}: holds files but no frcnn_sweep.json"):
+        driver._decide_resume(str(foreign), "k", {}, resume=False)
+    with pytest.raises(DataError, match="no sweep to resume"):
+        driver._decide_resume(str(foreign), "k", {}, resume=True)
+    assert (foreign / "train_rpn-abc" / "model.pt").read_bytes() == b"weights"
+    assert looked == []
 
 
 def test_decide_resume_refuses_changed_inputs(tmp_path, monkeypatch):
@@ -157,11 +182,13 @@ def _print_table(title: str, table: pd.DataFrame, seconds: float) -> None:
 # A Ray cluster started with `ray start`, the sweep submitted with `ray job submit`
 
 
-def _submit(url: str, job_dir: Path, submission_id: str, *args: str) -> None:
-    cmd = [str(BIN / "ray"), "job", "submit", "--address", url, "--working-dir", str(job_dir),
-           "--submission-id", submission_id, "--no-wait", "--",
+def _submit(cluster, job_dir: Path, submission_id: str, *args: str) -> None:
+    """``ray job submit`` as a user of the cluster: with its token in the environment."""
+    cmd = [str(BIN / "ray"), "job", "submit", "--address", cluster.dashboard, "--working-dir",
+           str(job_dir), "--submission-id", submission_id, "--no-wait", "--",
            str(BIN / "frcnn"), "sweep", "--params", "params.yaml", *args]
-    done = subprocess.run(cmd, env=subprocess_env(), capture_output=True, text=True, timeout=120)
+    done = subprocess.run(cmd, env=subprocess_env(**cluster.env()), capture_output=True,
+                          text=True, timeout=120)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
 
 
@@ -177,7 +204,7 @@ def _wait(client, job_id: str, until, timeout: float) -> str:
 
 
 @pytest.mark.slow
-def test_sweep_job_on_a_local_cluster_is_stopped_and_resumed(tmp_path):
+def test_sweep_job_on_a_local_cluster_is_stopped_and_resumed(tmp_path, monkeypatch):
     from ray.job_submission import JobSubmissionClient
 
     out, job_dir = tmp_path / "out", tmp_path / "job"
@@ -198,10 +225,11 @@ def test_sweep_job_on_a_local_cluster_is_stopped_and_resumed(tmp_path):
     started = time.perf_counter()
     with ray_cluster(tmp_path / "cluster", head_cpus=2,
                      head_resources={"trial_slot": 1}) as cluster:
-        url = cluster.dashboard
-        client = JobSubmissionClient(url)
+        for name, value in cluster.env().items():   # this process's job client: the token
+            monkeypatch.setenv(name, value)
+        client = JobSubmissionClient(cluster.dashboard)
         print(f"\nT cluster up {time.perf_counter() - started:.0f}")
-        _submit(url, job_dir, "sweep-1")
+        _submit(cluster, job_dir, "sweep-1")
         try:
             deadline = time.monotonic() + 300
             while not (markers.is_dir() and list(markers.glob("*.json"))):
@@ -219,7 +247,7 @@ def test_sweep_job_on_a_local_cluster_is_stopped_and_resumed(tmp_path):
             assert parent.info.status in ("KILLED", "RUNNING")  # RUNNING: no time
 
             print(f"T stopped {time.perf_counter() - started:.0f}")
-            _submit(url, job_dir, "sweep-2", "--resume")
+            _submit(cluster, job_dir, "sweep-2", "--resume")
             status = _wait(client, "sweep-2",
                            lambda s: any(t in s for t in ("SUCCEEDED", "FAILED", "STOPPED")),
                            300)

@@ -29,7 +29,8 @@ def _records() -> list[sweep_report.TrialRecord]:
         sweep_report.TrialRecord("t3", {"anchors.scales": [2.0], "train.lr": 0.002},
                                  hist(0.1), wall_seconds=5.0),
         sweep_report.TrialRecord("t4", {"anchors.scales": [2.0], "train.lr": 0.003},
-                                 error="ConfigError: rpn.neg_iou (0.5) must be <= rpn.pos_iou"),
+                                 error="ConfigError: rpn.neg_iou (0.5) must be <= rpn.pos_iou",
+                                 attempts=2),
     ]
 
 
@@ -38,10 +39,12 @@ def test_trial_table_one_row_per_trial():
                                      metrics=["AR@50", "AR@300"], metric="AR@300", mode="max")
     assert list(table.columns) == [
         "trial_id", "anchors.scales", "train.lr", "final_AR@50", "final_AR@300", "best_AR@300",
-        "best_epoch", "epochs", "status", "wall_seconds", "train_seconds", "score_seconds", "error"]
+        "best_epoch", "epochs", "status", "attempts", "wall_seconds", "train_seconds",
+        "score_seconds", "error"]
     assert list(table["trial_id"]) == ["t1", "t2", "t3", "t4"]
     assert list(table["status"]) == ["finished", "finished", "stopped early", "errored"]
     assert list(table["epochs"]) == [3, 2, 1, 0]
+    assert list(table["attempts"]) == [1, 1, 1, 2]     # t4 retried after its failure
     assert table["final_AR@300"].tolist()[:3] == [0.4, 0.5, 0.1]
     assert table["best_AR@300"].tolist()[:3] == [0.45, 0.5, 0.1]
     assert table["best_epoch"].tolist() == [2, 2, 1, -1]

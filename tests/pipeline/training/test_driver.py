@@ -17,7 +17,8 @@ import torch
 
 from detector import load_model
 from pipeline.cli import main
-from pipeline.training import checkpoints
+from pipeline.errors import DataError
+from pipeline.training import checkpoints, resume
 from tests.support import mlflow_store
 from tests.support.factories import RAY_PARAMS, write_ray_project
 from tests.support.procs import subprocess_env
@@ -248,6 +249,12 @@ def test_train_rpn_on_two_ray_workers(tmp_path):
     assert checkpoints.read_progress(last)["done"]
     assert checkpoints.read_state(last)["step"] == 6
     assert (last / checkpoints.MODEL).read_bytes() == (project / "models" / "rpn.pt").read_bytes()
+    # what a rerun would resume from, as Ray Train records it; its progress cut short is named
+    found = resume.latest_checkpoint(str(project / "checkpoints"), run_dir.name)
+    assert found is not None and found[0] == str(last) and found[1]["step"] == 6
+    (last / checkpoints.PROGRESS).write_text('{"step": 6, "ep')
+    with pytest.raises(DataError, match=f"{checkpoints.PROGRESS}: truncated or corrupt"):
+        resume.latest_checkpoint(str(project / "checkpoints"), run_dir.name)
 
     # one FINISHED MLflow run with params, tags, step metrics and artifacts
     db = project / "mlflow.db"

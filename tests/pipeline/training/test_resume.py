@@ -2,13 +2,13 @@
 
 from __future__ import annotations
 
-import json
 
 import pytest
 
 from pipeline.config import Config
 from pipeline.digests import file_digest
-from pipeline.training import checkpoints, resume
+from pipeline.errors import DataError
+from pipeline.training import resume
 from tests.support.factories import RAY_PARAMS, write_prepared
 
 
@@ -29,22 +29,16 @@ def test_run_key_follows_training_inputs_only(tmp_path):
     assert key != resume.run_key(cfg, "rpn", data, other)  # another model to start from
 
 
-def test_latest_checkpoint_reads_rays_snapshot(tmp_path):
-    run = tmp_path / "train_rpn-abc"
+def test_latest_checkpoint_is_none_before_the_first_and_refuses_a_foreign_record(tmp_path):
+    """No run folder, or one with no checkpoint recorded: None. A record Ray cannot read is a
+    DataError naming the folder to delete. (The latest of a real run:
+    ``test_train_rpn_on_two_ray_workers``.)"""
     assert resume.latest_checkpoint(str(tmp_path), "train_rpn-abc") is None
-    (run / "checkpoint_e000_s0000002").mkdir(parents=True)
-    (run / "checkpoint_e000_s0000002" / checkpoints.PROGRESS).write_text(
-        json.dumps({"epoch": 0, "step": 2}))
-    (run / "checkpoint_manager_snapshot.json").write_text(json.dumps(
-        {"latest_checkpoint_result": {"checkpoint_dir_name": "checkpoint_e000_s0000002"}}))
-    path, progress = resume.latest_checkpoint(str(tmp_path), "train_rpn-abc")
-    assert path == str(run / "checkpoint_e000_s0000002") and progress["step"] == 2
-
-
-def test_latest_checkpoint_refuses_a_snapshot_that_is_not_an_object(tmp_path):
-    (tmp_path / "train_rpn-abc").mkdir()
+    resume.write_run_state(str(tmp_path), "train_rpn-abc", "0123abcd")
+    assert resume.latest_checkpoint(str(tmp_path), "train_rpn-abc") is None
     (tmp_path / "train_rpn-abc" / "checkpoint_manager_snapshot.json").write_text("[1, 2]")
-    with pytest.raises(ValueError, match="expected a JSON object, got list"):
+    with pytest.raises(DataError, match="record of its checkpoints is unreadable.*delete "
+                                        ".*train_rpn-abc"):
         resume.latest_checkpoint(str(tmp_path), "train_rpn-abc")
 
 
