@@ -44,6 +44,7 @@ import http.server
 import json
 import os
 import platform
+import secrets
 import subprocess
 import sys
 import tempfile
@@ -241,7 +242,6 @@ def ray_data_rates(cluster: Any, path: Path, rows: int, image_size: int) -> dict
     for name, value in LOCAL_RAY_ENV.items():
         os.environ.setdefault(name, value)
     out = {}
-    os.environ.update(cluster.env())   # the cluster's token, as its users have it
     ray.init(address=cluster.address, logging_level="ERROR", log_to_driver=False)
     try:
         for key, buffer in (("shuffled", Config().train.shuffle_buffer), ("sequential", 0)):
@@ -270,12 +270,17 @@ def _group_of(starts: list[int], index: int) -> int:
 
 @contextlib.contextmanager
 def cluster_with_bucket(folder: Path) -> Iterator[tuple[Any, CountingProxy, dict[str, str]]]:
+    # the cluster's token in this process's environment before Ray reads it (ray_data_rates
+    # joins in-process, as a user's driver does)
+    token = secrets.token_hex(32)
+    os.environ.update(RAY_AUTH_MODE="token", RAY_AUTH_TOKEN=token)
     with moto_server(folder / "moto", bucket=BUCKET) as s3:
         proxy = CountingProxy(("127.0.0.1", int(s3.endpoint.rsplit(":", 1)[1])))
         env = {**s3.env(), "AWS_ENDPOINT_URL": proxy.endpoint,
                "MLFLOW_S3_ENDPOINT_URL": proxy.endpoint}
         try:
-            with ray_cluster(folder / "ray", head_cpus=1, head_resources={}, env=env) as cluster:
+            with ray_cluster(folder / "ray", head_cpus=1, head_resources={}, env=env,
+                             token=token) as cluster:
                 cluster.add_node("node_b", cpus=1, resources={"ingest_worker": 2}, env=env)
                 cluster.wait_for_nodes(2)
                 yield cluster, proxy, env

@@ -106,13 +106,16 @@ class RayCluster:
 
 @contextlib.contextmanager
 def ray_cluster(folder: Path, *, head_cpus: float, head_resources: Mapping[str, float],
-                env: Mapping[str, str] | None = None) -> Iterator[RayCluster]:
+                env: Mapping[str, str] | None = None, token: str | None = None
+                ) -> Iterator[RayCluster]:
     """A head node on 127.0.0.1 (more nodes: :meth:`RayCluster.add_node`); every node still
-    running at the end is stopped by its session."""
+    running at the end is stopped by its session. ``token``: the cluster's (default a new one;
+    a process that joins in-process must have it in its environment before Ray reads it)."""
     folder.mkdir(parents=True, exist_ok=True)
     gcs, dash = free_ports(2)
     cluster = RayCluster(f"127.0.0.1:{gcs}", f"http://127.0.0.1:{dash}", folder,
-                         Path(tempfile.mkdtemp(prefix="rt", dir="/tmp")))
+                         Path(tempfile.mkdtemp(prefix="rt", dir="/tmp")),
+                         **({"token": token} if token else {}))
     try:
         cluster.add_node("head", cpus=head_cpus, resources=head_resources, env=env, head=True)
         cluster.wait_for_nodes(1)
