@@ -196,10 +196,11 @@ class PreparedTable:
         if not self.files:
             raise MissingInputError(f"{redact(str(self.path))}: prepared table not found; run "
                                     f"`frcnn prepare`")
-        self.schema_arrow = _parquet(self.files[0]).schema_arrow
         self._groups: list[tuple[int, int, int]] = []    # (file, row group in it, rows)
         for f, file in enumerate(self.files):
-            meta = _parquet(file).metadata
+            meta = _parquet(file).metadata                # each footer read once
+            if f == 0:
+                self.schema_arrow = meta.schema.to_arrow_schema()
             self._groups += [(f, g, meta.row_group(g).num_rows) for g in range(meta.num_row_groups)]
         self.num_rows = sum(rows for *_, rows in self._groups)
 
