@@ -17,7 +17,7 @@
 # Run from the repository root with .venv installed (make install); about an hour and a half on
 # 2 cores.
 set -euo pipefail
-BCCD=${1:-../shared/data/bccd}
+BCCD=${1:-examples/bccd}
 WORK=${2:-/tmp/bccd_study}
 SIZE=${3:-320}
 export PATH="$(pwd)/.venv/bin:$PATH" DVC_NO_ANALYTICS=1 PYTHONUNBUFFERED=1

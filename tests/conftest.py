@@ -3,7 +3,7 @@
 Fixtures: ``prepared`` (a tiny prepared set of drawn rectangles at 64 x 64), ``tiny_cfg`` (the
 real detector at 64 x 64: :func:`tests.support.factories.tiny_cfg`), ``one_thread`` (torch on one
 thread), ``dvc_repo`` (a factory of fresh git + DVC repositories), ``bccd_dir`` (the real BCCD
-dataset, skipped when absent).
+dataset bundled in ``examples/bccd``).
 """
 
 from __future__ import annotations
@@ -18,11 +18,11 @@ from pipeline.ray_session import LOCAL_RAY_ENV
 from tests.support import ROOT
 from tests.support.dvc_repo import DvcRepo, make_dvc_repo
 
-__all__ = ["ROOT", "SHARED_DATA"]
+__all__ = ["BCCD", "ROOT"]
 
-SHARED_DATA = ROOT.parent / "shared" / "data"
+BCCD = ROOT / "examples" / "bccd"
 
-# No telemetry, no Ray token prompts: the policy of the local clusters the stages start.
+# No telemetry; token authentication: the policy of the local clusters the stages start.
 os.environ.setdefault("DVC_NO_ANALYTICS", "1")
 for _name, _value in LOCAL_RAY_ENV.items():
     os.environ.setdefault(_name, _value)
@@ -30,11 +30,9 @@ for _name, _value in LOCAL_RAY_ENV.items():
 
 @pytest.fixture(scope="session")
 def bccd_dir() -> Path:
-    """The real BCCD dataset (PASCAL VOC layout) beside the repository; skipped when absent."""
-    path = SHARED_DATA / "bccd"
-    if not (path / "Annotations").is_dir():
-        pytest.skip(f"real dataset not found at {path} (expected ../shared/data/bccd)")
-    return path
+    """The real BCCD dataset (PASCAL VOC layout) bundled in ``examples/bccd``."""
+    assert (BCCD / "Annotations").is_dir(), f"{BCCD}: the bundled BCCD set is missing"
+    return BCCD
 
 
 @pytest.fixture()

@@ -1,8 +1,8 @@
-"""pipeline.prepare.stage (``frcnn prepare``) on the real BCCD dataset (../shared/data/bccd,
+"""pipeline.prepare.stage (``frcnn prepare``) on the real BCCD dataset (examples/bccd, bundled,
 PASCAL VOC layout).
 
 Counts, classes and box scaling are checked against the XML files, read here independently.
-Skipped, with a message, when the dataset folder is absent (the ``bccd_dir`` fixture).
+The ``bccd_dir`` fixture gives the bundled folder.
 BCCD: 364 images of 640x480, classes RBC / WBC / Platelets; ``BloodImage_00338.xml`` and
 ``BloodImage_00343.xml`` each hold one zero-area box.
 """
@@ -21,7 +21,7 @@ import pytest
 from PIL import Image
 
 from pipeline.cli import main
-from pipeline.prepared import load_split
+from pipeline.prepared_table import load_split
 from tests.support import ROOT
 
 PARAMS = str(ROOT / "params.yaml")
