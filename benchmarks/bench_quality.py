@@ -36,7 +36,7 @@ take them away from torchvision's side: ``--tv-objectness-as-softmax`` and ``--t
 
 Usage::
 
-    frcnn prepare --set data.source=voc:../shared/data/bccd --set data.on_invalid=skip \\
+    frcnn prepare --set data.source=voc:examples/bccd --set data.on_invalid=skip \\
         --set data.split=imagesets --set data.image_size=320 --set data.out_dir=/tmp/bccd320
     python benchmarks/bench_quality.py --data /tmp/bccd320 --image-size 320 --steps 300 \\
         --seed 0 --out quality_320_seed0.json                       # CPU, ~30 min on 2 cores
@@ -58,7 +58,6 @@ import datetime
 import itertools
 import json
 import math
-import platform
 import shlex
 import sys
 import time
@@ -74,27 +73,21 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 # The project's data path, schedule and scoring.
 from pipeline.evaluation.core import evaluate_model  # noqa: E402
 from pipeline.evaluation.metrics import split_metrics  # noqa: E402
-from pipeline.prepared import read_classes, read_ground_truth  # noqa: E402
+from pipeline.prepared_table import read_classes  # noqa: E402
+from pipeline.annotations import read_ground_truth  # noqa: E402
 from pipeline.training.loader import DetectionDataset, ResumableSampler, make_loader  # noqa: E402
 from pipeline.training.schedule import lr_factor  # noqa: E402
 
-from benchmarks.torchvision_model import (build_torchvision, compare_outputs,  # noqa: E402
-                                          copy_weights, head_smooth_l1_beta,
-                                          objectness_param_groups, torchvision_rpn_outputs)
-from detector import FasterRCNN  # noqa: E402
-from detector.rpn import ProposalSettings  # noqa: E402
+from benchmarks.torchvision_model import (head_smooth_l1_beta,
+                                          objectness_param_groups)
+from benchmarks.quality_models import (SAME_START_TOLERANCE,  # noqa: E402
+                                       TorchvisionForEvaluation, build_models, model_settings)
+from benchmarks.quality_report import (BUDGETS, LOSS_TERMS, anchors_entry,  # noqa: E402
+                                       device_name, fmt, jsonable, model_entry, table, verdict)
 
-REFERENCE_SIZE = 640       # the frame of --scales and of the minimum proposal size
-MIN_PROPOSAL_SIZE = 16.0   # pixels at 640 (one feature-map cell)
-BUDGETS = (100, 300, 1000)
-#: Largest relative output difference allowed between the two models at initialisation.
-SAME_START_TOLERANCE = 1e-4
 #: torchvision's loss names -> this detector's.
 TV_LOSS_NAMES = {"loss_objectness": "rpn_cls", "loss_rpn_box_reg": "rpn_reg",
                  "loss_classifier": "roi_cls", "loss_box_reg": "roi_reg"}
-LOSS_TERMS = ("rpn_cls", "rpn_reg", "roi_cls", "roi_reg")
-#: "Clearly above the anchors": AR@300 at least this much (absolute) above the anchor-only AR.
-CLEAR_MARGIN = 0.02
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -146,107 +139,6 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 # -- models -----------------------------------------------------------------------------------
-
-def model_settings(args: argparse.Namespace) -> dict[str, Any]:
-    """This detector's keywords for the benchmark (the rest are its defaults)."""
-    factor = args.image_size / REFERENCE_SIZE
-    return {"image_size": args.image_size,
-            "anchor_scales": tuple(s * factor for s in args.scales),
-            "anchor_ratios": tuple(args.ratios),
-            "rpn_min_size": MIN_PROPOSAL_SIZE * factor,
-            "rpn_allow_border": args.allow_border}
-
-
-def build_models(args: argparse.Namespace, num_classes: int, device: torch.device,
-                 check_images: Tensor) -> tuple[FasterRCNN, nn.Module, dict[str, Any]]:
-    """This detector (from ``args.seed``), torchvision's with the same weights, and the check
-    that they compute the same thing on ``check_images`` (RuntimeError when they do not)."""
-    torch.manual_seed(args.seed)
-    ours = FasterRCNN(num_classes, **model_settings(args))
-    tv = build_torchvision(ours)
-    copied = copy_weights(ours, tv)
-    ours.to(device)
-    tv.to(device)
-    check = compare_outputs(ours, tv, check_images.to(device))
-    check["tensors_copied"] = copied
-    bad = {k: v for k, v in check.items()
-           if isinstance(v, float) and k != "anchors" and v > SAME_START_TOLERANCE}
-    if bad or check["anchors"] > 1e-3:
-        raise RuntimeError(f"the two models differ at initialisation (relative differences "
-                           f"above {SAME_START_TOLERANCE}, anchors in pixels): {check}")
-    return ours, tv, check
-
-
-class TorchvisionForEvaluation(nn.Module):
-    """torchvision's model behind the interface ``pipeline.evaluate`` reads from this detector:
-    ``propose(images)``, ``model(images)`` in eval mode, ``rpn.proposal_settings`` (its top-N is
-    raised for scoring) and ``rpn.anchor_generator`` (for the anchor baseline)."""
-
-    def __init__(self, tv: nn.Module, image_size: int) -> None:
-        super().__init__()
-        self.tv = tv
-        self.rpn = _RPNView(tv, image_size)
-
-    def forward(self, images: Tensor) -> list[dict[str, Tensor]]:
-        return self.tv(list(images))
-
-    @torch.no_grad()
-    def propose(self, images: Tensor) -> list[tuple[Tensor, Tensor]]:
-        """Per image ``(boxes (N, 4), scores (N,))`` of torchvision's proposal layer, best
-        first, top-N of the current mode."""
-        image_list, _, objectness, offsets, anchors = torchvision_rpn_outputs(self.tv, images)
-        rpn = self.tv.rpn
-        proposals = rpn.box_coder.decode(offsets.detach(), anchors).view(len(anchors), -1, 4)
-        boxes, scores = rpn.filter_proposals(proposals, objectness, image_list.image_sizes,
-                                             [proposals.shape[1]])
-        return list(zip(boxes, scores))
-
-
-class _RPNView:
-    """``rpn.proposal_settings`` and ``rpn.anchor_generator`` of torchvision's RPN, in this
-    detector's terms."""
-
-    def __init__(self, tv: nn.Module, image_size: int) -> None:
-        self._tv = tv
-        self.anchor_generator = _AnchorView(tv, image_size)
-
-    @property
-    def proposal_settings(self) -> ProposalSettings:
-        rpn = self._tv.rpn
-        return ProposalSettings(min_size=rpn.min_size, nms_iou=rpn.nms_thresh,
-                                pre_nms_top_n_train=rpn._pre_nms_top_n["training"],
-                                post_nms_top_n_train=rpn._post_nms_top_n["training"],
-                                pre_nms_top_n_test=rpn._pre_nms_top_n["testing"],
-                                post_nms_top_n_test=rpn._post_nms_top_n["testing"])
-
-    @proposal_settings.setter
-    def proposal_settings(self, s: ProposalSettings) -> None:
-        rpn = self._tv.rpn
-        rpn.min_size, rpn.nms_thresh = s.min_size, s.nms_iou
-        rpn._pre_nms_top_n = {"training": s.pre_nms_top_n_train, "testing": s.pre_nms_top_n_test}
-        rpn._post_nms_top_n = {"training": s.post_nms_top_n_train,
-                               "testing": s.post_nms_top_n_test}
-
-
-class _AnchorView:
-    """torchvision's anchors of one ``S x S`` image, called like
-    :class:`detector.anchors.AnchorGenerator`: ``(feature_size, device) -> (A, 4)``."""
-
-    stride = 16
-
-    def __init__(self, tv: nn.Module, image_size: int) -> None:
-        self._tv = tv
-        self._size = image_size
-
-    def __call__(self, feature_size: tuple[int, int], device: torch.device) -> Tensor:
-        from torchvision.models.detection.image_list import ImageList
-        images = ImageList(torch.zeros(1, 3, self._size, self._size, device=device),
-                           [(self._size, self._size)])
-        features = torch.zeros(1, 1, *feature_size, device=device)
-        return self._tv.rpn.anchor_generator(images, [features])[0]
-
-
-# -- data -------------------------------------------------------------------------------------
 
 def training_batches(path: Path, args: argparse.Namespace) -> Iterator[dict[str, Any]]:
     """Batches of the prepared training table, epoch after epoch: a shuffled order and flips
@@ -375,124 +267,22 @@ def score(model: nn.Module, split: Any, args: argparse.Namespace, class_names: l
     return values, time.perf_counter() - start
 
 
-def model_entry(values: dict[str, float], trainee: Trainee, eval_seconds: float,
-                args: argparse.Namespace) -> dict[str, Any]:
-    entry = {k: v for k, v in values.items() if not k.startswith("anchors/")
-             and k != "num_anchors"}
-    last = trainee.history[-min(20, len(trainee.history)):]
-    entry |= {
-        "train_seconds": round(trainee.seconds, 2),
-        "train_images_per_s": round(args.steps * args.batch_size / trainee.seconds, 4),
-        "eval_seconds": round(eval_seconds, 2),
-        "final_losses": {k: round(sum(h[k] for h in last) / len(last), 5)
-                         for k in (*LOSS_TERMS, "loss")},
-    }
-    return entry
-
-
-def anchors_entry(values: dict[str, float]) -> dict[str, float]:
-    return {"AR": values.get("anchors/AR", math.nan),
-            "recall@0.5": values.get("anchors/recall@0.5", math.nan),
-            "recall@0.7": values.get("anchors/recall@0.7", math.nan),
-            "num_anchors": values["num_anchors"]}
-
-
-# -- report -----------------------------------------------------------------------------------
-
-def device_name(device: torch.device) -> str:
-    if device.type == "cuda":
-        return torch.cuda.get_device_name(device)
-    return f"CPU ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)"
-
-
-def fmt(value: Any, digits: int = 4) -> str:
-    if value is None or (isinstance(value, float) and math.isnan(value)):
-        return "n/a"
-    return f"{value:.{digits}f}" if isinstance(value, float) else str(value)
-
-
-def table(results: dict[str, Any], class_names: list[str]) -> str:
-    """Markdown table: rows metrics, columns this detector, torchvision, anchors."""
-    this, tv, anchors = results["this"], results["torchvision"], results["anchors"]
-    rows = [(f"AR@{b}", f"AR@{b}", "AR") for b in BUDGETS]
-    rows += [("recall@0.5/300", "recall@0.5/300", "recall@0.5"),
-             ("recall@0.7/300", "recall@0.7/300", "recall@0.7"),
-             ("mAP@0.5", "mAP@0.5", None)]
-    rows += [(f"AP@0.5 {c}", f"AP@0.5/{c}", None) for c in class_names]
-    rows += [(f"proposals returned at {b} (mean)", f"proposals@{b}", "num_anchors")
-             for b in BUDGETS]
-    lines = ["| metric | this detector | torchvision | anchors |", "| --- | ---: | ---: | ---: |"]
-    for label, key, anchor_key in rows:
-        digits = 1 if key.startswith("proposals@") else 4
-        anchor = fmt(anchors.get(anchor_key), digits) if anchor_key else ""
-        lines.append(f"| {label} | {fmt(this.get(key), digits)} | {fmt(tv.get(key), digits)} "
-                     f"| {anchor} |")
-    lines.append(f"| training seconds | {fmt(this['train_seconds'], 0)} | "
-                 f"{fmt(tv['train_seconds'], 0)} | |")
-    lines.append(f"| training images / s | {fmt(this['train_images_per_s'], 3)} | "
-                 f"{fmt(tv['train_images_per_s'], 3)} | |")
-    lines.append(f"| loss, mean of the last 20 steps | {fmt(this['final_losses']['loss'], 3)} | "
-                 f"{fmt(tv['final_losses']['loss'], 3)} | |")
-    return "\n".join(lines)
-
-
-def verdict(results: dict[str, Any]) -> list[str]:
-    """The issue's targets, one line each."""
-    this, tv, anchors = results["this"], results["torchvision"], results["anchors"]
-    out = []
-    for name, entry in (("this detector", this), ("torchvision", tv)):
-        ar, base = entry.get("AR@300", math.nan), anchors["AR"]
-        judged = ("clearly above: learned" if ar >= base + CLEAR_MARGIN else
-                  "above, not clearly" if ar > base else "NOT above the anchors")
-        out.append(f"{name}: AR@300 {fmt(ar)} vs anchor-only AR {fmt(base)} ({ar - base:+.4f}) "
-                   f"-> {judged}")
-    for key in ("AR@300", "mAP@0.5"):
-        a, b = this.get(key, math.nan), tv.get(key, math.nan)
-        out.append(f"{key}: this {fmt(a)} vs torchvision {fmt(b)} -> "
-                   f"{'at least equal' if a >= b else 'torchvision higher'} "
-                   f"({a - b:+.4f})")
-    a, b = this["train_seconds"], tv["train_seconds"]
-    out.append(f"training time: this {a:.0f} s vs torchvision {b:.0f} s -> "
-               f"{'no more' if a <= b else 'more'} ({a / b:.2f}x)")
-    return out
-
-
-def jsonable(value: Any) -> Any:
-    """NaN -> None, recursively (strict JSON)."""
-    if isinstance(value, float) and not math.isfinite(value):
-        return None
-    if isinstance(value, dict):
-        return {k: jsonable(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [jsonable(v) for v in value]
-    return value
-
-
-# -- main -------------------------------------------------------------------------------------
-
-def main(argv: list[str] | None = None) -> int:
-    args = parse_args(argv)
-    command = "python benchmarks/bench_quality.py " + shlex.join(
-        sys.argv[1:] if argv is None else argv)
-    info = read_classes(args.data)
+def check_inputs(args: argparse.Namespace, info: dict[str, Any]) -> str | None:
+    """Why the run cannot start (a message), or None."""
     if info["image_size"] != args.image_size:
-        print(f"bench_quality: {args.data} was prepared at {info['image_size']} x "
-              f"{info['image_size']} but --image-size is {args.image_size}; prepare it at that "
-              f"size (`frcnn prepare --set data.image_size={args.image_size} ...`) or pass "
-              f"--image-size {info['image_size']}", file=sys.stderr)
-        return 2
+        return (f"{args.data} was prepared at {info['image_size']} x {info['image_size']} but "
+                f"--image-size is {args.image_size}; prepare it at that size (`frcnn prepare "
+                f"--set data.image_size={args.image_size} ...`) or pass --image-size "
+                f"{info['image_size']}")
     if args.steps < 1 or args.batch_size < 1:
-        print("bench_quality: --steps and --batch-size must be >= 1", file=sys.stderr)
-        return 2
-    torch.set_num_threads(args.threads)
-    device = torch.device(args.device)
-    class_names = [str(c) for c in info["classes"]]
-    train_path = args.data / "train.parquet"
-    split = read_ground_truth(args.data / f"{args.split}.parquet", args.split)
+        return "--steps and --batch-size must be >= 1"
+    return None
 
-    batches = training_batches(train_path, args)
-    first = next(training_batches(train_path, args))  # the first batch, for the check only
-    ours, tv, check = build_models(args, len(class_names), device, first["images"])
+
+def print_setup(args: argparse.Namespace, device: torch.device, command: str,
+                info: dict[str, Any], class_names: list[str], split: Any,
+                check: dict[str, Any]) -> None:
+    """The run's device, command, data, anchors, training and the same-start check."""
     settings = model_settings(args)
     print(f"device: {device_name(device)}; torch {torch.__version__}; "
           f"date {datetime.datetime.now().isoformat(timespec='seconds')}")
@@ -500,7 +290,7 @@ def main(argv: list[str] | None = None) -> int:
     print(f"data: {args.data} ({info.get('source', '?')}), {args.image_size} x "
           f"{args.image_size}, classes {', '.join(class_names)}; scored on {args.split} "
           f"({len(split)} images)")
-    sizes = ", ".join(f"{s * 16:g}" for s in settings["anchor_scales"])
+    sizes = ", ".join(f"{s * 16:g}" for s in settings["anchors"].scales)
     print(f"anchors: sides {sizes} px x ratios {', '.join(f'{r:g}' for r in args.ratios)} at "
           f"{args.image_size} px (scales {' '.join(f'{s:g}' for s in args.scales)} at 640); "
           f"allow_border {args.allow_border:g}")
@@ -517,26 +307,33 @@ def main(argv: list[str] | None = None) -> int:
           f"the first batch ({check['shapes']}): {diffs} (anchors in px; tolerance "
           f"{SAME_START_TOLERANCE:g}): OK", flush=True)
 
-    untrained = None
-    if args.score_untrained:
-        untrained = {"this": score(ours, split, args, class_names, device)[0],
-                     "torchvision": score(TorchvisionForEvaluation(tv, args.image_size), split,
-                                          args, class_names, device)[0]}
-        shown = ("AR@100", "AR@300", "AR@1000", "recall@0.5/300", "mAP@0.5")
-        print("untrained: " + "; ".join(
-            f"{k} {fmt(untrained['this'].get(k))} / {fmt(untrained['torchvision'].get(k))}"
-            for k in shown) + " (this / torchvision)", flush=True)
-        apart = {k: (v, untrained["torchvision"].get(k)) for k, v in untrained["this"].items()
-                 if not math.isclose(v, untrained["torchvision"].get(k, math.nan),
-                                     rel_tol=0.02, abs_tol=1e-3)}
-        if apart:
-            print(f"WARNING: the untrained models score apart: {apart}", flush=True)
 
+def score_untrained(ours: nn.Module, tv: nn.Module, split: Any, args: argparse.Namespace,
+                    class_names: list[str], device: torch.device) -> dict[str, Any]:
+    """Both models scored before training (they start from the same weights: close scores)."""
+    untrained = {"this": score(ours, split, args, class_names, device)[0],
+                 "torchvision": score(TorchvisionForEvaluation(tv, args.image_size), split,
+                                      args, class_names, device)[0]}
+    shown = ("AR@100", "AR@300", "AR@1000", "recall@0.5/300", "mAP@0.5")
+    print("untrained: " + "; ".join(
+        f"{k} {fmt(untrained['this'].get(k))} / {fmt(untrained['torchvision'].get(k))}"
+        for k in shown) + " (this / torchvision)", flush=True)
+    apart = {k: (v, untrained["torchvision"].get(k)) for k, v in untrained["this"].items()
+             if not math.isclose(v, untrained["torchvision"].get(k, math.nan),
+                                 rel_tol=0.02, abs_tol=1e-3)}
+    if apart:
+        print(f"WARNING: the untrained models score apart: {apart}", flush=True)
+    return untrained
+
+
+def train_and_score(ours: nn.Module, tv: nn.Module, batches: Any, split: Any,
+                    args: argparse.Namespace, class_names: list[str], device: torch.device
+                    ) -> tuple[list[Trainee], dict[str, Any]]:
+    """Train both models on the same batches, then score each: ``(trainees, results)``."""
     trainees = [make_trainee("this", ours, args, device), make_trainee("torchvision", tv, args,
                                                                          device)]
     with head_smooth_l1_beta(args.tv_head_beta):
         train(trainees, batches, args, device)
-
     scores = {}
     for t, model in zip(trainees, (ours, TorchvisionForEvaluation(tv, args.image_size))):
         scores[t.name] = score(model, split, args, class_names, device)
@@ -548,16 +345,38 @@ def main(argv: list[str] | None = None) -> int:
     results: dict[str, Any] = {
         t.name: model_entry(scores[t.name][0], t, scores[t.name][1], args) for t in trainees}
     results["anchors"] = anchors
+    return trainees, results
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    command = "python benchmarks/bench_quality.py " + shlex.join(
+        sys.argv[1:] if argv is None else argv)
+    info = read_classes(args.data)
+    problem = check_inputs(args, info)
+    if problem:
+        print(f"bench_quality: {problem}", file=sys.stderr)
+        return 2
+    torch.set_num_threads(args.threads)
+    device = torch.device(args.device)
+    class_names = [str(c) for c in info["classes"]]
+    train_path = args.data / "train.parquet"
+    split = read_ground_truth(args.data / f"{args.split}.parquet", args.split)
+    batches = training_batches(train_path, args)
+    first = next(training_batches(train_path, args))  # the first batch, for the check only
+    ours, tv, check = build_models(args, len(class_names), device, first["images"])
+    print_setup(args, device, command, info, class_names, split, check)
+    untrained = score_untrained(ours, tv, split, args, class_names, device) \
+        if args.score_untrained else None
+    trainees, results = train_and_score(ours, tv, batches, split, args, class_names, device)
     results["run"] = {
         "command": command, "device": device_name(device),
         "date": datetime.datetime.now().isoformat(timespec="seconds"),
         "torch": torch.__version__, "data": str(args.data), "split": args.split,
         "num_images": len(split), "args": {k: (str(v) if isinstance(v, Path) else v)
                                            for k, v in vars(args).items()},
-        "model_config": dict(ours.config),
-        "same_start_check": check,
-        "untrained_scores": untrained,
-        "loss_history": {t.name: t.history for t in trainees},
+        "model_config": dict(ours.config), "same_start_check": check,
+        "untrained_scores": untrained, "loss_history": {t.name: t.history for t in trainees},
     }
     print()
     print(table(results, class_names))

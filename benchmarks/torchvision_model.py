@@ -64,6 +64,7 @@ from torchvision.models.detection.transform import GeneralizedRCNNTransform
 from torchvision.ops import MultiScaleRoIAlign, roi_align
 
 from detector import FasterRCNN
+from detector.settings import flat_config
 from detector.backbone import IMAGENET_MEAN, IMAGENET_STD, vgg16_features
 from detector.roi_heads import ROI_BOX_WEIGHTS
 from detector.rpn import RPN_BOX_WEIGHTS, flatten_head_output
@@ -152,7 +153,7 @@ def head_dropout(ours: FasterRCNN) -> float:
 def build_torchvision(ours: FasterRCNN, *, same_geometry: bool = True) -> TVFasterRCNN:
     """torchvision's FasterRCNN with the settings of ``ours`` (read from its ``config``), random
     weights (copy them with :func:`copy_weights`). See the module docstring."""
-    c = ours.config
+    c = flat_config(ours.config)
     size = ours.image_size
     backbone = vgg16_features()
     backbone.out_channels = 512

@@ -14,15 +14,26 @@ Conventions, stated once for the whole package:
 No Ray, MLflow or DVC here: :mod:`pipeline` owns orchestration.
 """
 
-from detector import anchors, backbone, boxes, matcher, roi_heads, rpn, sampler
+from detector import anchors, backbone, boxes, matcher, roi_heads, rpn, sampler, settings
 from detector.anchors import generate_anchors, trainable_anchor_counts, untrained_anchor_types
 from detector.serialization import load_model, save_model
-from detector.model import FasterRCNN, NonFiniteLossError
-from detector.rpn import assign_targets
+from detector.model import FasterRCNN, NonFiniteLossError, UntrainedAnchorWarning
+from detector.settings import AnchorSettings, BackboneSettings, LossWeights, RoIHeadSettings
+from detector.roi_heads import DetectionSettings, RoISampling
+from detector.rpn import AnchorMatching, ProposalSettings, assign_targets
 
 __all__ = [
+    "AnchorMatching",
+    "AnchorSettings",
+    "BackboneSettings",
+    "DetectionSettings",
     "FasterRCNN",
+    "LossWeights",
+    "ProposalSettings",
+    "RoIHeadSettings",
+    "RoISampling",
     "NonFiniteLossError",
+    "UntrainedAnchorWarning",
     "anchors",
     "assign_targets",
     "backbone",
@@ -34,6 +45,7 @@ __all__ = [
     "rpn",
     "sampler",
     "save_model",
+    "settings",
     "trainable_anchor_counts",
     "untrained_anchor_types",
 ]

@@ -139,6 +139,18 @@ class AnchorGenerator(nn.Module):
             return tuple((r, s) for r in self.ratios for s in self.scales)
         return tuple((h / w, math.sqrt(w * h) / self.stride) for w, h in self.sizes)
 
+    def feature_size(self, image_size: int | tuple[int, int]) -> tuple[int, int]:
+        """``(H, W)`` cells of the feature map of an image of ``image_size`` (``(height,
+        width)`` or one side): ``side // stride``, VGG-16's four floor-halving max-pools. The
+        one place this is computed."""
+        h, w = (image_size, image_size) if isinstance(image_size, int) else image_size
+        return int(h) // self.stride, int(w) // self.stride
+
+    def num_anchors(self, image_size: int | tuple[int, int]) -> int:
+        """``H * W * a``: the anchors of an image of ``image_size``."""
+        h, w = self.feature_size(image_size)
+        return h * w * self.num_per_cell
+
     def forward(self, feature_size: tuple[int, int], device: torch.device) -> Tensor:
         """``(H * W * a, 4)`` float32 anchors for a feature map of ``feature_size`` on ``device``."""
         key = (int(feature_size[0]), int(feature_size[1]), str(device))
@@ -184,7 +196,7 @@ def trainable_anchor_counts(generator: AnchorGenerator, image_size: int | tuple[
         with the defaults and ``allow_border = 0``: ``[952, 504, 0, 1024, 576, 64, 952, 504, 0]``).
     """
     h, w = (image_size, image_size) if isinstance(image_size, int) else image_size
-    anchors = generator((h // generator.stride, w // generator.stride), torch.device("cpu"))
+    anchors = generator(generator.feature_size((h, w)), torch.device("cpu"))
     inside = inside_image(anchors, (int(h), int(w)), allow_border)
     # (H*W*a,) -> (H*W, a): one row per cell, one column per anchor type -> (a,)
     return inside.view(-1, generator.num_per_cell).sum(dim=0)

@@ -3,7 +3,7 @@
 Shapes: ``B`` images. ``(B, 3, S, S)`` normalised images -> ``(B, 512, S/16, S/16)`` features
 (four 2x2 max-pools; 640 -> 40).
 
-Weights (``backbone_weights``):
+Weights (``BackboneSettings.weights``):
 
 - ``"none"`` (default): random initialisation (VGG's: Kaiming-normal convs, zero biases);
   nothing is read or downloaded.
@@ -72,7 +72,7 @@ def vgg16_blocks(features: nn.Sequential, blocks: int) -> nn.Sequential:
     # A block ends after each max-pool; the last one at the end of the features.
     ends = [i + 1 for i, m in enumerate(features) if isinstance(m, nn.MaxPool2d)] + [len(features)]
     if not 0 <= blocks <= len(ends):
-        raise ValueError(f"backbone_freeze_blocks must be in 0..{len(ends)} (VGG-16 conv blocks), "
+        raise ValueError(f"backbone.freeze_blocks must be in 0..{len(ends)} (VGG-16 conv blocks), "
                          f"got {blocks}")
     return features[:ends[blocks - 1]] if blocks else features[:0]
 
@@ -99,10 +99,10 @@ def _imagenet_state_dict() -> dict[str, Tensor]:
         return weights.get_state_dict(progress=False, check_hash=True)
     except Exception as exc:  # network, disk, hash or unpickling trouble: all end the same way
         raise RuntimeError(
-            f"backbone_weights='imagenet': torchvision's VGG-16 ImageNet weights are not in the "
+            f"backbone.weights='imagenet': torchvision's VGG-16 ImageNet weights are not in the "
             f"torch hub cache ({cache}) and could not be downloaded from {weights.url} "
             f"({type(exc).__name__}: {exc}). Put the file there (or set TORCH_HOME), pass a "
-            f"local VGG-16 state dict path as backbone_weights, or use 'none'.") from exc
+            f"local VGG-16 state dict path as backbone.weights, or use 'none'.") from exc
 
 
 def load_vgg16_state_dict(weights: str) -> dict[str, Tensor] | None:
@@ -119,16 +119,16 @@ def load_vgg16_state_dict(weights: str) -> dict[str, Tensor] | None:
     path = Path(weights)
     if not path.is_file():
         raise ValueError(
-            f"backbone_weights={weights!r} is not 'none', 'imagenet' or an existing file")
+            f"backbone.weights={weights!r} is not 'none', 'imagenet' or an existing file")
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:
-        raise ValueError(f"backbone_weights: cannot read a state dict from {path} "
+        raise ValueError(f"backbone.weights: cannot read a state dict from {path} "
                          f"({type(exc).__name__}: {exc})") from exc
     if isinstance(state, Mapping) and "state_dict" in state:
         state = state["state_dict"]
     if not isinstance(state, Mapping) or not all(isinstance(v, Tensor) for v in state.values()):
-        raise ValueError(f"backbone_weights: {path} does not hold a state dict of tensors")
+        raise ValueError(f"backbone.weights: {path} does not hold a state dict of tensors")
     return dict(state)
 
 
@@ -164,7 +164,7 @@ def apply_vgg16_weights(state: Mapping[str, Tensor], source: str, features: nn.S
         elif w.shape != layer.weight.shape or b.shape != layer.bias.shape:
             warnings.warn(f"backbone weights from {source}: {name}.weight has shape "
                           f"{tuple(w.shape)} but the RoI head's layer is "
-                          f"{tuple(layer.weight.shape)} (roi_pool_size / roi_hidden_dim differ "
+                          f"{tuple(layer.weight.shape)} (roi_head.pool_size / hidden_dim differ "
                           f"from VGG's 7 / 4096): left randomly initialised", stacklevel=3)
         else:
             with torch.no_grad():

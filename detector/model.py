@@ -1,4 +1,4 @@
-"""The Faster R-CNN model: VGG-16 backbone, RPN and Fast R-CNN head, built from plain keywords.
+"""The Faster R-CNN model: VGG-16 backbone, RPN and Fast R-CNN head, built from settings objects.
 
 Shapes: ``B`` images of ``3 x S x S`` (``S = image_size``), ``G_i`` ground-truth boxes in image
 ``i``, ``K = num_classes`` classes without background.
@@ -9,8 +9,9 @@ deviation itself (the statistics that torchvision's VGG-16 weights expect).
 
 from __future__ import annotations
 
+import dataclasses
 import warnings
-from typing import Any, Sequence
+from typing import Any, Mapping, Sequence
 
 import torch
 from torch import Tensor, nn
@@ -21,8 +22,10 @@ from detector.backbone import (IMAGENET_MEAN, IMAGENET_STD, VGG16Backbone, apply
 from detector.boxes import pad_boxes
 from detector.roi_heads import DetectionSettings, RoIHeads, RoISampling
 from detector.rpn import AnchorMatching, ProposalSettings, RegionProposalNetwork
+from detector.settings import (SETTINGS, AnchorSettings, BackboneSettings, LossWeights,
+                               RoIHeadSettings, as_tuples, build, complete_config)
 
-__all__ = ["FasterRCNN", "NonFiniteLossError"]
+__all__ = ["FasterRCNN", "NonFiniteLossError", "UntrainedAnchorWarning"]
 
 Target = dict[str, Tensor]
 
@@ -37,38 +40,30 @@ class NonFiniteLossError(FloatingPointError):
 class FasterRCNN(nn.Module):
     """Faster R-CNN with a VGG-16 backbone (SPEC.md, "The detector").
 
+    Built from settings objects, one per concern (as detectron2's configurable constructors):
+
     Args:
         num_classes: ``K`` dataset classes, without background; target labels are ``1..K``.
         image_size: side ``S`` of the square input images the model is built for; inputs of
             another size are refused.
-        backbone_weights: ``"none"``, ``"imagenet"`` or a path (:mod:`detector.backbone`).
-        backbone_freeze_blocks: how many VGG-16 conv blocks (0..5) are frozen
-            (``requires_grad=False``) when starting from pretrained weights: 2, conv1 and conv2
-            (``features[:10]``), as py-faster-rcnn. No effect with ``backbone_weights="none"``:
-            random weights all train.
         rpn_only: training returns only the RPN losses and skips the proposal layer and the RoI
             head (the RPN stage); nothing more is frozen, and eval / :meth:`propose` still run
             everything.
-        anchor_*: :class:`detector.anchors.AnchorGenerator` (the stride must be the
-            backbone's, 16); ``anchor_shapes``, ``(width, height)`` pixels per anchor of a cell,
-            replaces ``anchor_scales`` x ``anchor_ratios`` when given (the RPN head's channels
-            follow the count).
-        rpn_pos_iou .. rpn_allow_border: :class:`detector.rpn.AnchorMatching`;
-            ``rpn_allow_border=-1`` (the default) trains border-crossing anchors too. An anchor
-            type that never lies inside the image (with ``allow_border >= 0``) is never trained:
-            a warning names such types, and :attr:`untrained_anchor_types` lists them.
-        rpn_reg_weight: lambda of the RPN regression loss.
-        rpn_min_size .. rpn_post_nms_top_n_test: :class:`detector.rpn.ProposalSettings`.
-        roi_num_samples .. roi_bg_iou_high: :class:`detector.roi_heads.RoISampling`.
-        roi_pool, roi_pool_size, roi_hidden_dim, roi_dropout, roi_reg_weight: the head
-            (:class:`detector.roi_heads.RoIHeads`); ``roi_dropout`` after fc6 and fc7, training
-            mode only, 0 disables.
-        roi_score_thresh, roi_nms_iou, roi_detections_per_image:
-            :class:`detector.roi_heads.DetectionSettings`.
+        backbone: :class:`BackboneSettings` (initial weights, frozen blocks).
+        anchors: :class:`AnchorSettings`; the RPN head's channels follow the anchor count.
+        matching: :class:`detector.rpn.AnchorMatching`; ``allow_border=-1`` (the default)
+            trains border-crossing anchors too. An anchor type that never lies inside the image
+            (with ``allow_border >= 0``) is never trained: an :class:`UntrainedAnchorWarning`
+            names such types, and :attr:`untrained_anchor_types` lists them.
+        proposals: :class:`detector.rpn.ProposalSettings` (the proposal layer).
+        roi_sampling: :class:`detector.roi_heads.RoISampling`.
+        roi_head: :class:`RoIHeadSettings`.
+        detection: :class:`detector.roi_heads.DetectionSettings`.
+        loss_weights: :class:`LossWeights`.
 
-    ``model.config`` keeps ``num_classes`` and every keyword, so
-    ``FasterRCNN(**model.config)`` rebuilds the same architecture (see
-    :mod:`detector.serialization`).
+    ``model.config`` keeps ``num_classes``, ``image_size``, ``rpn_only`` and every settings
+    object as a plain dict (what a model file stores), so ``FasterRCNN.from_config(model.config)``
+    rebuilds the same architecture (see :mod:`detector.serialization`).
 
     Calling it:
 
@@ -83,50 +78,28 @@ class FasterRCNN(nn.Module):
     ``(G_i, 4)`` x1y1x2y2 pixels and ``labels`` ``(G_i,)`` int64 in ``1..K`` (``G_i`` may be 0).
     """
 
-    def __init__(
-        self,
-        num_classes: int,
-        *,
-        image_size: int = 640,
-        backbone_weights: str = "none",
-        backbone_freeze_blocks: int = 2,
-        rpn_only: bool = False,
-        anchor_stride: int = 16,
-        anchor_scales: Sequence[float] = (8.0, 16.0, 32.0),
-        anchor_ratios: Sequence[float] = (0.5, 1.0, 2.0),
-        anchor_shapes: Sequence[Sequence[float]] | None = None,
-        rpn_pos_iou: float = 0.7,
-        rpn_neg_iou: float = 0.3,
-        rpn_num_samples: int = 256,
-        rpn_pos_fraction: float = 0.5,
-        rpn_allow_border: float = -1.0,
-        rpn_reg_weight: float = 1.0,
-        rpn_min_size: float = 16.0,
-        rpn_nms_iou: float = 0.7,
-        rpn_pre_nms_top_n_train: int = 12000,
-        rpn_post_nms_top_n_train: int = 2000,
-        rpn_pre_nms_top_n_test: int = 6000,
-        rpn_post_nms_top_n_test: int = 300,
-        roi_num_samples: int = 128,
-        roi_fg_fraction: float = 0.25,
-        roi_fg_iou: float = 0.5,
-        roi_bg_iou_low: float = 0.0,
-        roi_bg_iou_high: float = 0.5,
-        roi_pool: str = "align",
-        roi_pool_size: int = 7,
-        roi_hidden_dim: int = 4096,
-        roi_dropout: float = 0.5,
-        roi_reg_weight: float = 1.0,
-        roi_score_thresh: float = 0.05,
-        roi_nms_iou: float = 0.3,
-        roi_detections_per_image: int = 100,
-    ) -> None:
+    def __init__(self, num_classes: int, *, image_size: int = 640, rpn_only: bool = False,
+                 backbone: BackboneSettings = BackboneSettings(),
+                 anchors: AnchorSettings = AnchorSettings(),
+                 matching: AnchorMatching = AnchorMatching(),
+                 proposals: ProposalSettings = ProposalSettings(),
+                 roi_sampling: RoISampling = RoISampling(),
+                 roi_head: RoIHeadSettings = RoIHeadSettings(),
+                 detection: DetectionSettings = DetectionSettings(),
+                 loss_weights: LossWeights = LossWeights()) -> None:
         super().__init__()
-        config = dict(locals())
-        for name in ("self", "__class__"):
-            config.pop(name, None)
-        self.config: dict[str, Any] = {k: _as_tuples(v) for k, v in config.items()}
-        _check_config(self.config)
+        given = dict(backbone=backbone, anchors=anchors, matching=matching, proposals=proposals,
+                     roi_sampling=roi_sampling, roi_head=roi_head, detection=detection,
+                     loss_weights=loss_weights)
+        for name, value in given.items():
+            if not isinstance(value, SETTINGS[name]):
+                raise TypeError(f"{name} must be a {SETTINGS[name].__name__}, got "
+                                f"{type(value).__name__}")
+        self.config: dict[str, Any] = {
+            "num_classes": int(num_classes), "image_size": int(image_size),
+            "rpn_only": bool(rpn_only),
+            **{name: as_tuples(dataclasses.asdict(value)) for name, value in given.items()}}
+        _check_config(num_classes, image_size, anchors)
         self.num_classes = int(num_classes)
         self.image_size = int(image_size)
         self.rpn_only = bool(rpn_only)
@@ -136,11 +109,28 @@ class FasterRCNN(nn.Module):
         self.register_buffer("pixel_std", torch.tensor(IMAGENET_STD).view(1, 3, 1, 1),
                              persistent=False)
         self.backbone = VGG16Backbone()
-        self.rpn = _build_rpn(self.config)
-        self.roi_heads = _build_roi_heads(self.config)
-        self._init_backbone(backbone_weights, backbone_freeze_blocks)
+        self.rpn = _build_rpn(anchors, matching, proposals, loss_weights)
+        self.roi_heads = _build_roi_heads(num_classes, roi_sampling, roi_head, detection,
+                                          loss_weights)
+        self._init_backbone(backbone.weights, backbone.freeze_blocks)
         _warn_if_untrained_anchor_types(self.untrained_anchor_types, self.rpn.anchor_generator,
-                                        self.config)
+                                        image_size, matching.allow_border)
+
+    @classmethod
+    def from_config(cls, config: Mapping[str, Any]) -> "FasterRCNN":
+        """The model of a ``model.config`` (settings as plain dicts; a missing setting takes its
+        default). A flat config of keywords, as model files of earlier versions hold
+        (``anchor_scales``, ``rpn_pos_iou``, ...), is read too
+        (:func:`detector.settings.complete_config`).
+
+        Raises:
+            TypeError: an unknown setting.
+            ValueError: a value a sub-module refuses.
+        """
+        config = complete_config(config)
+        return cls(config["num_classes"], image_size=config["image_size"],
+                   rpn_only=config["rpn_only"],
+                   **{name: build(name, config[name]) for name in SETTINGS})
 
     def _init_backbone(self, weights: str, freeze_blocks: int) -> None:
         """Load pretrained ``weights`` (backbone, fc6 / fc7), then freeze the first
@@ -156,7 +146,7 @@ class FasterRCNN(nn.Module):
     def untrained_anchor_types(self) -> list[tuple[float, float]]:
         """The ``(ratio, scale)`` anchor types that never lie inside the image, with the RPN's
         ``allow_border``: the RPN never trains them (their head channels get no gradient).
-        Empty when every type trains (always with ``rpn_allow_border=-1``). See
+        Empty when every type trains (always with ``matching.allow_border=-1``). See
         :func:`detector.anchors.untrained_anchor_types`."""
         return untrained_anchor_types(self.rpn.anchor_generator, self.image_size,
                                       self.rpn.matching.allow_border)
@@ -242,73 +232,55 @@ class FasterRCNN(nn.Module):
         return proposals.unpad()
 
 
-def _as_tuples(value: Any) -> Any:
-    """Lists (nested too) as tuples: the config compares equal however it was given."""
-    if isinstance(value, (list, tuple)):
-        return tuple(_as_tuples(v) for v in value)
-    return value
-
-
-def _check_config(c: dict[str, Any]) -> None:
+def _check_config(num_classes: int, image_size: int, anchors: AnchorSettings) -> None:
     """Raise ValueError for a constructor value that no sub-module checks itself."""
-    if c["num_classes"] < 1:
+    if num_classes < 1:
         raise ValueError(f"num_classes must be >= 1 (dataset classes without background), "
-                         f"got {c['num_classes']}")
-    if c["image_size"] < VGG16Backbone.stride:
-        raise ValueError(f"image_size must be >= {VGG16Backbone.stride}, got {c['image_size']}")
-    if c["anchor_stride"] != VGG16Backbone.stride:
+                         f"got {num_classes}")
+    if image_size < VGG16Backbone.stride:
+        raise ValueError(f"image_size must be >= {VGG16Backbone.stride}, got {image_size}")
+    if anchors.stride != VGG16Backbone.stride:
         raise ValueError(
-            f"anchor_stride={c['anchor_stride']}: anchors are centred on the cells of the VGG-16 "
-            f"feature map, whose stride is {VGG16Backbone.stride}; change anchor_scales to "
+            f"anchors.stride={anchors.stride}: anchors are centred on the cells of the VGG-16 "
+            f"feature map, whose stride is {VGG16Backbone.stride}; change anchors.scales to "
             f"change the anchor sizes")
 
 
-def _build_rpn(c: dict[str, Any]) -> RegionProposalNetwork:
-    """The RPN of a :class:`FasterRCNN` config (its ``anchor_*`` and ``rpn_*`` keywords)."""
+def _build_rpn(anchors: AnchorSettings, matching: AnchorMatching, proposals: ProposalSettings,
+               loss_weights: LossWeights) -> RegionProposalNetwork:
+    """The RPN of a :class:`FasterRCNN`."""
     return RegionProposalNetwork(
-        anchor_generator=AnchorGenerator(stride=c["anchor_stride"], scales=c["anchor_scales"],
-                                         ratios=c["anchor_ratios"], shapes=c["anchor_shapes"]),
-        in_channels=VGG16Backbone.out_channels,
-        matching=AnchorMatching(pos_iou=c["rpn_pos_iou"], neg_iou=c["rpn_neg_iou"],
-                                num_samples=c["rpn_num_samples"],
-                                pos_fraction=c["rpn_pos_fraction"],
-                                allow_border=c["rpn_allow_border"]),
-        proposals=ProposalSettings(
-            min_size=c["rpn_min_size"], nms_iou=c["rpn_nms_iou"],
-            pre_nms_top_n_train=c["rpn_pre_nms_top_n_train"],
-            post_nms_top_n_train=c["rpn_post_nms_top_n_train"],
-            pre_nms_top_n_test=c["rpn_pre_nms_top_n_test"],
-            post_nms_top_n_test=c["rpn_post_nms_top_n_test"]),
-        reg_weight=c["rpn_reg_weight"],
-    )
+        anchor_generator=AnchorGenerator(stride=anchors.stride, scales=anchors.scales,
+                                         ratios=anchors.ratios, shapes=anchors.shapes),
+        in_channels=VGG16Backbone.out_channels, matching=matching, proposals=proposals,
+        reg_weight=loss_weights.rpn_reg)
 
 
-def _build_roi_heads(c: dict[str, Any]) -> RoIHeads:
-    """The Fast R-CNN head of a :class:`FasterRCNN` config (its ``roi_*`` keywords)."""
+def _build_roi_heads(num_classes: int, sampling: RoISampling, head: RoIHeadSettings,
+                     detection: DetectionSettings, loss_weights: LossWeights) -> RoIHeads:
+    """The Fast R-CNN head of a :class:`FasterRCNN`."""
     return RoIHeads(
-        in_channels=VGG16Backbone.out_channels, num_classes=c["num_classes"],
-        pool=c["roi_pool"], pool_size=c["roi_pool_size"], hidden_dim=c["roi_hidden_dim"],
-        dropout=c["roi_dropout"], spatial_scale=1.0 / VGG16Backbone.stride,
-        reg_weight=c["roi_reg_weight"],
-        sampling=RoISampling(num_samples=c["roi_num_samples"], fg_fraction=c["roi_fg_fraction"],
-                             fg_iou=c["roi_fg_iou"], bg_iou_low=c["roi_bg_iou_low"],
-                             bg_iou_high=c["roi_bg_iou_high"]),
-        detection=DetectionSettings(score_thresh=c["roi_score_thresh"],
-                                    nms_iou=c["roi_nms_iou"],
-                                    detections_per_image=c["roi_detections_per_image"]),
-    )
+        in_channels=VGG16Backbone.out_channels, num_classes=num_classes, pool=head.pool,
+        pool_size=head.pool_size, hidden_dim=head.hidden_dim, dropout=head.dropout,
+        spatial_scale=1.0 / VGG16Backbone.stride, reg_weight=loss_weights.roi_reg,
+        sampling=sampling, detection=detection)
+
+
+class UntrainedAnchorWarning(UserWarning):
+    """Some anchor types never lie inside the image: the RPN never trains them. (A caller that
+    reports this itself, as the pipeline's stages do, filters this category.)"""
 
 
 def _warn_if_untrained_anchor_types(types: list[tuple[float, float]], generator: AnchorGenerator,
-                                    c: dict[str, Any]) -> None:
+                                    size: int, allow_border: float) -> None:
     """Warn, naming them, when some anchor types never lie inside the image: the RPN never
     labels them, so their head channels get no gradient, and at inference their proposals keep
     untrained scores that can outrank every trained proposal (trained background falls)."""
     if not types:
         return
-    size = c["image_size"]
     warnings.warn(
         f"{len(types)} anchor type(s) never lie inside a {size}x{size} image with "
-        f"rpn_allow_border={c['rpn_allow_border']}, so the RPN never trains them: "
-        f"{describe_anchor_types(generator, types)}. Use rpn_allow_border=-1 (keep "
-        f"border-crossing anchors), a larger rpn_allow_border or smaller anchors", stacklevel=3)
+        f"matching.allow_border={allow_border}, so the RPN never trains them: "
+        f"{describe_anchor_types(generator, types)}. Use allow_border=-1 (keep "
+        f"border-crossing anchors), a larger allow_border or smaller anchors",
+        UntrainedAnchorWarning, stacklevel=3)

@@ -149,9 +149,9 @@ class RoIHeads(nn.Module):
                  dropout: float = 0.5) -> None:
         super().__init__()
         if pool not in ("align", "pool"):
-            raise ValueError(f"roi_pool must be 'align' or 'pool', got {pool!r}")
+            raise ValueError(f"roi_head.pool must be 'align' or 'pool', got {pool!r}")
         if not 0.0 <= dropout < 1.0:
-            raise ValueError(f"roi_dropout must be in [0, 1), got {dropout}")
+            raise ValueError(f"roi_head.dropout must be in [0, 1), got {dropout}")
         self.dropout = float(dropout)
         self.num_classes = int(num_classes)
         self.pool = pool

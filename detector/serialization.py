@@ -1,7 +1,8 @@
 """Saving and rebuilding a :class:`detector.FasterRCNN`: weights, constructor keywords, metadata.
 
 A checkpoint is one ``torch.save`` file holding ``{"state_dict", "config", "meta"}``: the model's
-state dict, its constructor keywords (``model.config``, ``num_classes`` included) and free
+state dict, its configuration (``model.config``: ``num_classes``, ``image_size`` and each
+settings object as a dict) and free
 metadata (plain Python values: numbers, strings, None, lists, tuples and dicts of them), so that
 it loads with ``torch.load(..., weights_only=True)``.
 """
@@ -18,6 +19,7 @@ from torch import nn
 
 from detector.backbone import vgg16_blocks
 from detector.model import FasterRCNN
+from detector.settings import complete_config
 
 __all__ = ["load_model", "save_model"]
 
@@ -83,11 +85,12 @@ def load_model(path: str | os.PathLike,
                map_location: str | torch.device = "cpu") -> tuple[FasterRCNN, dict[str, Any]]:
     """Rebuild the model saved by :func:`save_model`; returns ``(model, meta)``.
 
-    The model is built with ``backbone_weights="none"`` (the saved weights replace them; nothing
+    The model is built with backbone weights ``"none"`` (the saved weights replace them; nothing
     is downloaded) while ``model.config`` keeps the saved value; when that value is not
-    ``"none"``, the first ``backbone_freeze_blocks`` conv blocks are frozen as the constructor
-    froze them. Keywords a checkpoint lacks (saved before they existed) take their defaults. It
-    is returned in training mode on ``map_location``.
+    ``"none"``, the first ``freeze_blocks`` conv blocks are frozen as the constructor froze
+    them. Settings a checkpoint lacks (saved before they existed) take their defaults; a flat
+    config of earlier versions is read too (:meth:`FasterRCNN.from_config`). It is returned in
+    training mode on ``map_location``.
 
     Raises:
         FileNotFoundError: no file at ``path``.
@@ -109,17 +112,18 @@ def load_model(path: str | os.PathLike,
     config = dict(payload["config"])
     if "num_classes" not in config:
         raise ValueError(f"{path}: checkpoint config has no num_classes")
-    saved_weights = config.get("backbone_weights", "none")
     try:
-        model = FasterRCNN(**{**config, "backbone_weights": "none"})
+        saved = complete_config(config)                 # every setting, defaults filled
+        model = FasterRCNN.from_config({**saved, "backbone": {**saved["backbone"],
+                                                              "weights": "none"}})
     except (TypeError, ValueError) as exc:
         raise ValueError(f"{path}: cannot rebuild the model from its config ({exc})") from exc
     try:
         model.load_state_dict(payload["state_dict"])
     except RuntimeError as exc:
         raise ValueError(f"{path}: weights do not fit the saved config ({exc})") from exc
-    model.config["backbone_weights"] = saved_weights
-    if saved_weights != "none":  # as FasterRCNN.__init__ after loading pretrained weights
-        vgg16_blocks(model.backbone.features, model.config["backbone_freeze_blocks"]
+    model.config["backbone"] = saved["backbone"]
+    if saved["backbone"]["weights"] != "none":  # as FasterRCNN.__init__ after loading them
+        vgg16_blocks(model.backbone.features, saved["backbone"]["freeze_blocks"]
                      ).requires_grad_(False)
     return model.to(map_location), dict(payload["meta"])

@@ -62,26 +62,40 @@ def warn_untrained(cfg: Config, who: str) -> str | None:
     return text
 
 
-def model_kwargs(cfg: Config) -> dict[str, Any]:
-    """Keyword arguments of :class:`detector.FasterRCNN` (besides ``num_classes``).
+def model_settings(cfg: Config) -> dict[str, Any]:
+    """Keyword arguments of :class:`detector.FasterRCNN` besides ``num_classes``: ``image_size``
+    and its settings objects, from the config's sections (``backbone`` -> ``backbone``,
+    ``anchors`` -> ``anchors``, ``rpn`` -> ``matching`` and ``proposals``, ``roi`` ->
+    ``roi_sampling``, ``roi_head`` and ``detection``, both ``reg_weight`` -> ``loss_weights``);
+    each settings field takes the config key of its name."""
+    import detector
 
-    ``anchors.x`` -> ``anchor_x``, ``rpn.x`` -> ``rpn_x``, ``roi.x`` -> ``roi_x``,
-    ``backbone.x`` -> ``backbone_x``; plus ``image_size``. Tuples stay tuples; everything is a
-    plain value, so the dict can be stored in a checkpoint and loaded with ``weights_only=True``.
-    """
-    kwargs: dict[str, Any] = {"image_size": cfg.data.image_size}
-    for prefix, section in (("backbone", cfg.backbone), ("anchor", cfg.anchors), ("rpn", cfg.rpn),
-                            ("roi", cfg.roi)):
-        for f in dataclasses.fields(section):
-            kwargs[f"{prefix}_{f.name}"] = getattr(section, f.name)
-    return kwargs
+    def pick(cls: type, section: Any) -> Any:
+        return cls(**{f.name: getattr(section, f.name) for f in dataclasses.fields(cls)})
+
+    return {"image_size": cfg.data.image_size,
+            "backbone": pick(detector.BackboneSettings, cfg.backbone),
+            "anchors": pick(detector.AnchorSettings, cfg.anchors),
+            "matching": pick(detector.AnchorMatching, cfg.rpn),
+            "proposals": pick(detector.ProposalSettings, cfg.rpn),
+            "roi_sampling": pick(detector.RoISampling, cfg.roi),
+            "roi_head": pick(detector.RoIHeadSettings, cfg.roi),
+            "detection": pick(detector.DetectionSettings, cfg.roi),
+            "loss_weights": detector.LossWeights(rpn_reg=cfg.rpn.reg_weight,
+                                                 roi_reg=cfg.roi.reg_weight)}
 
 
 def build_model(cfg: Config, *, num_classes: int, stage: str) -> nn.Module:
     """``detector.FasterRCNN`` for ``stage`` (``rpn``: RPN losses only), built from the config
-    (random or ImageNet initialisation, ``backbone.weights``)."""
-    from detector import FasterRCNN
-    return FasterRCNN(num_classes, rpn_only=(stage == "rpn"), **model_kwargs(cfg))
+    (random or ImageNet initialisation, ``backbone.weights``). Untrained anchor types are the
+    stage's to report (:func:`warn_untrained`, once, with the run's tag): the detector's own
+    warning of them is silenced here."""
+    import warnings
+
+    from detector import FasterRCNN, UntrainedAnchorWarning
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UntrainedAnchorWarning)
+        return FasterRCNN(num_classes, rpn_only=(stage == "rpn"), **model_settings(cfg))
 
 
 #: what the RPN stage trains, and :func:`init_from_rpn` carries into the full model

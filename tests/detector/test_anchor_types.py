@@ -23,7 +23,7 @@ from dataclasses import asdict
 import pytest
 import torch
 
-from detector import FasterRCNN
+from detector import AnchorSettings, FasterRCNN, ProposalSettings, RoIHeadSettings
 from detector.anchors import AnchorGenerator, untrained_anchor_types
 from detector.boxes import encode, pad_boxes
 from detector.rpn import AnchorMatching, RPNHead, assign_targets, flatten_head_output, rpn_loss
@@ -118,9 +118,11 @@ def untrained_model_and_features() -> tuple[FasterRCNN, torch.Tensor, torch.Tens
     torch.set_num_threads(1)
     torch.manual_seed(0)
     with pytest.warns(UserWarning, match="2 anchor type"):
-        model = FasterRCNN(1, image_size=SIZE, anchor_scales=SCALES, rpn_allow_border=0.0,
-                           rpn_only=True, rpn_min_size=4.0, rpn_pre_nms_top_n_test=375,
-                           rpn_post_nms_top_n_test=TOP, roi_hidden_dim=8)
+        model = FasterRCNN(1, image_size=SIZE, anchors=AnchorSettings(scales=SCALES),
+                           matching=AnchorMatching(allow_border=0.0), rpn_only=True,
+                           proposals=ProposalSettings(min_size=4.0, pre_nms_top_n_test=375,
+                                                      post_nms_top_n_test=TOP),
+                           roi_head=RoIHeadSettings(hidden_dim=8))
     images, boxes = planted_images(2, seed=0)
     with torch.no_grad():
         features = model._features(images)  # fixed: only the RPN trains below

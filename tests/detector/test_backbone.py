@@ -10,10 +10,11 @@ import torch
 from torch import nn
 from torchvision.models import vgg16
 
-from detector import FasterRCNN
+from detector import AnchorSettings, BackboneSettings, FasterRCNN, RoIHeadSettings
 from detector.backbone import VGG16Backbone, vgg16_features
 
-SMALL = dict(image_size=64, anchor_scales=(1.0, 2.0, 4.0), roi_hidden_dim=8)
+SMALL = dict(image_size=64, anchors=AnchorSettings(scales=(1.0, 2.0, 4.0)),
+             roi_head=RoIHeadSettings(hidden_dim=8))
 VGG_FILE = "vgg16-397923af.pth"  # torchvision's IMAGENET1K_V1 file name in the hub cache
 
 
@@ -58,7 +59,7 @@ def test_none_reads_and_downloads_nothing(no_download: Path) -> None:
 
 def test_imagenet_without_cache_or_network_is_a_clear_error(no_download: Path) -> None:
     with pytest.raises(RuntimeError, match=r"imagenet.*(cache|checkpoints)") as info:
-        FasterRCNN(2, backbone_weights="imagenet", **SMALL)
+        FasterRCNN(2, backbone=BackboneSettings("imagenet"), **SMALL)
     assert str(no_download) in str(info.value)
 
 
@@ -67,7 +68,7 @@ def test_imagenet_from_the_torch_hub_cache(no_download: Path) -> None:
     cache = no_download / "hub" / "checkpoints"
     cache.mkdir(parents=True)
     torch.save(state, cache / VGG_FILE)
-    model = FasterRCNN(2, backbone_weights="imagenet", **SMALL)
+    model = FasterRCNN(2, backbone=BackboneSettings("imagenet"), **SMALL)
     torch.testing.assert_close(model.backbone.features[28].weight, state["features.28.weight"])
     torch.testing.assert_close(model.roi_heads.fc6.weight, state["classifier.0.weight"])
     torch.testing.assert_close(model.roi_heads.fc7.bias, state["classifier.3.bias"])
@@ -77,28 +78,29 @@ def test_local_state_dict_path(tmp_path: Path, no_download: Path) -> None:
     state = fake_vgg_state(seed=1)
     path = tmp_path / "vgg.pt"
     torch.save(state, path)
-    model = FasterRCNN(2, backbone_weights=str(path), **SMALL)
+    model = FasterRCNN(2, backbone=BackboneSettings(str(path)), **SMALL)
     torch.testing.assert_close(model.backbone.features[0].weight, state["features.0.weight"])
     torch.testing.assert_close(model.roi_heads.fc6.weight, state["classifier.0.weight"])
     # fc layers of another width are left alone, with a warning
     with pytest.warns(UserWarning, match="classifier.0"), pytest.warns(UserWarning, match="classifier.3"):
-        other = FasterRCNN(2, backbone_weights=str(path), **(SMALL | {"roi_hidden_dim": 16}))
+        other = FasterRCNN(2, backbone=BackboneSettings(str(path)),
+                           **(SMALL | {"roi_head": RoIHeadSettings(hidden_dim=16)}))
     torch.testing.assert_close(other.backbone.features[0].weight, state["features.0.weight"])
 
 
 def test_bad_weight_files_are_refused(tmp_path: Path) -> None:
     with pytest.raises(ValueError, match="not 'none', 'imagenet' or an existing file"):
-        FasterRCNN(2, backbone_weights=str(tmp_path / "missing.pt"), **SMALL)
+        FasterRCNN(2, backbone=BackboneSettings(str(tmp_path / "missing.pt")), **SMALL)
     garbage = tmp_path / "garbage.pt"
     garbage.write_bytes(b"not a checkpoint")
     with pytest.raises(ValueError, match="garbage.pt"):
-        FasterRCNN(2, backbone_weights=str(garbage), **SMALL)
+        FasterRCNN(2, backbone=BackboneSettings(str(garbage)), **SMALL)
     partial = tmp_path / "partial.pt"
     state = fake_vgg_state()
     del state["features.10.weight"]
     torch.save(state, partial)
     with pytest.raises(ValueError, match=r"features\.10\.weight is missing"):
-        FasterRCNN(2, backbone_weights=str(partial), **SMALL)
+        FasterRCNN(2, backbone=BackboneSettings(str(partial)), **SMALL)
 
 
 #: End of each VGG-16 conv block in ``vgg16().features``, after its max-pool, written out:
@@ -126,8 +128,8 @@ def torchvision_block_names(blocks: int) -> set[str]:
 
 
 def test_pretrained_weights_freeze_conv1_and_conv2_by_default(vgg_file: Path, no_download: Path) -> None:
-    model = FasterRCNN(2, backbone_weights=str(vgg_file), **SMALL).train()
-    assert model.config["backbone_freeze_blocks"] == 2
+    model = FasterRCNN(2, backbone=BackboneSettings(str(vgg_file)), **SMALL).train()
+    assert model.config["backbone"]["freeze_blocks"] == 2
     assert frozen_names(model) == torchvision_block_names(2)  # features[:10]: 4 convs
     assert len(frozen_names(model)) == 8
     target = [{"boxes": torch.tensor([[4.0, 6.0, 40.0, 50.0]]), "labels": torch.tensor([1])}]
@@ -139,12 +141,12 @@ def test_pretrained_weights_freeze_conv1_and_conv2_by_default(vgg_file: Path, no
 @pytest.mark.parametrize("blocks", [0, 3, 5])
 def test_pretrained_weights_freeze_the_blocks_asked_for(blocks: int, vgg_file: Path,
                                                         no_download: Path) -> None:
-    model = FasterRCNN(2, backbone_weights=str(vgg_file), backbone_freeze_blocks=blocks, **SMALL)
+    model = FasterRCNN(2, backbone=BackboneSettings(str(vgg_file), blocks), **SMALL)
     assert frozen_names(model) == torchvision_block_names(blocks)
 
 
 def test_random_weights_freeze_nothing_and_bad_block_counts_are_refused() -> None:
-    assert frozen_names(FasterRCNN(2, backbone_freeze_blocks=5, **SMALL)) == set()
+    assert frozen_names(FasterRCNN(2, backbone=BackboneSettings(freeze_blocks=5), **SMALL)) == set()
     for bad in (6, -1):
-        with pytest.raises(ValueError, match="backbone_freeze_blocks"):
-            FasterRCNN(2, backbone_freeze_blocks=bad, **SMALL)
+        with pytest.raises(ValueError, match="backbone.freeze_blocks"):
+            FasterRCNN(2, backbone=BackboneSettings(freeze_blocks=bad), **SMALL)

@@ -56,13 +56,16 @@ import pytest
 import torch
 from torchvision.ops import box_iou
 
-from detector import FasterRCNN
+from detector import (AnchorMatching, AnchorSettings, FasterRCNN, ProposalSettings,
+                      RoIHeadSettings, RoISampling)
 from detector.rpn import assign_targets, flatten_head_output
 
 SIZE = 64
-CONFIG = dict(image_size=SIZE, anchor_scales=(1.0, 2.0, 4.0), rpn_allow_border=-1.0,
-              rpn_pos_iou=0.5, rpn_neg_iou=0.5, rpn_min_size=4.0, roi_hidden_dim=256,
-              roi_num_samples=32, roi_fg_fraction=0.5, roi_dropout=0.0)
+CONFIG = dict(image_size=SIZE, anchors=AnchorSettings(scales=(1.0, 2.0, 4.0)),
+              matching=AnchorMatching(allow_border=-1.0, pos_iou=0.5, neg_iou=0.5),
+              proposals=ProposalSettings(min_size=4.0),
+              roi_head=RoIHeadSettings(hidden_dim=256, dropout=0.0),
+              roi_sampling=RoISampling(num_samples=32, fg_fraction=0.5))
 COLOURS = torch.tensor([[1.0, 0.1, 0.1], [0.1, 1.0, 0.1], [0.1, 0.1, 1.0]])
 SEEDS = (0, 1, 2)
 RPN_STEPS, JOINT_STEPS = 30, 90

@@ -8,11 +8,14 @@ import warnings
 import pytest
 import torch
 
-from detector import FasterRCNN, NonFiniteLossError
+from detector import (AnchorMatching, AnchorSettings, BackboneSettings, FasterRCNN, LossWeights,
+                      NonFiniteLossError, ProposalSettings, RoIHeadSettings)
 from tests.support.detections import same_detections
 
-SMALL = dict(image_size=64, anchor_scales=(1.0, 2.0, 4.0), roi_hidden_dim=32, rpn_min_size=4.0,
-             rpn_allow_border=-1.0)
+SMALL = dict(image_size=64, anchors=AnchorSettings(scales=(1.0, 2.0, 4.0)),
+             roi_head=RoIHeadSettings(hidden_dim=32), proposals=ProposalSettings(min_size=4.0),
+             matching=AnchorMatching(allow_border=-1.0))
+TINY_HEAD = RoIHeadSettings(hidden_dim=8)
 DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
 
 
@@ -165,56 +168,77 @@ def test_bad_inputs_are_refused(small_model: FasterRCNN) -> None:
 
 def test_untrained_anchor_types_are_named_in_a_warning_and_listed_on_the_model() -> None:
     with pytest.warns(UserWarning, match=r"2 anchor type\(s\) never lie inside a 640x640 image "
-                      r"with rpn_allow_border=0.0.*ratio 0.5 x scale 32 \(724x362 px\), "
+                      r"with matching.allow_border=0.0.*ratio 0.5 x scale 32 \(724x362 px\), "
                       r"ratio 2 x scale 32 \(362x724 px\)") as record:
-        model = FasterRCNN(2, rpn_allow_border=0.0, roi_hidden_dim=8)
+        model = FasterRCNN(2, matching=AnchorMatching(allow_border=0.0), roi_head=TINY_HEAD)
     assert record[0].filename == __file__  # points at the caller
     assert model.untrained_anchor_types == [(0.5, 32.0), (2.0, 32.0)]
     with warnings.catch_warnings():
         warnings.simplefilter("error")
-        default = FasterRCNN(2, roi_hidden_dim=8)
-        wider = FasterRCNN(2, rpn_allow_border=64.0, roi_hidden_dim=8)
-    assert default.config["rpn_allow_border"] == -1.0 and default.rpn.matching.allow_border == -1.0
+        default = FasterRCNN(2, roi_head=TINY_HEAD)
+        wider = FasterRCNN(2, matching=AnchorMatching(allow_border=64.0), roi_head=TINY_HEAD)
+    assert default.config["matching"]["allow_border"] == -1.0
+    assert default.rpn.matching.allow_border == -1.0
     assert default.untrained_anchor_types == [] and wider.untrained_anchor_types == []
     with pytest.warns(UserWarning, match="9 anchor type"):  # 128..512 px anchors, 64 px images
-        tiny = FasterRCNN(2, image_size=64, rpn_allow_border=0.0, roi_hidden_dim=8)
+        tiny = FasterRCNN(2, image_size=64, matching=AnchorMatching(allow_border=0.0),
+                          roi_head=TINY_HEAD)
     assert len(tiny.untrained_anchor_types) == 9
 
 
 @pytest.mark.parametrize("kwargs,match", [
-    (dict(num_classes=0), "num_classes"), (dict(anchor_stride=8), "anchor_stride"),
-    (dict(roi_pool="max"), "roi_pool"), (dict(anchor_ratios=()), "ratio"),
-    (dict(roi_dropout=1.0), "roi_dropout"), (dict(backbone_freeze_blocks=6), "backbone_freeze_blocks")])
+    (dict(num_classes=0), "num_classes"), (dict(anchors=AnchorSettings(stride=8)), "stride"),
+    (dict(roi_head=RoIHeadSettings(pool="max")), "pool"),
+    (dict(anchors=AnchorSettings(ratios=())), "ratio"),
+    (dict(roi_head=RoIHeadSettings(dropout=1.0)), "dropout"),
+    (dict(backbone=BackboneSettings(freeze_blocks=6)), "freeze_blocks")])
 def test_bad_configuration_is_refused(kwargs: dict, match: str) -> None:
     kwargs = {"num_classes": 2, **SMALL, **kwargs}
     with pytest.raises(ValueError, match=match):
         FasterRCNN(**kwargs)
 
 
+def test_settings_must_be_settings_objects() -> None:
+    with pytest.raises(TypeError, match="anchors must be a AnchorSettings, got dict"):
+        FasterRCNN(2, anchors={"scales": (1.0,)})
+
+
 def test_config_rebuilds_the_model(small_model: FasterRCNN) -> None:
     cfg = small_model.config
-    assert cfg["num_classes"] == 3 and cfg["image_size"] == 64 and cfg["roi_nms_iou"] == 0.3
-    assert len(cfg) == 34  # num_classes + the 33 keywords of the constructor contract
-    assert cfg["roi_dropout"] == 0.5 and cfg["backbone_freeze_blocks"] == 2
-    rebuilt = FasterRCNN(**cfg)
+    assert cfg["num_classes"] == 3 and cfg["image_size"] == 64 and cfg["detection"]["nms_iou"] == 0.3
+    assert set(cfg) == {"num_classes", "image_size", "rpn_only", "backbone", "anchors", "matching",
+                        "proposals", "roi_sampling", "roi_head", "detection", "loss_weights"}
+    assert cfg["roi_head"]["dropout"] == 0.5 and cfg["backbone"]["freeze_blocks"] == 2
+    rebuilt = FasterRCNN.from_config(cfg)
     assert rebuilt.config == cfg
     assert {k: v.shape for k, v in rebuilt.state_dict().items()} == {
         k: v.shape for k, v in small_model.state_dict().items()}
 
 
-def test_pipeline_keywords_build_the_model() -> None:
-    """The pipeline's config -> keywords bridge fits the constructor contract."""
+def test_a_flat_config_of_an_earlier_version_rebuilds_the_same_model() -> None:
+    """Model files of earlier versions hold the constructor's former flat keywords."""
+    flat = {"num_classes": 2, "image_size": 64, "anchor_scales": [1.0, 2.0, 4.0],
+            "roi_hidden_dim": 32, "rpn_min_size": 4.0, "rpn_allow_border": -1.0,
+            "roi_reg_weight": 2.0, "backbone_freeze_blocks": 3}
+    model = FasterRCNN.from_config(flat)
+    assert model.config == FasterRCNN(
+        2, **{**SMALL, "loss_weights": LossWeights(roi_reg=2.0),
+              "backbone": BackboneSettings(freeze_blocks=3)}).config
+
+
+def test_pipeline_settings_build_the_model() -> None:
+    """The pipeline's config -> settings bridge fits the constructor contract: every settings
+    object built from the config section of the same names."""
     config = pytest.importorskip("pipeline.config")
     modeling = pytest.importorskip("pipeline.modeling")
-    kwargs = modeling.model_kwargs(config.Config())
+    cfg = config.Config().replace({"roi.hidden_dim": 16, "rpn.pos_iou": 0.65,
+                                   "roi.reg_weight": 2.0})
+    kwargs = modeling.model_settings(cfg)
     inspect.signature(FasterRCNN).bind(4, **kwargs)  # every name known, keyword-only
-    kwargs["roi_hidden_dim"] = 16  # same architecture otherwise, cheap to build
     model = FasterRCNN(4, **kwargs)
-    # Keywords the pipeline does not set (yet) keep the constructor's defaults.
-    defaults = {name: p.default for name, p in inspect.signature(FasterRCNN).parameters.items()
-                if p.default is not inspect.Parameter.empty}
-    expected = {**defaults, "num_classes": 4, **kwargs}
-    assert model.config == {k: tuple(v) if isinstance(v, list) else v for k, v in expected.items()}
+    assert model.config["matching"]["pos_iou"] == 0.65
+    assert model.config["roi_head"]["hidden_dim"] == 16
+    assert model.config["loss_weights"] == {"rpn_reg": 1.0, "roi_reg": 2.0}
 
 
 def counted_forward(model: FasterRCNN, images: torch.Tensor, boxes_per_image: int):
@@ -238,7 +262,9 @@ def test_training_forward_is_batched_with_one_nms_per_image_as_only_growing_sync
     operators per image, and the host syncs are one NMS per image plus one read (the target
     check, where the targets are: the CPU here; the losses are not read back)."""
     torch.manual_seed(0)
-    kw = dict(SMALL, roi_hidden_dim=16, rpn_pre_nms_top_n_train=300, rpn_post_nms_top_n_train=50)
+    kw = dict(SMALL, roi_head=RoIHeadSettings(hidden_dim=16),
+              proposals=ProposalSettings(min_size=4.0, pre_nms_top_n_train=300,
+                                         post_nms_top_n_train=50))
     model = FasterRCNN(3, **kw).train()
     base = counted_forward(model, torch.rand(1, 3, 64, 64), 1)
     assert base.sync_names == {"aten::_local_scalar_dense": 1, "torchvision::nms": 1}

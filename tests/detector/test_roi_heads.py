@@ -132,7 +132,7 @@ def test_dropout_zero_disables_it_and_bad_rates_are_refused() -> None:
     after_fc6, after_fc7, _ = fc_outputs(head, torch.randn(300, 8, 7, 7))
     assert (after_fc6 == 1).all() and (after_fc7 == 1).all()
     for bad in (1.0, -0.1):
-        with pytest.raises(ValueError, match="roi_dropout"):
+        with pytest.raises(ValueError, match="dropout must be in"):
             ones_head(bad)
 
 

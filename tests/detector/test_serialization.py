@@ -8,15 +8,18 @@ from pathlib import Path
 import pytest
 import torch
 
-from detector import FasterRCNN, load_model, save_model
+from detector import (AnchorSettings, BackboneSettings, FasterRCNN, ProposalSettings,
+                      RoIHeadSettings, load_model, save_model)
 
-SMALL = dict(image_size=64, anchor_scales=(1.0, 2.0, 4.0), roi_hidden_dim=16, rpn_min_size=4.0)
+SMALL = dict(image_size=64, anchors=AnchorSettings(scales=(1.0, 2.0, 4.0)),
+             proposals=ProposalSettings(min_size=4.0))
 
 
 @pytest.fixture(scope="module")
 def model() -> FasterRCNN:
     torch.manual_seed(0)
-    return FasterRCNN(2, rpn_only=True, roi_pool="pool", **SMALL)
+    return FasterRCNN(2, rpn_only=True, roi_head=RoIHeadSettings(pool="pool", hidden_dim=16),
+                      **SMALL)
 
 
 def test_round_trip(model: FasterRCNN, tmp_path: Path) -> None:
@@ -60,10 +63,10 @@ def test_imagenet_config_loads_without_download(model: FasterRCNN, tmp_path: Pat
     monkeypatch.setattr(torch.hub, "download_url_to_file",
                         lambda *a, **k: (_ for _ in ()).throw(urllib.error.URLError("no network")))
     path = tmp_path / "m.pt"
-    torch.save({"state_dict": model.state_dict(), "config": model.config | {"backbone_weights": "imagenet"},
-                "meta": {}}, path)
+    config = model.config | {"backbone": {**model.config["backbone"], "weights": "imagenet"}}
+    torch.save({"state_dict": model.state_dict(), "config": config, "meta": {}}, path)
     loaded, _ = load_model(path)
-    assert loaded.config["backbone_weights"] == "imagenet"
+    assert loaded.config["backbone"]["weights"] == "imagenet"
     assert torch.equal(loaded.backbone.features[0].weight, model.backbone.features[0].weight)
     # Frozen as the constructor froze them from pretrained weights: conv1, conv2 (features[:10]).
     frozen = {n for n, p in loaded.named_parameters() if not p.requires_grad}
@@ -71,18 +74,26 @@ def test_imagenet_config_loads_without_download(model: FasterRCNN, tmp_path: Pat
     assert all(p.requires_grad for p in load_model(save_model(tmp_path / "none.pt", model))[0].parameters())
 
 
-def test_new_keywords_round_trip_and_old_checkpoints_get_their_defaults(tmp_path: Path) -> None:
+def test_new_settings_round_trip_and_old_checkpoints_get_their_defaults(tmp_path: Path) -> None:
+    """Settings round-trip; a file saved before a setting existed gets its default; a file of
+    the former flat keywords loads into the same model."""
     torch.manual_seed(0)
-    model = FasterRCNN(2, roi_dropout=0.1, backbone_freeze_blocks=3, **SMALL)
+    model = FasterRCNN(2, roi_head=RoIHeadSettings(hidden_dim=16, dropout=0.1),
+                       backbone=BackboneSettings(freeze_blocks=3), **SMALL)
     loaded, _ = load_model(save_model(tmp_path / "new.pt", model))
-    assert loaded.config["roi_dropout"] == 0.1 and loaded.roi_heads.dropout == 0.1
-    assert loaded.config["backbone_freeze_blocks"] == 3
-    old_config = {k: v for k, v in model.config.items()
-                  if k not in ("roi_dropout", "backbone_freeze_blocks")}  # saved before they existed
+    assert loaded.config["roi_head"]["dropout"] == 0.1 and loaded.roi_heads.dropout == 0.1
+    assert loaded.config["backbone"]["freeze_blocks"] == 3
+    old_config = {**model.config, "roi_head": {"hidden_dim": 16},   # saved before they existed
+                  "backbone": {"weights": "none"}}
     torch.save({"state_dict": model.state_dict(), "config": old_config, "meta": {}}, tmp_path / "old.pt")
     old, _ = load_model(tmp_path / "old.pt")
-    assert old.config == {**old_config, "roi_dropout": 0.5, "backbone_freeze_blocks": 2}
+    assert old.config["roi_head"]["dropout"] == 0.5 and old.config["backbone"]["freeze_blocks"] == 2
     assert old.roi_heads.dropout == 0.5
+    flat = {"num_classes": 2, "image_size": 64, "anchor_scales": (1.0, 2.0, 4.0),
+            "rpn_min_size": 4.0, "roi_hidden_dim": 16, "roi_dropout": 0.1,
+            "backbone_freeze_blocks": 3, "backbone_weights": "none"}
+    torch.save({"state_dict": model.state_dict(), "config": flat, "meta": {}}, tmp_path / "flat.pt")
+    assert load_model(tmp_path / "flat.pt")[0].config == model.config
 
 
 def test_bad_files_raise_value_errors_naming_path_and_problem(model: FasterRCNN, tmp_path: Path) -> None:

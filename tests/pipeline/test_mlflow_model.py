@@ -42,15 +42,16 @@ pytestmark = pytest.mark.slow  # a real model server, and MLflow models logged f
 @pytest.fixture(scope="module")
 def logged(tmp_path_factory):
     """``(folder, store URI, model file, run id)`` of a detector logged and registered."""
-    from detector.model import FasterRCNN
+    from detector import AnchorSettings, FasterRCNN, RoIHeadSettings
     from detector.serialization import save_model
     from pipeline.tracking.models import log_detector, thumbnail
 
     folder = tmp_path_factory.mktemp("served")
     torch.manual_seed(0)
     # explicit anchor shapes (anchors.shapes): the served model rebuilds them from its file
-    model = FasterRCNN(2, image_size=64, roi_hidden_dim=32,
-                       anchor_shapes=((16.0, 16.0), (40.0, 24.0), (24.0, 40.0), (48.0, 48.0)))
+    model = FasterRCNN(2, image_size=64, roi_head=RoIHeadSettings(hidden_dim=32),
+                       anchors=AnchorSettings(shapes=((16.0, 16.0), (40.0, 24.0), (24.0, 40.0),
+                                                      (48.0, 48.0))))
     # class scores spread apart (untrained, every class scores ~1/3: near-ties everywhere)
     torch.nn.init.normal_(model.roi_heads.cls_score.weight, std=1.0)
     weights = save_model(folder / "frcnn.pt", model, stage="frcnn", classes=["cat", "dog"])

@@ -58,7 +58,7 @@ def test_anchor_shapes_go_through_the_model_its_file_and_the_rpn(tmp_path):
     # the model file rebuilds the same anchors
     back, _ = load_model(save_model(tmp_path / "m.pt", model, stage="frcnn"))
     assert back.rpn.anchor_generator.sizes == gen.sizes
-    assert back.config["anchor_shapes"] == ((12.0, 20.0), (30.0, 18.0))
+    assert back.config["anchors"]["shapes"] == ((12.0, 20.0), (30.0, 18.0))
 
 
 # --------------------------------------------------------------------------------------------

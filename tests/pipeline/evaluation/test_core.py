@@ -7,11 +7,12 @@ import numpy as np
 import pytest
 import torch
 
+from detector import ProposalSettings
 from detector.anchors import generate_anchors
 from pipeline.anchor_coverage import ceiling_iou
 from pipeline.evaluation import core
 from pipeline.evaluation import recall as R
-from pipeline.prepared import read_ground_truth
+from pipeline.annotations import read_ground_truth
 from tests.support.factories import write_prepared
 from tests.support.fakes import FakeModel, perfect_model
 from tests.support.references import best_iou_reference, random_boxes
@@ -80,9 +81,9 @@ def test_image_batches_follow_the_table_and_read_images_as_stored(eval_set):
 
 
 def _tiny_detector(num_classes: int, size: int, **kw):
-    from detector.model import FasterRCNN
+    from detector import FasterRCNN, RoIHeadSettings
     torch.manual_seed(0)
-    return FasterRCNN(num_classes, image_size=size, roi_hidden_dim=32, **kw)
+    return FasterRCNN(num_classes, image_size=size, roi_head=RoIHeadSettings(hidden_dim=32), **kw)
 
 
 @pytest.mark.usefixtures("one_thread")
@@ -91,7 +92,8 @@ def test_real_model_gives_more_than_its_test_top_n(tmp_path):
     size = 160
     prepared = write_prepared(tmp_path / "p", splits={"test": 2}, size=size,
                               classes=("cat", "dog"), content="noise")
-    model = _tiny_detector(2, size, rpn_post_nms_top_n_test=20, rpn_min_size=0.0)
+    model = _tiny_detector(2, size, proposals=ProposalSettings(post_nms_top_n_test=20,
+                                                               min_size=0.0))
     res = core.evaluate_model(rpn_model=model, detector=model,
                               splits=[read_ground_truth(prepared / "test.parquet", "test")],
                               budgets=(10, 20, 500), num_classes=2, image_size=size,

@@ -28,9 +28,9 @@ def _config(tmp_path: Path, prepared: Path, **extra) -> Config:
 
 
 def _tiny_detector(num_classes: int, size: int, **kw):
-    from detector.model import FasterRCNN
+    from detector import FasterRCNN, RoIHeadSettings
     torch.manual_seed(0)
-    return FasterRCNN(num_classes, image_size=size, roi_hidden_dim=32, **kw)
+    return FasterRCNN(num_classes, image_size=size, roi_head=RoIHeadSettings(hidden_dim=32), **kw)
 
 
 def _prepared(tmp_path: Path, splits: dict[str, int], size: int = 64) -> Path:
