@@ -61,7 +61,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from pipeline.config import Config  # noqa: E402
 from pipeline.prepare.stage import prepare_dataset  # noqa: E402
-from pipeline.prepared import CLASSES_FILE, PreparedTable, split_path  # noqa: E402
+from pipeline.prepared_table import CLASSES_FILE, PreparedTable, split_path  # noqa: E402
 from pipeline.storage import upload_folder  # noqa: E402
 from pipeline.training.loader import DetectionDataset, ResumableSampler  # noqa: E402
 from tests.support.procs import free_ports, subprocess_env  # noqa: E402

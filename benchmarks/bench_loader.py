@@ -34,7 +34,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from pipeline.config import Config  # noqa: E402
 from pipeline.images import decode  # noqa: E402
 from pipeline.prepare.stage import prepare_dataset  # noqa: E402
-from pipeline.prepared import PreparedTable, split_path  # noqa: E402
+from pipeline.prepared_table import PreparedTable, split_path  # noqa: E402
 from pipeline.training.loader import DetectionDataset, collate  # noqa: E402
 
 

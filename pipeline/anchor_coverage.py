@@ -345,7 +345,8 @@ def run(cfg: Config, args: argparse.Namespace) -> int:
     from detector.anchors import trainable_anchor_counts
 
     from pipeline import files
-    from pipeline.prepared import read_classes, read_ground_truth, split_path
+    from pipeline.prepared_table import read_classes, split_path
+    from pipeline.annotations import read_ground_truth
 
     if args.fit and args.num < 1:
         raise ConfigError(f"--num {args.num}: fit at least one anchor shape")

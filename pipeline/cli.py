@@ -28,20 +28,35 @@ from pipeline.redaction import redact
 #: The environment's URIs the stages read (checked like the config's: no credentials in them)
 URI_VARIABLES = ("MLFLOW_TRACKING_URI", "MLFLOW_REGISTRY_URI", "RAY_ADDRESS")
 
-STAGES = {
+#: ``frcnn <command>``: (module whose ``run`` it calls, help, the config sections it reads)
+COMMANDS = {
     "prepare": ("pipeline.prepare", "Read a dataset, resize to data.image_size, validate, split, "
-                                    "write data/prepared/*.parquet"),
+                                    "write data/prepared/*.parquet", ("data", "tracking")),
     "train": ("pipeline.training", "Train the RPN (--stage rpn) or the full Faster R-CNN "
-                                   "(--stage frcnn) with Ray Train"),
+                                   "(--stage frcnn) with Ray Train",
+              ("data", "backbone", "anchors", "rpn", "roi", "train", "tracking")),
     "evaluate": ("pipeline.evaluation", "Proposal recall (Parquet), detection mAP, plots and "
-                                        "pictures"),
-    "sweep": ("pipeline.sweep", "Ray Tune sweep over anchor and sampling hyperparameters"),
-    "predict": ("pipeline.predict", "Run the detector on image files; print JSON or draw boxes"),
+                                        "pictures",
+                 ("data", "backbone", "anchors", "rpn", "roi", "train", "eval", "tracking")),
+    "sweep": ("pipeline.sweep", "Ray Tune sweep over anchor and sampling hyperparameters", None),
+    "predict": ("pipeline.predict", "Run the detector on image files; print JSON or draw boxes",
+                ("data", "train", "eval", "tracking")),
     "anchors": ("pipeline.anchor_coverage", "Anchor coverage: trainable positions per anchor "
                                             "type, anchor-only recall and the stride's ceiling "
                                             "per class (no model needed); --fit: anchor shapes "
-                                            "fitted to the train split"),
+                                            "fitted to the train split",
+                ("data", "anchors", "rpn", "eval")),
 }
+
+
+def version() -> str:
+    """The installed package's version (its metadata: pyproject.toml owns it)."""
+    from importlib.metadata import PackageNotFoundError, version as installed
+
+    try:
+        return installed("frcnn")
+    except PackageNotFoundError:  # run from a checkout that is not installed
+        return "unknown (not installed)"
 
 
 def _common(parser: argparse.ArgumentParser) -> None:
@@ -54,14 +69,17 @@ def _common(parser: argparse.ArgumentParser) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    epilog = "parameters (section.key = default):\n" + describe()
+    heading = "parameters (section.key = default):\n"
     parser = argparse.ArgumentParser(
         prog="frcnn", description="Faster R-CNN (VGG-16) experiment pipeline.",
-        epilog=epilog, formatter_class=argparse.RawDescriptionHelpFormatter)
+        epilog="`frcnn COMMAND --help` lists the parameters COMMAND reads.",
+        formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--version", action="version", version=f"frcnn {version()}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     parsers = {}
-    for name, (_, text) in STAGES.items():
-        p = sub.add_parser(name, help=text, description=text, epilog=epilog,
+    for name, (_, text, sections) in COMMANDS.items():
+        p = sub.add_parser(name, help=text, description=text,
+                           epilog=heading + describe(sections),
                            formatter_class=argparse.RawDescriptionHelpFormatter)
         _common(p)
         parsers[name] = p
@@ -106,7 +124,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                                          else "")
     try:
         cfg = resolve_config(args.params, args.overrides)
-        module = importlib.import_module(STAGES[args.command][0])
+        module = importlib.import_module(COMMANDS[args.command][0])
         return int(module.run(cfg, args) or 0)
     except ConfigError as exc:
         print(f"{command}: invalid parameters: {redact(str(exc))}", file=sys.stderr)

@@ -3,18 +3,17 @@
 A stage killed part-way leaves either its previous outputs or none, never a half-written file.
 Files are flushed to disk (``fsync``) before the rename, as :func:`detector.save_model` does,
 so a power loss cannot leave a renamed but empty file. Folders and bucket URIs of Ray's storage
-are :mod:`pipeline.storage`'s.
+are :mod:`pipeline.storage`'s, as is the one JSON writer (:func:`pipeline.storage.write_json`).
 """
 
 from __future__ import annotations
 
 import contextlib
-import json
 import os
 import shutil
 import tempfile
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Iterator
 
 import pandas as pd
 
@@ -74,12 +73,6 @@ _UMASK = _read_umask()
 def _fsync(path: Path) -> None:
     with open(path, "rb") as f:
         os.fsync(f.fileno())
-
-
-def write_json(path: str | Path, obj: Any) -> None:
-    """Write ``obj`` as indented JSON, atomically."""
-    with atomic_path(path) as tmp:
-        tmp.write_text(json.dumps(obj, indent=2, sort_keys=True) + "\n", encoding="utf-8")
 
 
 def write_parquet(path: str | Path, frame: pd.DataFrame) -> None:

@@ -155,9 +155,17 @@ def write_bytes(uri: str, data: bytes) -> None:
             fs.delete_file(tmp)
 
 
-def write_json(uri: str, obj: Any) -> None:
-    """Write ``obj`` as JSON, atomically."""
-    write_bytes(uri, json.dumps(obj, sort_keys=True).encode("utf-8"))
+def write_json(uri: str | Path, obj: Any) -> None:
+    """Write ``obj`` as indented JSON (keys sorted), atomically: the project's one JSON writer,
+    for local files (through :func:`pipeline.files.atomic_path`, flushed to disk) and bucket
+    URIs alike."""
+    text = json.dumps(obj, indent=2, sort_keys=True) + "\n"
+    if is_uri(uri):
+        write_bytes(str(uri), text.encode("utf-8"))
+        return
+    from pipeline.files import atomic_path
+    with atomic_path(uri) as tmp:
+        tmp.write_text(text, encoding="utf-8")
 
 
 def delete_dir(uri: str) -> None:

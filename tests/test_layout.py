@@ -14,6 +14,8 @@
 from __future__ import annotations
 
 import ast
+import re
+import subprocess
 import sys
 from pathlib import Path
 
@@ -84,12 +86,65 @@ def test_every_module_a_stage_imports_is_one_of_its_dvc_deps(stage):
     missing = sorted(str(p.relative_to(ROOT)) for p in closure
                      if not any(p == d or d in p.parents for d in deps))
     assert not missing, f"dvc.yaml stage {stage!r} misses deps: {missing}"
+    # and no code it does not import (editing it would make the stage stale for nothing)
+    extra = sorted(str(d.relative_to(ROOT)) for d in deps
+                   if d.parts[len(ROOT.parts)] in PROJECT_PACKAGES
+                   and not any(p == d or d in p.parents for p in closure))
+    assert not extra, f"dvc.yaml stage {stage!r} depends on code it does not import: {extra}"
+
+
+def _expanded(params: list) -> set[str]:
+    """``dvc.yaml`` params as ``section.key`` (a whole section listed by its name)."""
+    from pipeline.config import Config
+
+    tree = Config().to_dict()
+    return {f"{p}.{key}" for p in params if p in tree for key in tree[p]} | {
+        p for p in params if p not in tree}
+
+
+def test_each_stages_params_are_the_ones_that_change_its_result():
+    """``dvc.yaml``'s params are derived from the one mark of operational parameters in the
+    schema, as the resume keys are: prepare the data parameters, the training stages their run
+    keys' parameters, the sweep its key's, evaluate the evaluation ones; none operational."""
+    from pipeline.config import Config
+    from pipeline.config.schema import operational_keys
+    from pipeline.sweep.space import key_params as sweep_params
+    from pipeline.training.resume import key_params as train_params
+
+    tree = Config().to_dict()
+    stages = yaml.safe_load((ROOT / "dvc.yaml").read_text())["stages"]
+    operational = set(operational_keys())
+    expected = {
+        "prepare": {f"data.{k}" for k in tree["data"]} - operational,
+        "train_rpn": set(train_params("rpn")), "train_frcnn": set(train_params("frcnn")),
+        "evaluate": {f"eval.{k}" for k in tree["eval"]} - operational,
+        "sweep": set(sweep_params()),
+    }
+    for stage, keys in expected.items():
+        assert _expanded(stages[stage]["params"]) == keys, stage
+    assert "train.frcnn_epochs" not in expected["train_rpn"]
+    assert {"train.worker_resources", "train.storage_path"} <= operational
+
+
+def test_dvc_yaml_takes_its_paths_from_params_yaml():
+    """No path that params.yaml owns is written out in dvc.yaml: every one is ``${...}``."""
+    from pipeline.config import load_config
+
+    flat = load_config([ROOT / "params.yaml"]).flat()
+    owned = {str(v) for k, v in flat.items() if k in (
+        "data.out_dir", "train.rpn_model", "train.frcnn_model", "train.metrics_dir",
+        "eval.reports_dir", "eval.metrics_path", "sweep.table_path", "sweep.best_params_path",
+        "sweep.plot_path")}
+    text = (ROOT / "dvc.yaml").read_text()
+    written = {w for w in owned if re.search(rf"(?m)^\s*-\s*{re.escape(w)}\b", text)}
+    assert written == set(), f"dvc.yaml repeats paths of params.yaml: {sorted(written)}"
+    assert "${data.out_dir}" in text and "${train.rpn_model}" in text
 
 
 def test_stage_deps_name_existing_paths_and_pycache_is_ignored():
     for stage, deps in _stage_deps().items():
         for dep in deps:
-            if not dep.startswith(("data/", "models/")):
+            if not dep.startswith("${"):
                 assert (ROOT / dep).exists(), f"{stage}: {dep} does not exist"
     ignored = (ROOT / ".dvcignore").read_text().split()
     assert "__pycache__/" in ignored and "*.pyc" in ignored
@@ -226,3 +281,110 @@ def test_no_private_api_of_a_third_party_package(package):
     hits = [f"{path.relative_to(ROOT)}:{hit}" for path in sorted((ROOT / package).rglob("*.py"))
             for hit in private_uses(path.read_text(encoding="utf-8"))]
     assert hits == [], "private APIs of third-party packages:\n" + "\n".join(hits)
+
+
+# --------------------------------------------------------------------------------------------
+# No import cycles, function-level imports included
+
+
+def _runtime_imports(path: Path) -> set[str]:
+    """Project modules ``path`` imports, at the top or inside functions (``import a.b`` and
+    ``from a import b`` name ``a.b`` when it is a module, else ``a``); what only type checkers
+    read (``if TYPE_CHECKING:``) is left out."""
+    tree = ast.parse(path.read_text(encoding="utf-8"))
+    skipped = {id(n) for node in ast.walk(tree) if isinstance(node, ast.If)
+               and ast.unparse(node.test).endswith("TYPE_CHECKING") for n in ast.walk(node)}
+    found: set[str] = set()
+    for node in ast.walk(tree):
+        if id(node) in skipped:
+            continue
+        if isinstance(node, ast.Import):
+            found |= {a.name for a in node.names}
+        elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+            for alias in node.names:
+                child = f"{node.module}.{alias.name}"
+                found.add(child if _module_path(child) is not None else node.module)
+    return {name for name in found if name.split(".")[0] in PROJECT_PACKAGES
+            and _module_path(name) is not None}
+
+
+def import_cycles() -> list[list[str]]:
+    """The import graph's strongly connected components of more than one module (Tarjan)."""
+    graph = {}
+    for path in _python_files(*PROJECT_PACKAGES):
+        name = ".".join(path.relative_to(ROOT).with_suffix("").parts).removesuffix(".__init__")
+        graph[name] = sorted(_runtime_imports(path) - {name})
+    index: dict[str, int] = {}
+    low: dict[str, int] = {}
+    stack: list[str] = []
+    cycles: list[list[str]] = []
+
+    def visit(node: str) -> None:
+        index[node] = low[node] = len(index)
+        stack.append(node)
+        for nxt in graph.get(node, []):
+            if nxt not in index:
+                visit(nxt)
+                low[node] = min(low[node], low[nxt])
+            elif nxt in stack:
+                low[node] = min(low[node], index[nxt])
+        if low[node] == index[node]:
+            component = []
+            while True:
+                top = stack.pop()
+                component.append(top)
+                if top == node:
+                    break
+            if len(component) > 1:
+                cycles.append(sorted(component))
+
+    for node in sorted(graph):
+        if node not in index:
+            visit(node)
+    return cycles
+
+
+def test_no_import_cycles_function_level_imports_included():
+    assert import_cycles() == []
+
+
+# --------------------------------------------------------------------------------------------
+# The README and docs/ name only what exists
+
+
+#: What the pipeline writes when it runs (named in the docs, absent from a clone)
+GENERATED = ("data/", "models/", "metrics/", "reports/", "sweeps/", "checkpoints", "ray_results",
+             "mlflow.db", "mlartifacts", ".venv", "gpu_results", "overlays/fitted")
+_PATH = re.compile(r"`([A-Za-z0-9_.][\w.\-/]*)`")
+_LINK = re.compile(r"\]\(([^)\s]+)\)")
+
+
+def named_paths(path: Path) -> list[tuple[str, Path]]:
+    """``(as written, resolved)`` of every repository path a Markdown file names: link targets
+    (relative to the file) and code spans that look like paths (relative to the root)."""
+    text = path.read_text(encoding="utf-8")
+    found = [(t, (path.parent / t.split("#")[0]).resolve()) for t in _LINK.findall(text)
+             if "://" not in t and not t.startswith("#")]
+    tracked = set(subprocess.run(["git", "ls-files"], cwd=ROOT, capture_output=True, text=True,
+                                 check=True).stdout.split())
+    top = {name.split("/")[0] for name in tracked}
+    for token in _PATH.findall(text):
+        # a path into the repository: its first part is one of the clone's top-level entries
+        if token.startswith("../") or (token.split("/")[0] in top
+                                       and not token.startswith(GENERATED)):
+            found.append((token, (ROOT / token).resolve()))
+    return found
+
+
+def test_every_path_the_readme_and_docs_name_exists_inside_the_repository():
+    files = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
+    outside = [f"{f.name}: {t}" for f in files for t, p in named_paths(f)
+               if ROOT not in p.parents and p != ROOT]
+    missing = [f"{f.name}: {t}" for f in files for t, p in named_paths(f)
+               if ROOT in p.parents and not p.exists()]
+    assert outside == [], "paths outside the repository:\n" + "\n".join(outside)
+    assert missing == [], "paths that do not exist:\n" + "\n".join(missing)
+
+
+def test_the_readme_is_short():
+    assert len((ROOT / "README.md").read_text(encoding="utf-8").splitlines()) <= 250

@@ -7,10 +7,10 @@ plain keyword arguments, and nothing reads the config with ``.get(key, default)`
 :mod:`.tree` handles nested dicts.
 """
 
-from pipeline.config.load import describe, from_dict, load_config, parse_override
+from pipeline.config.load import describe, load_config, parse_override
 from pipeline.config.schema import (AnchorConfig, BackboneConfig, Config, DataConfig, EvalConfig,
                                     RPNConfig, RoIConfig, SweepConfig, TrackingConfig,
-                                    TrainConfig)
+                                    TrainConfig, from_dict)
 from pipeline.config.tree import flatten
 from pipeline.errors import ConfigError
 

@@ -12,13 +12,13 @@ from __future__ import annotations
 import dataclasses
 import typing
 from pathlib import Path
-from typing import Any, Literal, Mapping, Sequence
+from typing import Any, Literal, Sequence
 
 import yaml
 
-from pipeline.config.schema import Config
+from pipeline.config.schema import Config, from_dict
 from pipeline.config.tree import deep_merge, plain, set_dotted
-from pipeline.config.validate import build_section, range_text
+from pipeline.config.validate import range_text
 from pipeline.errors import ConfigError
 
 
@@ -68,28 +68,13 @@ def parse_override(item: str) -> tuple[str, Any]:
     return key, value
 
 
-def from_dict(tree: Mapping[str, Any]) -> Config:
-    """Build and validate a :class:`Config` from a nested mapping (missing keys: defaults)."""
-    if not isinstance(tree, Mapping):
-        raise ConfigError(f"parameters must be a mapping, got {type(tree).__name__}")
-    sections = {f.name: f for f in dataclasses.fields(Config)}
-    kwargs = {}
-    for name, value in tree.items():
-        if name not in sections:
-            raise ConfigError(f"unknown section {name!r}; allowed: {', '.join(sections)}")
-        if value is None:
-            continue
-        if not isinstance(value, Mapping):
-            raise ConfigError(f"section {name!r} must be a mapping, got {type(value).__name__}")
-        factory = sections[name].default_factory
-        kwargs[name] = build_section(factory, name, value)  # type: ignore[misc]
-    return Config(**kwargs)
-
-
-def describe() -> str:
-    """Every parameter with its default and allowed values: the text of ``--help``'s epilog."""
+def describe(sections: Sequence[str] | None = None) -> str:
+    """Every parameter (of ``sections``, default all) with its default and allowed values: the
+    text of ``--help``'s epilog."""
     lines = []
     for section in dataclasses.fields(Config):
+        if sections is not None and section.name not in sections:
+            continue
         cls = section.default_factory  # type: ignore[misc]
         hints = typing.get_type_hints(cls)
         for f in dataclasses.fields(cls):

@@ -12,7 +12,8 @@ from dataclasses import dataclass, field
 from typing import Any, Literal, Mapping
 
 from pipeline.config.tree import flatten, plain, set_dotted
-from pipeline.config.validate import SWEEP_DISTRIBUTIONS, check_no_credentials, check_sweep_space
+from pipeline.config.validate import (SWEEP_DISTRIBUTIONS, build_section, check_no_credentials,
+                                      check_sweep_space)
 from pipeline.errors import ConfigError
 
 __all__ = ["AnchorConfig", "BackboneConfig", "Config", "ConfigError", "DataConfig", "EvalConfig",
@@ -21,9 +22,18 @@ __all__ = ["AnchorConfig", "BackboneConfig", "Config", "ConfigError", "DataConfi
 
 
 def _p(default: Any, *, ge: float | None = None, le: float | None = None,
-       gt: float | None = None, lt: float | None = None, doc: str = "") -> Any:
-    """A dataclass field with a default, numeric bounds and a one-line description."""
-    meta = {"ge": ge, "le": le, "gt": gt, "lt": lt, "doc": doc}
+       gt: float | None = None, lt: float | None = None, doc: str = "",
+       operational: bool = False, stage: str | None = None) -> Any:
+    """A dataclass field with a default, numeric bounds and a one-line description.
+
+    ``operational``: the parameter says where or with what resources work runs (paths,
+    addresses, CPUs, logging cadence, retries), not what is computed: it is left out of the
+    training stages' resume keys, the sweep's key and ``dvc.yaml``'s params (paths enter
+    ``dvc.yaml`` as templated deps and outs). ``stage``: a training parameter of that stage
+    alone (``rpn`` or ``frcnn``). :func:`operational_keys` and :func:`stage_keys` read them.
+    """
+    meta = {"ge": ge, "le": le, "gt": gt, "lt": lt, "doc": doc, "operational": operational,
+            "stage": stage}
     if isinstance(default, (list, dict)):
         raise TypeError("use tuples / mappings via default_factory for mutable defaults")
     return field(default=default, metadata=meta)
@@ -45,8 +55,8 @@ class DataConfig:
     synthetic_images: int = _p(40, ge=1)
     synthetic_classes: int = _p(4, ge=1, le=12)
     image_format: Literal["png", "jpeg"] = _p("png")
-    num_workers: int = _p(2, ge=1)
-    out_dir: str = _p("data/prepared")
+    num_workers: int = _p(2, ge=1, operational=True)
+    out_dir: str = _p("data/prepared", operational=True)
 
     def __post_init__(self) -> None:
         if self.val_fraction + self.test_fraction >= 1.0:
@@ -81,7 +91,9 @@ class BackboneConfig:
 
 @dataclass(frozen=True)
 class AnchorConfig:
-    stride: int = _p(16, ge=1)
+    # the stride of VGG-16's conv5_3 feature map, on whose cells anchors are centred: the one
+    # value the model takes (detector.backbone.VGG16Backbone.stride; a test ties the two)
+    stride: Literal[16] = _p(16, doc="VGG-16's feature stride, the only value")
     scales: tuple[float, ...] = _p((8.0, 16.0, 32.0), gt=0)
     ratios: tuple[float, ...] = _p((0.5, 1.0, 2.0), gt=0)
     shapes: tuple[tuple[float, float], ...] | None = _p(
@@ -141,12 +153,12 @@ class RoIConfig:
 @dataclass(frozen=True)
 class TrainConfig:
     num_workers: int = _p(2, ge=1)
-    use_gpu: Literal["auto", "true", "false"] = _p("auto")
-    cpus_per_worker: float = _p(0.5, gt=0.0)
-    gpus_per_worker: float = _p(1.0, gt=0.0)
+    use_gpu: Literal["auto", "true", "false"] = _p("auto", operational=True)
+    cpus_per_worker: float = _p(0.5, gt=0.0, operational=True)
+    gpus_per_worker: float = _p(1.0, gt=0.0, operational=True)
     batch_size: int = _p(1, ge=1)
-    rpn_epochs: int = _p(1, ge=1)
-    frcnn_epochs: int = _p(1, ge=1)
+    rpn_epochs: int = _p(1, ge=1, stage="rpn")
+    frcnn_epochs: int = _p(1, ge=1, stage="frcnn")
     max_steps: int = _p(0, ge=0)
     lr: float = _p(0.001, gt=0.0)
     momentum: float = _p(0.9, ge=0.0, lt=1.0)
@@ -161,23 +173,24 @@ class TrainConfig:
     use_difficult: bool = _p(False, doc="train on boxes marked difficult (VOC)")
     grad_clip: float = _p(10.0, ge=0.0)
     loader_workers: int = _p(1, ge=0, doc="decoding processes (the plain reader) or threads "
-                                           "(Ray Data input) per worker")
+                                           "(Ray Data input) per worker", operational=True)
     shuffle_buffer: int = _p(256, ge=0, doc="rows of each Ray Train worker's local shuffle "
                                             "buffer over its Ray Data shard (0: none)")
-    checkpoint_every: int = _p(0, ge=0)
-    log_every: int = _p(1, ge=1, doc="log step metrics every N optimiser steps")
-    max_failures: int = _p(2, ge=0)
+    checkpoint_every: int = _p(0, ge=0, operational=True)
+    log_every: int = _p(1, ge=1, doc="log step metrics every N optimiser steps", operational=True)
+    max_failures: int = _p(2, ge=0, operational=True)
     keep_checkpoints: bool = _p(False,
-                                doc="keep a finished run's checkpoints (a rerun then reuses it)")
-    storage_path: str = _p("checkpoints")
-    ray_address: str | None = _p(None)
+                                doc="keep a finished run's checkpoints (a rerun then reuses it)",
+                                operational=True)
+    storage_path: str = _p("checkpoints", operational=True)
+    ray_address: str | None = _p(None, operational=True)
     worker_resources: Mapping[str, float] = field(default_factory=dict, metadata={
         "doc": "extra Ray resources per worker, e.g. {gpu_node: 1}: custom node resources "
-               "place workers (also the sweep's trial workers)"})
+               "place workers (also the sweep's trial workers)", "operational": True})
     seed: int = _p(0, ge=0, le=2**32 - 1, doc="torch generators take at most 64 bits")
-    rpn_model: str = _p("models/rpn.pt")
-    frcnn_model: str = _p("models/frcnn.pt")
-    metrics_dir: str = _p("metrics", doc="train_<stage>.json and train_<stage>_epochs.csv")
+    rpn_model: str = _p("models/rpn.pt", operational=True)
+    frcnn_model: str = _p("models/frcnn.pt", operational=True)
+    metrics_dir: str = _p("metrics", doc="train_<stage>.json and train_<stage>_epochs.csv", operational=True)
 
     def __post_init__(self) -> None:
         for name, amount in self.worker_resources.items():
@@ -191,10 +204,10 @@ class TrainConfig:
 class EvalConfig:
     splits: tuple[Literal["train", "val", "test"], ...] = _p(("test", "val"))
     proposal_budgets: tuple[int, ...] = _p((50, 100, 300, 1000, 2000), ge=1)
-    batch_size: int = _p(2, ge=1)
+    batch_size: int = _p(2, ge=1, doc="images per forward; changes no result", operational=True)
     num_pictures: int = _p(4, ge=0)
-    reports_dir: str = _p("reports")
-    metrics_path: str = _p("metrics/evaluate.json")
+    reports_dir: str = _p("reports", operational=True)
+    metrics_path: str = _p("metrics/evaluate.json", operational=True)
 
 
 
@@ -217,13 +230,16 @@ class SweepConfig:
     grace_period: int = _p(1, ge=1, doc="ASHA: epochs before a trial may be stopped")
     reduction_factor: int = _p(2, ge=2, doc="ASHA: keep the best 1/reduction_factor per rung")
     workers_per_trial: int = _p(1, ge=1, doc="Ray Train workers (DDP) of each trial")
-    cpus_per_trial: float = _p(1.0, ge=0.0, doc="split over the trial's workers")
-    gpus_per_trial: float = _p(0.0, ge=0.0, doc="split over the trial's workers; fractions allowed")
-    storage_path: str = _p("ray_results", doc="folder or bucket URI (s3://, gs://) of the sweep")
+    cpus_per_trial: float = _p(1.0, ge=0.0, doc="split over the trial's workers", operational=True)
+    gpus_per_trial: float = _p(0.0, ge=0.0, doc="split over the trial's workers; fractions allowed",
+                               operational=True)
+    storage_path: str = _p("ray_results", doc="folder or bucket URI (s3://, gs://) of the sweep",
+                           operational=True)
     name: str = _p("anchor_sweep", doc="the sweep's folder under storage_path")
-    table_path: str = _p("reports/sweep.parquet", doc="one row per trial")
-    best_params_path: str = _p("sweeps/best_params.yaml", doc="the best trial as a params overlay")
-    plot_path: str = _p("reports/sweep.png", doc="the metric per trial over epochs")
+    table_path: str = _p("reports/sweep.parquet", doc="one row per trial", operational=True)
+    best_params_path: str = _p("sweeps/best_params.yaml", doc="the best trial as a params overlay",
+                               operational=True)
+    plot_path: str = _p("reports/sweep.png", doc="the metric per trial over epochs", operational=True)
     space: Mapping[str, Mapping[str, Any]] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
@@ -239,13 +255,14 @@ class SweepConfig:
 
 @dataclass(frozen=True)
 class TrackingConfig:
-    uri: str = _p("sqlite:///mlflow.db")
-    experiment: str = _p("frcnn")
-    register_models: bool = _p(True, doc="register the trained models in the model registry")
-    rpn_model_name: str = _p("frcnn-rpn", doc="registered name of the RPN stage's model")
-    frcnn_model_name: str = _p("frcnn", doc="registered name of the detector")
-    system_metrics: bool = _p(True, doc="CPU / memory / GPU of every training worker")
-    system_metrics_interval: float = _p(10.0, gt=0.0, doc="seconds between system samples")
+    uri: str = _p("sqlite:///mlflow.db", operational=True)
+    experiment: str = _p("frcnn", operational=True)
+    register_models: bool = _p(True, doc="register the trained models in the model registry",
+                               operational=True)
+    rpn_model_name: str = _p("frcnn-rpn", doc="registered name of the RPN stage's model", operational=True)
+    frcnn_model_name: str = _p("frcnn", doc="registered name of the detector", operational=True)
+    system_metrics: bool = _p(True, doc="CPU / memory / GPU of every training worker", operational=True)
+    system_metrics_interval: float = _p(10.0, gt=0.0, doc="seconds between system samples", operational=True)
 
 
 @dataclass(frozen=True)
@@ -280,5 +297,42 @@ class Config:
         tree = self.to_dict()
         for key, value in overrides.items():
             set_dotted(tree, key, value, origin="override")
-        from pipeline.config.load import from_dict
         return from_dict(tree)
+
+
+def from_dict(tree: Mapping[str, Any]) -> Config:
+    """Build and validate a :class:`Config` from a nested mapping (missing keys: defaults)."""
+    if not isinstance(tree, Mapping):
+        raise ConfigError(f"parameters must be a mapping, got {type(tree).__name__}")
+    sections = {f.name: f for f in dataclasses.fields(Config)}
+    kwargs = {}
+    for name, value in tree.items():
+        if name not in sections:
+            raise ConfigError(f"unknown section {name!r}; allowed: {', '.join(sections)}")
+        if value is None:
+            continue
+        if not isinstance(value, Mapping):
+            raise ConfigError(f"section {name!r} must be a mapping, got {type(value).__name__}")
+        factory = sections[name].default_factory
+        kwargs[name] = build_section(factory, name, value)  # type: ignore[misc]
+    return Config(**kwargs)
+
+
+def _flagged(test: Any) -> list[str]:
+    out = []
+    for section in dataclasses.fields(Config):
+        for f in dataclasses.fields(section.default_factory):  # type: ignore[arg-type]
+            if test(f.metadata):
+                out.append(f"{section.name}.{f.name}")
+    return out
+
+
+def operational_keys() -> tuple[str, ...]:
+    """``section.key`` of every operational parameter (see :func:`_p`): the one list the resume
+    keys, the sweep's key and ``dvc.yaml``'s params are derived from."""
+    return tuple(_flagged(lambda meta: meta.get("operational")))
+
+
+def stage_keys(stage: str) -> tuple[str, ...]:
+    """``section.key`` of the training parameters of ``stage`` alone (``train.rpn_epochs``)."""
+    return tuple(_flagged(lambda meta: meta.get("stage") == stage))

@@ -33,7 +33,8 @@ from torch.utils.data import DataLoader
 from pipeline.anchor_coverage import coverage_rows
 from pipeline.evaluation import recall as R
 from pipeline.evaluation.voc_ap import ClassResult, evaluate_detections
-from pipeline.prepared import GroundTruth, read_image_bytes
+from pipeline.prepared_table import read_image_bytes
+from pipeline.annotations import GroundTruth
 from pipeline.training.loader import DetectionDataset, collate
 
 PICTURE_PROPOSALS = 10
@@ -150,7 +151,7 @@ def evaluate_model(*, rpn_model: nn.Module, detector: nn.Module | None,
     if detector is not None:
         detector.eval().to(device)
     generator = rpn_model.rpn.anchor_generator
-    num_anchors = generator.num_per_cell * (image_size // generator.stride) ** 2
+    num_anchors = generator.num_anchors(image_size)
 
     rows, counts, ap, num_images, pictures = [], {}, {}, {}, []
     for split_index, split in enumerate(splits):

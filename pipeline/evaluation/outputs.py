@@ -29,7 +29,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
-from pipeline import files, plots
+from pipeline import files, plots, storage
 from pipeline.config import Config
 from pipeline.evaluation import recall as R
 from pipeline.evaluation.core import EvalResults
@@ -100,7 +100,7 @@ def write_outputs(results: EvalResults, values: Mapping[str, Any], paths: Output
             plots.save_image(drawn, tmp / f"{pic.split}_{_safe_name(pic.image_id)}.png")
     written += sorted(paths.pictures.glob("*.png"))
 
-    files.write_json(paths.metrics, dict(values))
+    storage.write_json(paths.metrics, dict(values))
     written.append(paths.metrics)
     return written
 

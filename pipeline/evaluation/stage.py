@@ -24,8 +24,8 @@ from pipeline.evaluation.core import evaluate_model
 from pipeline.evaluation.metrics import DETECTOR_RPN, add_prefixed, format_summary, metrics
 from pipeline.evaluation.outputs import OutputPaths, artifact_dir, write_outputs
 from pipeline.modeling import load_model_file
-from pipeline.prepared import (MODEL_COLUMNS, read_classes, read_ground_truth, split_path,
-                               table_digest)
+from pipeline.prepared_table import MODEL_COLUMNS, read_classes, split_path, table_digest
+from pipeline.annotations import read_ground_truth
 
 
 def check_compatible(model: nn.Module, path: str | Path, image_size: int,

@@ -2,7 +2,7 @@
 
 Readers for the synthetic set, PASCAL VOC and COCO, the checks every box goes through, and the
 worker processes that decode and resize; the output is the prepared set of
-:mod:`pipeline.prepared`.
+:mod:`pipeline.prepared_table`.
 
 Conventions, stated once for the whole package:
 
@@ -24,7 +24,7 @@ Modules: :mod:`.records` (what a reader produces; box checks), :mod:`.synthetic`
 validate, resize and encode in worker processes), :mod:`.writer` (Parquet output) and
 :mod:`.stage` (:func:`prepare_dataset`, the stage's work). Resizing is :mod:`pipeline.images`'s
 (``frcnn predict`` resizes the same way), the table schema and ``classes.json``
-:mod:`pipeline.prepared`'s.
+:mod:`pipeline.prepared_table`'s.
 """
 
 from __future__ import annotations
@@ -40,7 +40,7 @@ def run(cfg: Config, args: argparse.Namespace | None = None) -> int:
     (``<file>: <problem>``), which the command line reports."""
     from pipeline import tracking
     from pipeline.prepare.stage import prepare_dataset
-    from pipeline.prepared import CLASSES_FILE, REJECTED_FILE
+    from pipeline.prepared_table import CLASSES_FILE, REJECTED_FILE
     from pipeline.storage import is_uri, read_bytes
 
     with tracking.stage_run(cfg, "prepare") as stage:  # one MLflow run; FAILED on an error

@@ -57,7 +57,7 @@ def process_item(item: ImageItem, *, image_size: int, resize: ResizeMode,
                  image_format: ImageFormat) -> Processed:
     """Decode ``item``, check its boxes against the real image size, resize and encode it.
 
-    The row has the table's columns (see :mod:`pipeline.prepared`); boxes are clipped to
+    The row has the table's columns (see :mod:`pipeline.prepared_table`); boxes are clipped to
     the image, then scaled exactly as the pixels were.
     """
     def reject(reason: str, box_index: int | None = None, source: str = item.source) -> Processed:

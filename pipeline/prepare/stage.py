@@ -5,7 +5,7 @@ annotation and image, resizes images to ``data.image_size`` (``data.resize``: st
 letterbox) with their boxes scaled the same way, assigns each image to train / val / test
 (:mod:`pipeline.prepare.splits`) and writes into ``data.out_dir``:
 
-- ``{train,val,test}.parquet``: one row per image (schema in :mod:`pipeline.prepared`);
+- ``{train,val,test}.parquet``: one row per image (schema in :mod:`pipeline.prepared_table`);
 - ``classes.json``: ``"classes"`` (names of ids 1..K), ``"background": 0``, ``"image_size"``,
   the resize mode, image format and per-split counts;
 - ``rejected.csv`` (``data.on_invalid: skip`` only): ``source, reason, image_id, box_index``, one
@@ -38,8 +38,8 @@ from pipeline.prepare.splits import assign_splits
 from pipeline.prepare.synthetic import read_synthetic
 from pipeline.prepare.voc import read_voc
 from pipeline.prepare.writer import SplitWriter
-from pipeline.prepared import (CLASSES_FILE, REJECTED_COLUMNS, REJECTED_FILE, SPLITS,
-                               split_path, table_digest, write_classes)
+from pipeline.prepared_table import (CLASSES_FILE, REJECTED_COLUMNS, REJECTED_FILE, SPLITS, split_path,
+                                     table_digest, write_classes)
 from pipeline.storage import is_uri, upload_folder
 
 MAX_LISTED_PROBLEMS = 5

@@ -1,4 +1,4 @@
-"""Streaming the prepared rows into Parquet files (the schema is :mod:`pipeline.prepared`'s)."""
+"""Streaming the prepared rows into Parquet files (the schema is :mod:`pipeline.prepared_table`'s)."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ from typing import Any, Mapping
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from pipeline.prepared import SCHEMA
+from pipeline.prepared_table import SCHEMA
 
 #: Rows per Parquet row group: what a reader holds of the images at a time (the training loader
 #: reads one row group per image it needs: 16 PNGs at 640 px are ~6 MiB).
@@ -42,7 +42,7 @@ class SplitWriter:
     """Streams rows into a prepared table at ``path``, a row group of ``rows_per_group`` at a
     time (bounded memory): one Parquet file when the split holds at most ``rows_per_file`` rows, else a folder
     of part files of ``rows_per_file`` rows each (``path/part-00000.parquet``, ...), which Ray
-    Data reads in parallel, a read task per file (:func:`pipeline.prepared.table_files`)."""
+    Data reads in parallel, a read task per file (:func:`pipeline.prepared_table.table_files`)."""
 
     def __init__(self, path: Path, rows_per_file: int = ROWS_PER_FILE,
                  rows_per_group: int = ROW_GROUP_ROWS) -> None:

@@ -15,14 +15,12 @@ from pathlib import Path
 from typing import Any, Mapping
 
 from pipeline.config import Config
-from pipeline.digests import digest, params_subset
+from pipeline.digests import digest
 from pipeline.errors import DataError
-from pipeline.prepared import MODEL_COLUMNS, open_table, read_classes, split_path
+from pipeline.prepared_table import MODEL_COLUMNS, open_table, read_classes, split_path
+from pipeline.sweep import space
 from pipeline.sweep.space import trial_image_size
 
-# Where things are stored or logged: not part of a sweep's inputs.
-NOT_IN_KEY = ("train.ray_address", "train.storage_path", "sweep.storage_path",
-              "sweep.table_path", "sweep.best_params_path", "sweep.plot_path")
 
 
 def _resize_rows(rows: list[dict[str, Any]], source: int, size: int) -> None:
@@ -85,7 +83,7 @@ def inputs_key(cfg: Config, tables: Mapping[str, bytes]) -> str:
     """Digest of what a sweep's results depend on: parameters (not where things are stored or
     logged) and the trial tables. A resume needs the same key."""
     tree = cfg.to_dict()
-    sections = [s for s in tree if s != "tracking"]
-    return digest({"params": params_subset(tree, sections=sections, exclude=NOT_IN_KEY),
+    params = {key: tree[key.split(".")[0]][key.split(".")[1]] for key in space.key_params()}
+    return digest({"params": params,
                    "tables": {name: hashlib.sha256(data).hexdigest()
                               for name, data in sorted(tables.items())}})

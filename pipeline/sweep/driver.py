@@ -69,7 +69,8 @@ from typing import Any
 from pipeline import storage, tracking
 from pipeline.config import Config
 from pipeline.errors import DataError, RunFailedError
-from pipeline.prepared import MODEL_COLUMNS, read_classes, read_ground_truth, split_path
+from pipeline.prepared_table import MODEL_COLUMNS, read_classes, split_path
+from pipeline.annotations import read_ground_truth
 from pipeline.redaction import redact
 from pipeline.sweep import report, space, trial
 from pipeline.sweep.data import inputs_key, trial_tables

@@ -39,7 +39,7 @@ import yaml
 
 from pipeline import anchor_coverage, files, modeling, plots, storage, tracking
 from pipeline.config import Config, ConfigError
-from pipeline.prepared import GroundTruth
+from pipeline.annotations import GroundTruth
 from pipeline.redaction import redact
 from pipeline.sweep import space, trial
 from pipeline.sweep.trial import ATTEMPTS, MARKERS

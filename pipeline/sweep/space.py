@@ -50,6 +50,7 @@ from typing import Any, Mapping
 import yaml
 
 from pipeline.config import Config, ConfigError
+from pipeline.config.schema import operational_keys
 from pipeline.config.validate import FIT, LISTED
 from pipeline.evaluation.metrics import MEAN_CLASS
 
@@ -73,12 +74,26 @@ INERT = {
     "train.cpus_per_worker": "sweep.cpus_per_trial sets a trial's resources",
     "train.gpus_per_worker": "sweep.gpus_per_trial sets a trial's resources",
     "train.checkpoint_every": "trials report at epoch ends",
-    **{f"train.{key}": _OPERATIONAL for key in (
-        "keep_checkpoints", "storage_path", "ray_address", "rpn_model", "frcnn_model",
-        "metrics_dir", "log_every", "loader_workers", "max_failures", "worker_resources")},
-    "train.shuffle_buffer": "trials read their tables with the plain reader, in the sampler's "
-                            "order",
+    "eval.splits": "trials score sweep.split",
+    "eval.num_pictures": "trials draw no pictures",
+    **{key: _OPERATIONAL for key in operational_keys()
+       if key.split(".")[0] in ("train", "eval") and key not in (
+           "train.use_gpu", "train.cpus_per_worker", "train.gpus_per_worker",
+           "train.checkpoint_every")},
 }
+
+
+def key_params() -> list[str]:
+    """``section.key`` of every parameter a sweep's results depend on: ``data.image_size`` and
+    the model, training, evaluation and sweep sections, less the operational parameters and
+    the ones a trial never reads (:data:`INERT`). The sweep's resume key
+    (:func:`pipeline.sweep.data.inputs_key`) and ``dvc.yaml``'s params of ``sweep`` are this
+    list (checked in ``tests/test_layout.py``)."""
+    left_out = {*operational_keys(), *INERT}
+    tree = Config().to_dict()
+    return ["data.image_size", *(f"{section}.{key}" for section in
+                                 ("backbone", "anchors", "rpn", "roi", "train", "eval", "sweep")
+                                 for key in tree[section] if f"{section}.{key}" not in left_out)]
 
 
 def metric_names(budgets: tuple[int, ...] | list[int]) -> list[str]:

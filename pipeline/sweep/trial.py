@@ -47,7 +47,7 @@ PER_CLASS_PREFIXES = (f"AR@{HEADLINE_BUDGET}/",
 
 def validation_recall(model: Any, split: Any, *, budgets: tuple[int, ...], batch_size: int,
                       device: Any, classes: Any = ()) -> dict[str, float]:
-    """Proposal recall of ``model`` on ``split`` (a :class:`pipeline.prepared.GroundTruth`):
+    """Proposal recall of ``model`` on ``split`` (a :class:`pipeline.prepared_table.GroundTruth`):
     ``{name: value}`` for :func:`pipeline.sweep.space.metric_names` and each class's
     ``AR@300/<class>`` and ``recall@<t>/300/<class>`` (a metric that cannot be computed, e.g.
     without boxes, is left out)."""
@@ -97,7 +97,7 @@ def trial_files(setup: Mapping[str, Any]) -> Iterator[Path]:
 
 
 def _scorer(cfg: Any, folder: Path, split: str, classes: Any, device: Any) -> Scorer:
-    from pipeline.prepared import read_ground_truth
+    from pipeline.annotations import read_ground_truth
 
     return Scorer(read_ground_truth(folder / "eval.parquet", split),
                   budgets=tuple(cfg.eval.proposal_budgets), batch_size=cfg.eval.batch_size,

@@ -14,7 +14,8 @@ methods pass every parameter, tag, text artifact and error text through
   (:func:`pipeline.config.validate.check_no_credentials`), and :func:`check_reachable` names a
   refused account in one line before any work.
 - :func:`stage_run` wraps a stage: an MLflow run named after the stage in experiment
-  ``tracking.experiment``, tagged ``git_commit`` and ``dvc_stage`` (``$DVC_STAGE``, which
+  ``tracking.experiment``, with MLflow's source tags (``mlflow.source.name``, ``.type``,
+  ``.git.commit``: the UI's Source and Version columns) and ``dvc_stage`` (``$DVC_STAGE``, which
   ``dvc repro`` sets, else the stage name), with every parameter and the resolved config as
   ``config/params.yaml`` (:func:`log_config`). A stage that raises ends its run ``FAILED`` with
   the error as the ``error`` tag and ``error.txt``; Ctrl-C ends it ``KILLED``.

@@ -26,8 +26,16 @@ from pipeline.tracking.store import _client, global_uri, resolve_uri
 PACKAGE = Path(__file__).resolve().parents[2]          # the folder holding pipeline/, detector/
 MODEL_CODE = Path(__file__).with_name("served_model.py")
 ARTIFACT = "detector"            # runs:/<run id>/detector (the run's own model/ holds the .pt file)
-REQUIREMENTS = ["torch==2.14.1", "torchvision==0.29.1", "pandas", "pillow", "numpy", "pyyaml",
-                "pyarrow"]
+#: What serving the model needs, at the versions installed here (pyproject.toml owns the pins)
+SERVED_PACKAGES = ("torch", "torchvision", "pandas", "pillow", "numpy", "pyyaml", "pyarrow")
+
+
+def requirements() -> list[str]:
+    """``["torch==<installed>", ...]`` of :data:`SERVED_PACKAGES`, read from the installed
+    packages' metadata."""
+    from importlib.metadata import version
+
+    return [f"{name}=={version(name)}" for name in SERVED_PACKAGES]
 
 
 def example_input(image: bytes) -> Any:
@@ -72,7 +80,7 @@ def log_detector(run: RunHandle, weights: Path, *, cfg: Config, stage: str,
                 name=ARTIFACT, python_model=str(MODEL_CODE), artifacts={"weights": str(weights)},
                 model_config=config, signature=signature, input_example=example,
                 code_paths=[str(PACKAGE / "pipeline"), str(PACKAGE / "detector")],
-                pip_requirements=REQUIREMENTS, registered_model_name=registered)
+                pip_requirements=requirements(), registered_model_name=registered)
         finally:
             mlflow.end_run(status=RUNNING)           # the stage ends its run itself
     if registered:

@@ -17,7 +17,8 @@ import yaml
 
 from pipeline.config import Config
 from pipeline.redaction import redact
-from pipeline.tracking.store import _client, _experiment_id, check_reachable, git_commit, resolve_uri
+from pipeline.tracking.store import (_client, _experiment_id, check_reachable, resolve_uri,
+                                     source_tags)
 
 FINISHED, FAILED, KILLED, RUNNING = "FINISHED", "FAILED", "KILLED", "RUNNING"
 # Artifacts with these suffixes are text: their content is redacted before it is uploaded.
@@ -182,7 +183,8 @@ def stage_run(cfg: Config, stage: str, *, run_id: str | None = None,
     run_id = _reopen_or_none(client, run_id, experiment_id) \
         or client.create_run(experiment_id, run_name=stage).info.run_id
     run = RunHandle(run_id=run_id, experiment_id=experiment_id, tracking_uri=uri)
-    run.set_tags({"git_commit": git_commit(), "dvc_stage": os.environ.get("DVC_STAGE") or stage,
+    run.set_tags({**source_tags(f"frcnn {stage}"),
+                  "dvc_stage": os.environ.get("DVC_STAGE") or stage,
                   **(tags or {})})
     log_config(run, cfg)
     try:
@@ -212,7 +214,8 @@ def child_run(parent: RunHandle, name: str, *, params: Mapping[str, Any],
         return run
     created = client.create_run(parent.experiment_id, run_name=name)
     run = RunHandle(created.info.run_id, parent.experiment_id, parent.tracking_uri)
-    run.set_tags({"mlflow.parentRunId": parent.run_id, "trial_id": name, **tags})
+    run.set_tags({**source_tags(f"frcnn sweep trial {name}"), "mlflow.parentRunId": parent.run_id,
+                  "trial_id": name, **tags})
     run.log_params(params)
     return run
 

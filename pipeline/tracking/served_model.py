@@ -12,7 +12,7 @@ encoded as base64 text, one row per image, of any size. Output: one dict per row
 with the fields of ``frcnn predict``'s JSON in the image's original pixels (``image``: the row
 number, ``width``, ``height``, ``boxes``, ``scores``, ``labels``, ``classes``), or ``image``
 and ``error`` for a row that is not a readable image (the other rows are still answered). The
-same code as ``frcnn predict`` (:func:`pipeline.predict.predict_sources`) computes it.
+same code as ``frcnn predict`` (:func:`pipeline.inference.predict_sources`) computes it.
 """
 
 from __future__ import annotations
@@ -35,7 +35,6 @@ class Detector(PythonModel):
         from pipeline.modeling import load_model_file
 
         config = dict(context.model_config or {})
-        self.resize = config.get("resize", "stretch")
         self.batch_size = int(config.get("batch_size", 2))
         self.output = config.get("output", "detections")
         self.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -43,11 +42,13 @@ class Detector(PythonModel):
                                            config.get("stage", "frcnn"), self.device)
         self.model.eval()
         self.classes = [str(c) for c in meta.get("classes", [])]
+        # how the training images were resized: the model file's record first
+        self.resize = meta.get("resize") or config.get("resize", "stretch")
 
     # no type hints: MLflow would read them as a signature (the logged one is inferred instead)
     def predict(self, context, model_input, params=None):  # noqa: ANN001, ANN201
         """``model_input``: DataFrame with a column ``image`` -> one dict per row."""
-        from pipeline.predict import predict_proposals, predict_sources
+        from pipeline.inference import predict_proposals, predict_sources
 
         sources, answers = [], {}
         for i, value in enumerate(model_input["image"].tolist()):

@@ -86,8 +86,9 @@ def check_reachable(uri: str, *, timeout: float = 5.0) -> None:
                     f"MLflow tracking server {redact(uri)} refused {who}: "
                     f"{exc.code} {'wrong username or password' if exc.code == 401 else 'no permission'}"
                     f"; set MLFLOW_TRACKING_USERNAME and MLFLOW_TRACKING_PASSWORD") from None
-            raise TrackingError(f"MLflow tracking server {redact(uri)} answered {exc.code} "
-                                f"({exc.reason})") from None
+            raise TrackingError(f"MLflow tracking server {redact(uri)} is unreachable (HTTP "
+                                f"Error {exc.code}: {exc.reason}); start it or set tracking.uri "
+                                f"/ {ENV_URI}") from None
         except (urllib.error.URLError, OSError, ValueError) as exc:
             raise TrackingError(f"MLflow tracking server {redact(uri)} is unreachable "
                                 f"({redact(str(exc))}); start it or set tracking.uri / {ENV_URI}"
@@ -117,6 +118,13 @@ def global_uri(uri: str) -> Iterator[None]:
         mlflow.set_tracking_uri(None)  # unset: MLflow reads $MLFLOW_TRACKING_URI again
         if before_env is not None:
             os.environ[ENV_URI] = before_env
+
+
+def source_tags(name: str) -> dict[str, str]:
+    """MLflow's standard source tags of a run (the UI's Source and Version columns): the
+    command (``name``), its kind (``LOCAL``: a command line), the project's git commit."""
+    return {"mlflow.source.name": name, "mlflow.source.type": "LOCAL",
+            "mlflow.source.git.commit": git_commit()}
 
 
 def git_commit(cwd: str | Path | None = None) -> str:

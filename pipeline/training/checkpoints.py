@@ -23,7 +23,7 @@ from typing import Any, Callable
 
 import torch
 
-from pipeline import files
+from pipeline import files, storage
 from pipeline.errors import DataError, MissingInputError
 
 TRAIN_STATE = "train_state.pt"
@@ -63,7 +63,7 @@ def write(folder: str | Path, state: dict[str, Any], progress: dict[str, Any]) -
     folder = Path(folder)
     with files.atomic_path(folder / TRAIN_STATE) as tmp:
         torch.save(state, tmp)
-    files.write_json(folder / PROGRESS, progress)
+    storage.write_json(folder / PROGRESS, progress)
 
 
 def read_progress(folder: str | Path) -> dict[str, Any]:

@@ -42,98 +42,21 @@ import shutil
 import sys
 import time
 
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from pipeline import files, modeling, tracking
+from pipeline import files, modeling, storage, tracking
 from pipeline.config import Config
-from pipeline.errors import ConfigError, DataError, MissingInputError, RunFailedError
-from pipeline.prepared import (MODEL_COLUMNS, open_table, read_classes, read_image_bytes,
-                               split_path, table_digest, table_files)
-from pipeline.digests import file_digest
+from pipeline.errors import ConfigError, RunFailedError
+from pipeline.prepared_table import MODEL_COLUMNS, read_image_bytes
 from pipeline.redaction import redact
-from pipeline.storage import is_uri, local_copy, resolve, stage_file
+from pipeline.storage import local_copy, resolve
 from pipeline.tracking.models import log_detector, thumbnail
 from pipeline.training import checkpoints, ray_worker
+from pipeline.training.inputs import StageInputs, check_torch_file, stage_inputs, worker_inputs
 from pipeline.training.ray_input import ShardInput, data_config, epoch_datasets
 from pipeline.training.resume import (delete_run, latest_checkpoint, read_run_state, run_key,
                                       write_run_state)
-
-
-@dataclass(frozen=True)
-class StageInputs:
-    """What a training stage reads and writes, checked before Ray starts."""
-
-    stage: str
-    train_path: Path | str         # a URI for a set prepared into a bucket
-    classes: list[str]
-    init_model: Path | None        # the RPN model the frcnn stage starts from
-    model_path: Path
-    metrics_dir: Path
-    train_rows: int
-    train_digest: str              # content digests (run key, staged copies)
-    init_digest: str | None
-
-    @property
-    def name(self) -> str:
-        return f"train_{self.stage}"
-
-
-def stage_inputs(cfg: Config, stage: str) -> StageInputs:
-    """The stage's inputs and outputs from the config; missing or unreadable inputs are named.
-
-    Raises:
-        MissingInputError: no prepared data, or (``frcnn``) no RPN model.
-        DataError: data prepared at another size; an unreadable RPN model.
-    """
-    info = read_classes(cfg.data.out_dir, image_size=cfg.data.image_size)
-    train_path = split_path(cfg.data.out_dir, "train")
-    train_path = train_path if is_uri(train_path) else train_path.resolve()
-    if not table_files(train_path):
-        raise MissingInputError(f"{redact(str(train_path))}: not found; run `frcnn prepare` "
-                                f"first")
-    init_model = Path(cfg.train.rpn_model).resolve() if stage == "frcnn" else None
-    if init_model is not None and not init_model.is_file():
-        raise MissingInputError(f"{init_model}: RPN model not found; run "
-                                f"`frcnn train --stage rpn` first")
-    if init_model is not None:
-        _check_torch_file(init_model, "the RPN model (train.rpn_model)")
-    return StageInputs(stage=stage, train_path=train_path,
-                       classes=[str(c) for c in info["classes"]], init_model=init_model,
-                       model_path=Path(cfg.train.rpn_model if stage == "rpn"
-                                       else cfg.train.frcnn_model),
-                       metrics_dir=Path(cfg.train.metrics_dir),
-                       train_rows=open_table(train_path).num_rows,
-                       train_digest=table_digest(train_path),
-                       init_digest=file_digest(init_model) if init_model else None)
-
-
-def worker_inputs(cfg: Config, inputs: StageInputs, root: str) -> dict[str, Any]:
-    """``{"train_files": [the training table's files], "init_model"}`` as the workers will
-    open them: the driver's own files on
-    the private local Ray; on a cluster (``train.ray_address`` / ``$RAY_ADDRESS``) or with a
-    bucket as storage, copies staged in the run's storage (``root/staged/<digest>/``), which
-    every node reaches: Ray Data's read tasks stream the training table from there (no node
-    downloads it whole); the RPN model, one small file, each node downloads once
-    (:func:`pipeline.storage.local_copy`)."""
-    files = table_files(inputs.train_path)
-    if not ("://" in root or cfg.train.ray_address or os.environ.get("RAY_ADDRESS")):
-        return {"train_files": [str(f) for f in files],
-                "init_model": str(inputs.init_model) if inputs.init_model else None}
-    if is_uri(inputs.train_path):  # prepared into a bucket: read where it is
-        train_files = [str(f) for f in files]
-    else:  # a folder's parts under <digest>/<table name>/, a single file under <digest>/
-        name = inputs.train_path.name if inputs.train_path.is_dir() else ""
-        train_files = [stage_file(f, root, inputs.train_digest, folder=name) for f in files]
-    staged = {"train_files": train_files,
-              "init_model": stage_file(inputs.init_model, root, inputs.init_digest)
-              if inputs.init_model is not None else None}
-    where = staged["train_files"][0].rsplit("/", 1)[0]
-    print(f"{inputs.name}: workers read {len(files)} file(s) in {redact(where)}"
-          + (f" and {redact(str(staged['init_model']))}" if staged["init_model"] else ""),
-          flush=True)
-    return staged
 
 
 def train_stage(cfg: Config, stage: str) -> dict[str, Any]:
@@ -151,7 +74,7 @@ def train_stage(cfg: Config, stage: str) -> dict[str, Any]:
     run_name = f"{inputs.name}-{run_key(cfg, stage, inputs.train_digest, inputs.init_digest)}"
     previous = latest_checkpoint(root, run_name)
     if previous is not None and "://" not in root:
-        _check_torch_file(Path(previous[0]) / checkpoints.TRAIN_STATE,
+        check_torch_file(Path(previous[0]) / checkpoints.TRAIN_STATE,
                           f"the checkpoint to resume from (delete {redact(root)}/{run_name} to start "
                           f"afresh)")
     old_run = read_run_state(root, run_name).get("mlflow_run_id") if previous else None
@@ -210,7 +133,7 @@ def _write_outputs(cfg: Config, inputs: StageInputs, result: Any, mlrun: trackin
     }
     metrics_path = inputs.metrics_dir / f"{inputs.name}.json"
     epochs_path = inputs.metrics_dir / f"{inputs.name}_epochs.csv"
-    files.write_json(metrics_path, metrics)
+    storage.write_json(metrics_path, metrics)
     files.write_text(epochs_path, _csv(history, ["epoch", "steps", "loss", *terms]))
     mlrun.log_metrics({f"final/{k}": v for k, v in tracking.finite(metrics).items()},
                       step=progress["step"])
@@ -311,17 +234,6 @@ def restart_recorder(stage_name: str, tracking_uri: str, run_id: str, max_failur
     return _RestartRecorder()
 
 
-def _check_torch_file(path: Path, what: str) -> None:
-    """Name a truncated or corrupt torch file here, before Ray starts, rather than in every
-    worker of every restart. ``mmap``: the tensors are mapped, not read."""
-    import torch
-    try:
-        torch.load(path, map_location="cpu", weights_only=True, mmap=True)
-    except Exception as exc:  # zip / unpickling errors of every kind
-        raise DataError(f"{path}: {what} is not readable, truncated or corrupt "
-                        f"({type(exc).__name__}: {str(exc)[:300]})") from None
-
-
 def _check_local_memory(cfg: Config, train_rows: int) -> None:
     """An absurd ``train.batch_size`` fails here, before Ray starts, with a clear message.
 
@@ -378,7 +290,8 @@ def _fit(cfg: Config, inputs: StageInputs, run_name: str, root: str,
                 "params": cfg.to_dict(), "stage": inputs.stage, "rows": rows,
                 "init_model": paths["init_model"], "init_digest": inputs.init_digest,
                 "num_classes": len(inputs.classes),
-                "model_meta": {"classes": inputs.classes},
+                # what predict needs besides the weights (image size: the model's own config)
+                "model_meta": {"classes": inputs.classes, "resize": inputs.resize},
                 "tracking_uri": mlrun.tracking_uri, "run_id": mlrun.run_id,
                 "threads": max(1, int(cfg.train.cpus_per_worker)),
             },

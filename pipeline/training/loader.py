@@ -40,7 +40,8 @@ from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
 from pipeline.errors import DataError
 from pipeline.images import decode
-from pipeline.prepared import Annotations, open_table, read_annotations
+from pipeline.prepared_table import open_table
+from pipeline.annotations import Annotations, read_annotations
 
 
 def hflip(image: torch.Tensor, boxes: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -84,7 +85,7 @@ def make_sample(data: bytes, ann: Annotations, index: int, *, flip: bool, use_di
 class DetectionDataset(Dataset):
     """One prepared split. ``dataset[i]`` -> ``(image (3,S,S) in [0, 1], target dict, image_id)``.
 
-    The annotations are read once, as flat arrays (:func:`pipeline.prepared.read_annotations`:
+    The annotations are read once, as flat arrays (:func:`pipeline.prepared_table.read_annotations`:
     no Python object per box); the images one Parquet row group at a time (the last one kept),
     so a split of any size is never loaded into memory whole: a process holds at most one row
     group of image bytes (:data:`pipeline.prepare.writer.ROW_GROUP_ROWS` images).

@@ -167,15 +167,7 @@ def train(cfg: Config, *, stage: str, train_path: str | Path | None = None, num_
                             model_meta=dict(model_meta or {}),
                             write_checkpoints=write_checkpoints))
     loop = LoopState(LOSS_TERMS[stage])
-    resumed_from = None
-    if saved is not None:
-        run.load_state_dict(saved, loop)
-        resumed_from = {"path": str(resume), "epoch": loop.epoch, "step": loop.step}
-        if run.lead:
-            say(f"{run.name}: resuming from checkpoint {resume} (epoch {loop.epoch}, "
-                f"step {loop.step})")
-    else:
-        torch.manual_seed(cfg.train.seed + 1000 * rank)  # per-rank sampling of anchors and RoIs
+    resumed_from = _restore(run, loop, saved, resume, cfg.train.seed + 1000 * rank)
     start_step = loop.step
     run.net.train()
     while loop.step < run.total_steps and loop.epoch < run.epochs:
@@ -189,6 +181,20 @@ def train(cfg: Config, *, stage: str, train_path: str | Path | None = None, num_
                        total_steps=run.total_steps, images=loop.images, train_seconds=seconds,
                        images_per_s=loop.images / seconds if loop.images else 0.0,
                        resumed_from=resumed_from, final_losses=loop.last)
+
+
+def _restore(run: Any, loop: LoopState, saved: Mapping[str, Any] | None,
+             resume: str | Path | None, seed: int) -> dict[str, Any] | None:
+    """Continue from the checkpoint ``saved`` (read from ``resume``) and say so; without one,
+    seed this rank's sampling of anchors and RoIs. Returns where it resumed from, or None."""
+    if saved is None:
+        torch.manual_seed(seed)
+        return None
+    run.load_state_dict(saved, loop)
+    if run.lead:
+        run.say(f"{run.name}: resuming from checkpoint {resume} (epoch {loop.epoch}, "
+                f"step {loop.step})")
+    return {"path": str(resume), "epoch": loop.epoch, "step": loop.step}
 
 
 # --------------------------------------------------------------------------------------------

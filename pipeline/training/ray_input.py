@@ -35,7 +35,8 @@ from typing import Any, Iterator, Sequence
 
 import numpy as np
 
-from pipeline.prepared import MODEL_COLUMNS, annotations_of
+from pipeline.prepared_table import MODEL_COLUMNS
+from pipeline.annotations import annotations_of
 from pipeline.training.loader import collate, flip_decision, make_sample
 
 

@@ -2,7 +2,7 @@
 
 A stage's Ray Train run is named ``train_<stage>-<key>`` under ``train.storage_path``, ``key`` a
 digest of what determines the training (:func:`run_key`): the model and training parameters
-(not the operational ones in :data:`NOT_IN_KEY`), the training table's content, and the RPN
+(:func:`key_params`: not the operational ones), the training table's content, and the RPN
 model for the ``frcnn`` stage. Running the same stage again after an interruption finds the
 run's checkpoints (:func:`latest_checkpoint`, what Ray Train V2 will restore) and its MLflow run
 (:func:`read_run_state`, a small file beside Ray's in the run folder).
@@ -15,31 +15,41 @@ from typing import Any
 
 from pipeline import storage
 from pipeline.config import Config
-from pipeline.digests import digest, params_subset
+from pipeline.config.schema import operational_keys, stage_keys
+from pipeline.digests import digest
 from pipeline.errors import DataError
 from pipeline.redaction import redact
 from pipeline.training.checkpoints import PROGRESS
 
 RUN_STATE = "frcnn_run.json"  # beside Ray's files in the run folder: the MLflow run id
 
-# Parameters that do not change what is trained: excluded from the run key, so changing them
-# between an interruption and the rerun still resumes.
-NOT_IN_KEY = tuple(f"train.{k}" for k in (
-    "use_gpu", "cpus_per_worker", "gpus_per_worker", "loader_workers", "checkpoint_every",
-    "log_every", "max_failures", "storage_path", "ray_address", "rpn_model", "frcnn_model",
-    "metrics_dir", "keep_checkpoints"))
+#: The sections whose parameters (operational ones aside) determine a stage's training
+TRAINING_SECTIONS = ("backbone", "anchors", "rpn", "roi", "train")
+STAGES = ("rpn", "frcnn")
+
+
+def key_params(stage: str) -> list[str]:
+    """``section.key`` of every parameter that determines ``stage``'s training: the training
+    sections and ``data.image_size``, less the operational parameters and the other stage's
+    own (:func:`pipeline.config.schema.operational_keys`, :func:`~pipeline.config.schema.
+    stage_keys`). ``dvc.yaml``'s params of ``train_<stage>`` are the same list (checked in
+    ``tests/test_layout.py``)."""
+    left_out = {*operational_keys(), *(k for other in STAGES if other != stage
+                                       for k in stage_keys(other))}
+    tree = Config().to_dict()
+    return ["data.image_size", *(f"{section}.{key}" for section in TRAINING_SECTIONS
+                                 for key in tree[section]
+                                 if f"{section}.{key}" not in left_out)]
 
 
 def run_key(cfg: Config, stage: str, train_digest: str, init_digest: str | None) -> str:
     """Digest of everything that determines a stage's training (12 hex digits); the data
-    enter by their content digests (:func:`pipeline.prepared.table_digest` of the training
+    enter by their content digests (:func:`pipeline.prepared_table.table_digest` of the training
     table and, for the ``frcnn`` stage, of the RPN model)."""
     tree = cfg.to_dict()
     return digest({
         "stage": stage,
-        "image_size": tree["data"]["image_size"],
-        **params_subset(tree, sections=("backbone", "anchors", "rpn", "roi", "train"),
-                        exclude=NOT_IN_KEY),
+        "params": {key: tree[key.split(".")[0]][key.split(".")[1]] for key in key_params(stage)},
         "train_data": train_digest,
         "init_model": init_digest,
     }, length=12)

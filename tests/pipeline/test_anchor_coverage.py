@@ -14,7 +14,7 @@ from pipeline import anchor_coverage as C
 from pipeline.cli import main
 from pipeline.config import Config, load_config
 from torchvision.ops import box_iou
-from pipeline.prepared import GroundTruth
+from pipeline.annotations import GroundTruth
 from tests.support.references import iou_loop
 
 

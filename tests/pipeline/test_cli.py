@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from pipeline.cli import STAGES, main
+from pipeline.cli import COMMANDS, main
 from pipeline.errors import DataError, MissingInputError
 from tests.support import BIN, ROOT
 from tests.support.procs import subprocess_env
@@ -19,25 +19,34 @@ PARAMS = str(ROOT / "params.yaml")
 FRCNN = BIN / "frcnn"
 
 
-def test_top_level_help_lists_every_stage_and_parameter(capsys):
+def test_top_level_help_lists_every_command_and_the_version(capsys):
+    from importlib.metadata import version
+
     with pytest.raises(SystemExit) as info:
         main(["--help"])
     assert info.value.code == 0
     text = capsys.readouterr().out
-    for stage in STAGES:
-        assert stage in text
-    assert "data.source = 'synthetic'" in text and "data.resize = 'stretch'  (stretch | letterbox)" in text
-
-
-@pytest.mark.parametrize("stage", list(STAGES))
-def test_each_subcommand_explains_itself(stage, capsys):
+    for command in COMMANDS:
+        assert command in text
+    assert "data.source" not in text          # parameters: each command's own --help
     with pytest.raises(SystemExit) as info:
-        main([stage, "--help"])
+        main(["--version"])
+    assert info.value.code == 0 and capsys.readouterr().out == f"frcnn {version('frcnn')}\n"
+
+
+@pytest.mark.parametrize("command", list(COMMANDS))
+def test_each_subcommand_explains_itself_and_the_parameters_it_reads(command, capsys):
+    with pytest.raises(SystemExit) as info:
+        main([command, "--help"])
     assert info.value.code == 0
     text = capsys.readouterr().out
-    assert f"usage: frcnn {stage}" in text
+    assert f"usage: frcnn {command}" in text
     assert "--params PATH" in text and "--set SECTION.KEY=VALUE" in text
     assert "data.on_invalid = 'error'  (error | skip)" in text
+    assert ("data.resize = 'stretch'  (stretch | letterbox)" in text)
+    reads = COMMANDS[command][2]
+    assert ("sweep.num_samples" in text) == (reads is None or "sweep" in reads)
+    assert ("train.lr" in text) == (reads is None or "train" in reads)
 
 
 @pytest.mark.parametrize("override, fragments", [

@@ -91,10 +91,10 @@ def test_the_original_works_training_choices_are_parameters_with_its_defaults():
     assert cfg.rpn.allow_border == -1.0          # every anchor type trains (torchvision, detectron2)
     assert cfg.roi.dropout == 0.5 and cfg.backbone.freeze_blocks == 2
     assert cfg.train.bias_decay is False and cfg.train.worker_resources == {}
-    from pipeline.modeling import model_kwargs
-    kwargs = model_kwargs(cfg)
-    assert (kwargs["roi_dropout"], kwargs["backbone_freeze_blocks"],
-            kwargs["rpn_allow_border"]) == (0.5, 2, -1.0)
+    from pipeline.modeling import model_settings
+    settings = model_settings(cfg)
+    assert (settings["roi_head"].dropout, settings["backbone"].freeze_blocks,
+            settings["matching"].allow_border) == (0.5, 2, -1.0)
 
 
 @pytest.mark.parametrize("item, fragment", [
@@ -105,3 +105,17 @@ def test_the_original_works_training_choices_are_parameters_with_its_defaults():
 def test_new_training_parameters_are_checked(item, fragment):
     with pytest.raises(ConfigError, match=fragment):
         load_config([ROOT / "params.yaml"], [item])
+
+
+def test_anchors_stride_is_the_backbones_and_nothing_else():
+    """``anchors.stride`` is validated in the config (one clear error), and the one value it
+    takes is the backbone's feature stride."""
+    import typing
+
+    from detector.backbone import VGG16Backbone
+    from pipeline.config import AnchorConfig, Config, ConfigError
+
+    assert typing.get_args(typing.get_type_hints(AnchorConfig)["stride"]) == \
+        (VGG16Backbone.stride,)
+    with pytest.raises(ConfigError, match=r"anchors.stride: 8 is not allowed; allowed: 16"):
+        Config().replace({"anchors.stride": 8})

@@ -23,8 +23,20 @@ from tests.support.secrets import SECRETS, bucket_secret_hits, secret_hits
 from tests.support.servers import moto_server
 
 
+def _resolved() -> dict:
+    """dvc.yaml with its ``${section.key}`` filled in from params.yaml, as DVC resolves it."""
+    import re
+
+    from pipeline.config import load_config
+
+    flat = load_config([ROOT / "params.yaml"]).flat()
+    text = re.sub(r"\$\{([a-z_]+\.[a-z_]+)\}", lambda m: str(flat[m.group(1)]),
+                  (ROOT / "dvc.yaml").read_text())
+    return yaml.safe_load(text)
+
+
 def _stages() -> dict:
-    return yaml.safe_load((ROOT / "dvc.yaml").read_text())["stages"]
+    return _resolved()["stages"]
 
 
 # --------------------------------------------------------------------------------------------
@@ -33,22 +45,21 @@ def _stages() -> dict:
 
 def test_prepare_stage_declares_its_package_and_every_data_parameter():
     stage = _stages()["prepare"]
-    assert {"pipeline/prepare", "pipeline/prepared.py", "pipeline/images.py"} <= set(stage["deps"])
-    declared = {f.name for f in dataclasses.fields(DataConfig)} - {"num_workers"}  # no effect on output
+    assert {"pipeline/prepare", "pipeline/prepared_table.py", "pipeline/images.py"} <= set(stage["deps"])
+    # every data parameter but the operational ones (workers; the output folder: its outs)
+    declared = {f.name for f in dataclasses.fields(DataConfig)} - {"num_workers", "out_dir"}
     assert set(stage["params"]) == {f"data.{name}" for name in declared}
     assert stage["outs"] == ["data/prepared"] and stage["cmd"] == "frcnn prepare"
 
 
 def test_evaluate_stage_declares_inputs_parameters_and_outputs():
-    spec = yaml.safe_load((ROOT / "dvc.yaml").read_text())
+    spec = _resolved()
     stage = spec["stages"]["evaluate"]
     cfg = Config()
     paths = OutputPaths.from_config(cfg)
     assert {"pipeline/evaluation", "pipeline/plots.py", "detector", cfg.data.out_dir,
             cfg.train.rpn_model, cfg.train.frcnn_model} <= set(stage["deps"])
-    assert set(stage["params"]) == {"data.out_dir", "train.rpn_model", "train.frcnn_model",
-                                    "eval.splits", "eval.proposal_budgets", "eval.num_pictures",
-                                    "eval.reports_dir", "eval.metrics_path"}
+    assert set(stage["params"]) == {"eval.splits", "eval.proposal_budgets", "eval.num_pictures"}
     outs = {next(iter(o)) if isinstance(o, dict) else o for o in stage["outs"]}
     assert outs == {str(p) for p in (paths.recall_table, paths.recall_summary, paths.pictures,
                                      paths.plots / "recall_vs_iou.csv",

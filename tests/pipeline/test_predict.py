@@ -11,7 +11,7 @@ import torch
 from PIL import Image
 from torch import nn
 
-from pipeline import predict as P
+from pipeline import inference as P
 from pipeline.cli import main
 from pipeline.images import resize_image, scale_boxes
 
@@ -83,10 +83,10 @@ def test_unreadable_images_are_reported_by_name(tmp_path):
 @pytest.fixture(scope="module")
 def model_file(tmp_path_factory) -> Path:
     from detector.serialization import save_model
-    from detector.model import FasterRCNN
+    from detector import FasterRCNN, RoIHeadSettings
 
     torch.manual_seed(0)
-    model = FasterRCNN(2, image_size=64, roi_hidden_dim=32)
+    model = FasterRCNN(2, image_size=64, roi_head=RoIHeadSettings(hidden_dim=32))
     return save_model(tmp_path_factory.mktemp("m") / "frcnn.pt", model, classes=["cat", "dog"])
 
 
@@ -123,3 +123,30 @@ def test_cli_missing_model_is_named(tmp_path, monkeypatch, capsys):
     good = _image(tmp_path / "good.png", 20, 20)
     assert main(["predict", str(good), "--model", "nope/frcnn.pt"]) == 1
     assert "nope/frcnn.pt: model not found" in capsys.readouterr().err
+
+
+def test_cli_resizes_as_the_model_file_records_not_as_the_config_says(tmp_path, monkeypatch,
+                                                                       capsys):
+    """A letterbox-trained model predicts with letterbox under ``data.resize: stretch`` (the
+    model file records how its training images were resized); a file without the record falls
+    back to ``data.resize`` and says so."""
+    from detector import FasterRCNN, RoIHeadSettings
+    from detector.serialization import save_model
+    from pipeline import inference
+
+    torch.manual_seed(0)
+    model = FasterRCNN(2, image_size=64, roi_head=RoIHeadSettings(hidden_dim=32))
+    boxed = save_model(tmp_path / "letterbox.pt", model, classes=["cat", "dog"],
+                       resize="letterbox")
+    bare = save_model(tmp_path / "old.pt", model, classes=["cat", "dog"])
+    used = []
+    real = inference.predict_sources
+    monkeypatch.setattr("pipeline.predict.predict_sources",
+                        lambda *a, **kw: used.append(kw["resize"]) or real(*a, **kw))
+    monkeypatch.chdir(tmp_path)
+    good = _image(tmp_path / "good.png", 120, 80)
+    assert main(["predict", str(good), "--model", str(boxed), "--set", "data.resize=stretch"]) == 0
+    assert main(["predict", str(good), "--model", str(bare), "--set", "data.resize=stretch"]) == 0
+    assert used == ["letterbox", "stretch"]
+    assert "does not record how its training images were resized; using data.resize=stretch" \
+        in capsys.readouterr().err

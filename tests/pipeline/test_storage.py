@@ -33,7 +33,7 @@ def test_local_round_trip_and_missing_files(tmp_path):
     assert storage.read_json(path) == {} and not storage.exists(path)
     storage.write_json(path, {"b": 1, "a": [1, 2]})
     assert storage.read_json(path) == {"a": [1, 2], "b": 1} and storage.exists(path)
-    assert Path(path).read_text() == '{"a": [1, 2], "b": 1}'  # keys sorted
+    assert Path(path).read_text() == '{\n  "a": [\n    1,\n    2\n  ],\n  "b": 1\n}\n'  # sorted
     assert storage.read_bytes(str(tmp_path / "deep")) is None  # a folder is no file
     storage.delete_dir(str(tmp_path / "deep"))
     assert not (tmp_path / "deep").exists()
@@ -81,8 +81,8 @@ def test_a_write_failing_half_way_keeps_the_previous_file(tmp_path, monkeypatch)
     path = tmp_path / "state.json"
     storage.write_json(str(path), {"old": True})
     monkeypatch.setattr(storage, "fs_of", lambda uri: (_FullDisk(), str(Path(uri).resolve())))
-    with pytest.raises(OSError, match="No space left"):
-        storage.write_json(str(path), {"new": True, "padding": "x" * 1000})
+    with pytest.raises(OSError, match="No space left"):   # a file of a folder or a bucket
+        storage.write_bytes(str(path), json.dumps({"new": True, "padding": "x" * 1000}).encode())
     monkeypatch.undo()
     assert json.loads(path.read_text()) == {"old": True}
     assert [p.name for p in tmp_path.iterdir()] == ["state.json"]  # the partial one removed
@@ -129,7 +129,7 @@ def test_a_bucket_round_trip(bucket):
     storage.write_json(f"{uri}/state.json", {"inputs_key": "k"})
     storage.write_json(f"{uri}/trials/t1.json", {"finished": True})
     assert storage.read_json(f"{uri}/state.json") == {"inputs_key": "k"}
-    assert storage.read_text(f"{uri}/trials/t1.json") == '{"finished": true}'
+    assert json.loads(storage.read_text(f"{uri}/trials/t1.json")) == {"finished": True}
     assert storage.exists(uri) and storage.exists(f"{uri}/trials/t1.json")
     # written atomically there too: no temporary object left beside the targets
     assert _names(bucket, "bucket/sweeps/anchor_sweep") == ["state.json", "trials"]

@@ -58,7 +58,9 @@ def test_stage_run_logs_params_tags_config_and_finishes(cfg, store):
     assert got.data.params["rpn.pos_iou"] == "0.7"
     assert set(cfg.flat()) <= set(got.data.params)
     tags = got.data.tags
-    assert tags["dvc_stage"] == "prepare" and tags["extra"] == "1" and tags["git_commit"]
+    assert tags["dvc_stage"] == "prepare" and tags["extra"] == "1"
+    assert tags["mlflow.source.name"] == "frcnn prepare" and tags["mlflow.source.type"] == "LOCAL"
+    assert tags["mlflow.source.git.commit"]
     client = mlflow_store.client(run.tracking_uri)
     assert [m.value for m in client.get_metric_history(run.run_id, "loss")] == [1.5, 1.0]
     assert "config/params.yaml" in [a.path for a in client.list_artifacts(run.run_id, "config")]

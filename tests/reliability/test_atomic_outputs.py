@@ -26,7 +26,7 @@ import yaml
 from PIL import Image
 
 from detector.serialization import load_model, save_model
-from pipeline import files, plots
+from pipeline import files, plots, storage
 from pipeline.config import Config
 from pipeline.modeling import build_model
 from pipeline.prepare.stage import prepare_dataset
@@ -132,7 +132,8 @@ def test_file_writers_failing_mid_write_keep_the_previous_file(tmp_path, monkeyp
     path = tmp_path / f"out.{kind}"
     writers = {
         "parquet": (lambda v: files.write_parquet(path, v), pd.DataFrame, "to_parquet"),
-        "json": (lambda v: files.write_json(path, {"rows": v["x"].tolist()}), Path, "write_text"),
+        "json": (lambda v: storage.write_json(path, {"rows": v["x"].tolist()}), Path,
+                 "write_text"),
         "text": (lambda v: files.write_text(path, v.to_csv()), Path, "write_text"),
         "png": (lambda v: plots.save_image(Image.new("RGB", (len(v), 8)), path), Image.Image,
                 "save"),
@@ -186,7 +187,7 @@ def test_evaluate_reports_failing_half_way_are_each_old_or_new(tmp_path, monkeyp
     from pipeline.evaluation.core import evaluate_model
     from pipeline.evaluation.metrics import metrics
     from pipeline.evaluation.outputs import OutputPaths, write_outputs
-    from pipeline.prepared import read_ground_truth
+    from pipeline.annotations import read_ground_truth
     from tests.support.factories import write_prepared
     from tests.support.fakes import perfect_model
 

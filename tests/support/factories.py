@@ -1,10 +1,11 @@
 """Test data and configs: prepared sets in the schema of ``frcnn prepare``, params files, presets.
 
 - :func:`write_prepared`: a tiny prepared set (``{split}.parquet`` with
-  :data:`pipeline.prepared.SCHEMA`, and ``classes.json`` by :func:`pipeline.prepared.write_classes`)
-  whose images are drawn rectangles (``"shapes"``, the default: what training sees), random noise
-  with random boxes, some ``difficult`` (``"noise"``: what the evaluation tests score), or empty
-  bytes (``"blank"``: a table that only *says* how big it is, for checks that read metadata).
+  :data:`pipeline.prepared_table.SCHEMA`, and ``classes.json`` by
+  :func:`pipeline.prepared_table.write_classes`) whose images are drawn rectangles
+  (``"shapes"``, the default: what training sees), random noise with random boxes, some
+  ``difficult`` (``"noise"``: what the evaluation tests score), or empty bytes (``"blank"``: a
+  table that only *says* how big it is, for checks that read metadata).
 - :func:`write_params`: a complete ``params.yaml`` (defaults or the project's file, overridden).
 - The presets: :data:`TINY` (the real detector at 64 x 64, cheap to train on a CPU) and
   :func:`tiny_cfg`; :data:`RAY_PARAMS` (2 CPU Ray Train workers sharing 2 cores);
@@ -26,7 +27,7 @@ import yaml
 from PIL import Image, ImageDraw
 
 from pipeline.config import Config, load_config
-from pipeline.prepared import SCHEMA, split_path, table_digest, write_classes
+from pipeline.prepared_table import SCHEMA, split_path, table_digest, write_classes
 from tests.support import ROOT
 
 #: The real detector at 64 x 64 with narrow heads and few samples: a training step costs about

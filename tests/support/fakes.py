@@ -15,7 +15,7 @@ from torch import nn
 
 from detector.anchors import AnchorGenerator
 from detector.rpn import ProposalSettings
-from pipeline.prepared import GroundTruth
+from pipeline.annotations import GroundTruth
 
 
 class FakeModel(nn.Module):

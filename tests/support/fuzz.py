@@ -17,6 +17,8 @@ import sys
 from pathlib import Path
 from typing import Iterator
 
+from hypothesis import HealthCheck, settings
+
 FUZZ_CASES: collections.Counter[str] = collections.Counter()
 FUZZ_OUTCOMES: collections.Counter[str] = collections.Counter()  # how the cases ended
 
@@ -60,3 +62,11 @@ def opened_outside(opened: list[str], folder: Path) -> list[str]:
             continue  # lazily imported modules, locale and codec data
         outside.append(name)
     return outside
+
+
+#: The fuzz tests' settings: many derandomised examples, no deadline (each case is timed
+#: against :data:`CASE_SECONDS` instead)
+FUZZ = settings(max_examples=400, deadline=None, derandomize=True, database=None,
+                suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large,
+                                       HealthCheck.filter_too_much])
+CASE_SECONDS = 60.0  # one case taking longer than this counts as a hang (the worst take < 1 s)

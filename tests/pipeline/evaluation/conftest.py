@@ -9,7 +9,8 @@ import pytest
 
 from pipeline.evaluation.core import EvalResults, evaluate_model
 from pipeline.evaluation.metrics import metrics
-from pipeline.prepared import GroundTruth, read_ground_truth, split_path
+from pipeline.prepared_table import split_path
+from pipeline.annotations import GroundTruth, read_ground_truth
 from tests.support.factories import write_prepared
 from tests.support.fakes import perfect_model
 

@@ -6,7 +6,7 @@ import pytest
 
 from pipeline.errors import DataError
 from pipeline.prepare.splits import assign_splits
-from pipeline.prepared import SPLITS
+from pipeline.prepared_table import SPLITS
 
 
 def test_assign_splits_is_seeded_exact_and_order_free():

@@ -21,7 +21,7 @@ from pipeline.prepare import run
 from pipeline.prepare.splits import assign_splits
 from pipeline.prepare.stage import prepare_dataset
 from pipeline.prepare.synthetic import boxes_and_labels, layout
-from pipeline.prepared import SCHEMA, SPLITS, load_split, row_resize_info, split_path
+from pipeline.prepared_table import SCHEMA, SPLITS, load_split, row_resize_info, split_path
 from tests.support import ROOT, mlflow_store
 from tests.support.datasets import voc_xml, write_coco, write_voc
 
@@ -96,8 +96,8 @@ def test_tables_do_not_depend_on_the_number_of_workers(tmp_path):
 def test_a_set_prepared_into_a_bucket_reads_as_the_same_set_prepared_locally(tmp_path, bucket):
     """``data.out_dir`` a bucket URI: the same tables as a local folder (every reader over the
     URI), ``classes.json`` recording each table's digest; preparing again replaces the set."""
-    from pipeline.prepared import (open_table, read_annotations, read_classes, read_image_bytes,
-                                   table_digest)
+    from pipeline.prepared_table import open_table, read_classes, read_image_bytes, table_digest
+    from pipeline.annotations import read_annotations
 
     uri = "mem://b/prepared"
     local = prepare_dataset(make_cfg(tmp_path / "local", synthetic_images=12), progress=False)

@@ -34,7 +34,7 @@ def test_trial_tables_take_the_first_images_resized_with_their_boxes(project, sw
 def test_trial_tables_read_a_row_group_at_a_time(project, sweep_cfg, monkeypatch):
     """The driver never reads a split's image column whole: only row groups, and no more of
     train's than ``sweep.max_train_images`` needs."""
-    from pipeline.prepared import SCHEMA
+    from pipeline.prepared_table import SCHEMA
 
     path = project / "data" / "prepared" / "train.parquet"
     pq.write_table(pq.read_table(path).cast(SCHEMA), path, row_group_size=2)  # 6 rows: 3 groups

@@ -96,7 +96,7 @@ def test_trial_coverage_columns_need_no_training(tmp_path):
     combination has none."""
     import torch
 
-    from pipeline.prepared import GroundTruth
+    from pipeline.annotations import GroundTruth
 
     cfg = load_config([PARAMS], ["sweep.image_size=320", "rpn.allow_border=0"])
     # at 640 px, scale 4 is a 64 px anchor, centred at 8 + 16 k: this box is one

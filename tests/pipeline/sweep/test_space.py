@@ -180,6 +180,7 @@ def test_a_grid_runs_every_value_num_samples_times():
 def test_a_whole_anchor_setting_that_no_trial_reads_is_refused():
     for setting, match in (({"stride": 8, "scales": [1]}, "anchors.stride"),
                            ({"scales": [1], "shapes": [[16, 16]]}, "give one or the other")):
-        cfg = Config().replace({"sweep.space": {"anchors": {"choice": [{"scales": [2]}, setting]}}})
-        with pytest.raises(ConfigError, match=match):
+        with pytest.raises(ConfigError, match=match):   # when the config is built, or checked
+            cfg = Config().replace({"sweep.space": {"anchors": {"choice": [{"scales": [2]},
+                                                                          setting]}}})
             sweep_space.check(cfg)

@@ -11,7 +11,7 @@ from types import SimpleNamespace
 import torch
 
 from pipeline.modeling import build_model
-from pipeline.prepared import read_ground_truth
+from pipeline.annotations import read_ground_truth
 from pipeline.sweep import trial
 from tests.support.factories import write_prepared
 

@@ -78,7 +78,7 @@ def test_frcnn_stage_needs_the_rpn_model(tmp_path, monkeypatch, capsys):
 def test_stage_inputs_name_paths_and_refuse_data_of_another_size(tmp_path, monkeypatch):
     from pipeline.config import Config
     from pipeline.errors import DataError
-    from pipeline.training.driver import stage_inputs
+    from pipeline.training.inputs import stage_inputs
 
     project = _project(tmp_path)
     monkeypatch.chdir(project)
@@ -142,7 +142,7 @@ def test_workers_read_the_drivers_files_locally_and_staged_copies_on_a_cluster(t
     """On the private local Ray the workers open the driver's files; with a cluster address
     (or a bucket as storage) they get copies staged in the run's storage, by content digest."""
     from pipeline.config import Config
-    from pipeline.training.driver import stage_inputs, worker_inputs
+    from pipeline.training.inputs import stage_inputs, worker_inputs
 
     project = _project(tmp_path)
     monkeypatch.chdir(project)
@@ -167,8 +167,8 @@ def test_a_table_of_part_files_is_staged_part_by_part(tmp_path, monkeypatch):
 
     from pipeline.config import Config
     from pipeline.prepare.writer import SplitWriter
-    from pipeline.prepared import table_digest
-    from pipeline.training.driver import stage_inputs, worker_inputs
+    from pipeline.prepared_table import table_digest
+    from pipeline.training.inputs import stage_inputs, worker_inputs
 
     project = _project(tmp_path)
     monkeypatch.chdir(project)
@@ -197,9 +197,9 @@ def test_a_set_prepared_into_a_bucket_is_read_where_it_is(tmp_path, monkeypatch,
     import pyarrow.fs
 
     from pipeline.config import Config
-    from pipeline.prepared import CLASSES_FILE, table_digest
+    from pipeline.prepared_table import CLASSES_FILE, table_digest
     from pipeline.storage import upload_folder
-    from pipeline.training.driver import stage_inputs, worker_inputs
+    from pipeline.training.inputs import stage_inputs, worker_inputs
 
     project = _project(tmp_path)
     local = project / "data" / "prepared"
@@ -262,7 +262,8 @@ def test_train_rpn_on_two_ray_workers(tmp_path):
     assert run.info.status == "FINISHED"
     assert run.data.params["train.num_workers"] == "2"
     assert run.data.params["data.image_size"] == "64"
-    assert {"git_commit", "dvc_stage", "ray_job_id"} <= set(run.data.tags)
+    assert {"mlflow.source.git.commit", "mlflow.source.name", "mlflow.source.type", "dvc_stage",
+            "ray_job_id"} <= set(run.data.tags)
     assert mlflow_store.metric_steps(db, run.info.run_id, "loss") == [1, 2, 3, 4, 5, 6]
     assert len(mlflow_store.metric_steps(db, run.info.run_id, "lr")) == 6
     assert {"rpn_cls", "rpn_reg", "images_per_s", "epoch/loss"} <= set(run.data.metrics)

@@ -16,7 +16,7 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 
-from pipeline.prepared import MODEL_COLUMNS
+from pipeline.prepared_table import MODEL_COLUMNS
 from pipeline.training import loader
 from pipeline.training.ray_input import ShardInput, data_config, epoch_datasets, epoch_order
 from tests.support.factories import write_prepared
@@ -90,7 +90,7 @@ def test_every_image_once_per_epoch_in_the_same_order_on_every_run(tmp_path):
         Path(config["out"], f"rank{ctx.get_world_rank()}.json").write_text(json.dumps(seen))
 
     from pipeline.prepare.writer import SplitWriter
-    from pipeline.prepared import table_files
+    from pipeline.prepared_table import table_files
 
     folder = write_prepared(tmp_path / "p", num_images=7)
     path = tmp_path / "parts" / "train.parquet"      # a folder of 3 files: 3 + 3 + 1 rows
