@@ -13,13 +13,25 @@ export PATH := $(abspath $(BIN)):$(PATH)
 export DVC_NO_ANALYTICS := 1
 export PYTHONUNBUFFERED := 1
 
-.PHONY: run test ui docs install clean
+.PHONY: run test ui docs install clean constraints
 
-$(STAMP): pyproject.toml
+# Installs the tested versions (constraints.txt) of what pyproject.toml asks for.
+$(STAMP): pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet --upgrade pip
-	$(BIN)/pip install --quiet -e '.[test]'
+	$(BIN)/pip install --quiet -c constraints.txt -e '.[test,optuna]'
 	touch $(STAMP)
+
+# Refresh constraints.txt: resolve pyproject.toml afresh in a scratch venv and freeze it; then
+# `make test` on the new versions before committing the file.
+constraints:
+	rm -rf .venv-refresh && $(PYTHON) -m venv .venv-refresh
+	.venv-refresh/bin/pip install --quiet --upgrade pip
+	.venv-refresh/bin/pip install --quiet -e '.[test,optuna]'
+	{ echo "# The versions the test suite passed with (pip freeze of make's .venv)."; \
+	  echo "# make install uses them (pip install -c constraints.txt); refresh: make constraints, then make test."; \
+	  .venv-refresh/bin/pip freeze --exclude-editable | grep -v '^frcnn'; } > constraints.txt
+	rm -rf .venv-refresh
 
 install: $(STAMP)
 
