@@ -6,9 +6,10 @@ local Ray for the command and stops it afterwards:
 
 - ``address="local"``: a new Ray even when ``ray start`` left one running on this machine (a
   plain ``ray.init()`` would join that one);
-- **token authentication** (``RAY_AUTH_MODE=token``) with a token made for this cluster alone
+- **token authentication** (``RAY_AUTH_MODE=token``) with a token made for this process
   (``RAY_AUTH_TOKEN``, in the environment of this process and the cluster's own processes, for
-  the command's lifetime): a driver without it cannot attach to a stage's cluster. Ray 2.60's
+  the command's lifetime; Ray reads it once per process, so every cluster one process starts
+  shares it), or the one the user set: a driver without it cannot attach to a stage's cluster. Ray 2.60's
   GCS and raylets listen on every interface whatever the node address (measured), so the token
   is what keeps others on the network out; the dashboard, when it runs, listens on 127.0.0.1;
 - no usage reporting (``RAY_USAGE_STATS_ENABLED=0``, unless the user set it);
@@ -29,6 +30,7 @@ resource ``trial_slot`` (each trial holds one); a cluster offers what its nodes 
 from __future__ import annotations
 
 import contextlib
+import functools
 import os
 import secrets
 import sys
@@ -84,10 +86,17 @@ def _start_local(trial_slots: int | None) -> None:
 
     os.environ["RAY_AUTH_MODE"] = LOCAL_RAY_ENV["RAY_AUTH_MODE"]  # the clusters we start: always
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", LOCAL_RAY_ENV["RAY_USAGE_STATS_ENABLED"])
-    os.environ["RAY_AUTH_TOKEN"] = secrets.token_hex(32)       # this cluster's own
+    # this process's own token (Ray reads it once per process: every cluster this process
+    # starts gets the same one, unknown outside it), or the one the user set
+    os.environ.setdefault("RAY_AUTH_TOKEN", _process_token())
     ray.init(address="local", dashboard_host=DASHBOARD_HOST,
              resources={"trial_slot": trial_slots} if trial_slots else None,
              runtime_env={"worker_process_setup_hook": SETUP_HOOK})
+
+
+@functools.lru_cache(maxsize=1)
+def _process_token() -> str:
+    return secrets.token_hex(32)
 
 
 def _join(address: str, trial_slots: int | None) -> None:

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import base64
 import io
-import os
 import warnings
 from pathlib import Path
 from typing import Any
@@ -109,11 +108,11 @@ def model_weights(cfg: Config, uri: str, folder: Path) -> Path:
     store = resolve_uri(cfg.tracking.uri)
     _client(store)  # quiet store set-up
     try:
-        # a models:/ URI is resolved in the model registry: the tracking store unless
-        # $MLFLOW_REGISTRY_URI names another
-        local = Path(mlflow.artifacts.download_artifacts(
-            artifact_uri=uri, dst_path=str(folder), tracking_uri=store,
-            registry_uri=os.environ.get("MLFLOW_REGISTRY_URI") or store))
+        # a models:/ URI is resolved in the model registry, which is the tracking store unless
+        # $MLFLOW_REGISTRY_URI says otherwise: MLflow reads it from its process-wide URI
+        with global_uri(store):
+            local = Path(mlflow.artifacts.download_artifacts(
+                artifact_uri=uri, dst_path=str(folder), tracking_uri=store))
     except Exception as exc:  # MlflowException of every kind: not there
         raise MissingInputError(f"{uri}: no such model in {store} ({str(exc)[:300]})") from None
     meta = yaml.safe_load((local / "MLmodel").read_text())
