@@ -88,14 +88,17 @@ def _start_local(trial_slots: int | None) -> None:
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", LOCAL_RAY_ENV["RAY_USAGE_STATS_ENABLED"])
     # this process's own token (Ray reads it once per process: every cluster this process
     # starts gets the same one, unknown outside it), or the one the user set
-    os.environ.setdefault("RAY_AUTH_TOKEN", _process_token())
+    os.environ.setdefault("RAY_AUTH_TOKEN", local_token())
     ray.init(address="local", dashboard_host=DASHBOARD_HOST,
              resources={"trial_slot": trial_slots} if trial_slots else None,
              runtime_env={"worker_process_setup_hook": SETUP_HOOK})
 
 
 @functools.lru_cache(maxsize=1)
-def _process_token() -> str:
+def local_token() -> str:
+    """The token of the private clusters this process starts (made once per process: Ray reads
+    a token once per process, so a process that also joins another cluster in-process must use
+    the same one there)."""
     return secrets.token_hex(32)
 
 

@@ -28,6 +28,7 @@ import yaml
 
 from pipeline.config import Config, load_config
 from pipeline.errors import DataError
+from pipeline.ray_session import local_token
 from pipeline.sweep import run
 from pipeline.sweep.driver import experiment_path
 from tests.support import BIN, ROOT, mlflow_store
@@ -223,8 +224,10 @@ def test_sweep_job_on_a_local_cluster_is_stopped_and_resumed(tmp_path, monkeypat
         "tracking.uri": f"sqlite:///{out / 'mlflow.db'}"})
     markers = out / "ray_results" / "anchor_sweep" / "trials"
     started = time.perf_counter()
-    with ray_cluster(tmp_path / "cluster", head_cpus=2,
-                     head_resources={"trial_slot": 1}) as cluster:
+    # the cluster's token is this process's (its job client joins in-process, and Ray reads a
+    # token once per process: the private clusters later tests of this process start use it)
+    with ray_cluster(tmp_path / "cluster", head_cpus=2, head_resources={"trial_slot": 1},
+                     token=local_token()) as cluster:
         for name, value in cluster.env().items():   # this process's job client: the token
             monkeypatch.setenv(name, value)
         client = JobSubmissionClient(cluster.dashboard)
