@@ -31,6 +31,11 @@ def params_subset(tree: Mapping[str, Any], *, sections: Iterable[str],
             for section in sections}
 
 
+def params_at(tree: Mapping[str, Any], keys: Iterable[str]) -> dict[str, Any]:
+    """``{"section.key": value}`` of ``tree`` (``Config.to_dict()``) for each of ``keys``."""
+    return {key: tree[key.split(".")[0]][key.split(".", 1)[1]] for key in keys}
+
+
 def digest(value: Any, length: int = 16) -> str:
     """SHA-256 (first ``length`` hex digits) of a JSON-serialisable value, keys sorted."""
     return hashlib.sha256(json.dumps(value, sort_keys=True).encode()).hexdigest()[:length]

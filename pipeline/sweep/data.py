@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any, Mapping
 
 from pipeline.config import Config
-from pipeline.digests import digest
+from pipeline.digests import digest, params_at
 from pipeline.errors import DataError
 from pipeline.prepared_table import MODEL_COLUMNS, open_table, read_classes, split_path
 from pipeline.sweep import space
@@ -83,7 +83,7 @@ def inputs_key(cfg: Config, tables: Mapping[str, bytes]) -> str:
     """Digest of what a sweep's results depend on: parameters (not where things are stored or
     logged) and the trial tables. A resume needs the same key."""
     tree = cfg.to_dict()
-    params = {key: tree[key.split(".")[0]][key.split(".")[1]] for key in space.key_params()}
+    params = params_at(tree, space.key_params())
     return digest({"params": params,
                    "tables": {name: hashlib.sha256(data).hexdigest()
                               for name, data in sorted(tables.items())}})

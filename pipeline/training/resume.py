@@ -16,7 +16,7 @@ from typing import Any
 from pipeline import storage
 from pipeline.config import Config
 from pipeline.config.schema import operational_keys, stage_keys
-from pipeline.digests import digest
+from pipeline.digests import digest, params_at
 from pipeline.errors import DataError
 from pipeline.redaction import redact
 from pipeline.training.checkpoints import PROGRESS
@@ -49,7 +49,7 @@ def run_key(cfg: Config, stage: str, train_digest: str, init_digest: str | None)
     tree = cfg.to_dict()
     return digest({
         "stage": stage,
-        "params": {key: tree[key.split(".")[0]][key.split(".")[1]] for key in key_params(stage)},
+        "params": params_at(tree, key_params(stage)),
         "train_data": train_digest,
         "init_model": init_digest,
     }, length=12)
